@@ -1,0 +1,481 @@
+"""tunrelay.config: good files, bad files (one per rule), endpoints, round trip.
+
+No root needed: the only system look-ups are pwd/grp for "root" (uid/gid 0).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import socket
+import sys
+from ipaddress import ip_interface, ip_network
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tunrelay.config
+from tunrelay.config import (
+    Config,
+    DeviceConfig,
+    Endpoint,
+    RelayConfig,
+    StatsConfig,
+    TransportConfig,
+    load,
+    loads,
+    parse_endpoint,
+    to_toml,
+)
+from tunrelay.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    return load(write(tmp_path, text))
+
+
+# --------------------------------------------------------------------------
+# Good files
+# --------------------------------------------------------------------------
+
+FULL = """\
+[device]
+name = "tun7"
+mode = "tap"
+mtu = 1500
+address = ["10.10.0.1/24", "fd00:10::1/64"]
+routes = ["192.168.50.0/24", "fd00:50::/48"]
+persist = true
+owner = "root"
+group = "root"
+queues = 1
+
+[transport]
+protocol = "udp"
+listen = "0.0.0.0:4000"
+peer = "192.0.2.7:5000"
+framing = "len16"
+
+[relay]
+batch = 128
+engine = "python"
+
+[stats]
+interval = 2.5
+socket = "/tmp/tunrelay-test.sock"
+"""
+
+
+def test_empty_file_is_a_udp_relay_that_learns_its_peer(tmp_path):
+    cfg = load_text(tmp_path, "")
+    assert cfg.path == str(tmp_path / "relay.toml")
+    assert cfg.device == DeviceConfig()
+    assert cfg.transport == TransportConfig(
+        protocol="udp", listen=Endpoint("0.0.0.0", 55555), peer=None, framing="raw")
+    assert not cfg.transport.is_server
+    assert cfg.relay == RelayConfig(batch=64, engine="fast")
+    assert cfg.stats == StatsConfig(interval=0.0, socket="")
+    assert cfg.control_socket == "/run/tunrelay/tunrelay.sock"
+
+
+def test_empty_tables_are_allowed(tmp_path):
+    cfg = load_text(tmp_path, "[device]\n[transport]\n[relay]\n[stats]\n")
+    assert cfg == dataclasses.replace(loads(""), path=cfg.path)
+
+
+def test_minimal_file_with_a_peer(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\npeer = "192.0.2.7:55555"\n')
+    assert cfg.transport.peer == Endpoint("192.0.2.7", 55555)
+    assert cfg.transport.listen == Endpoint("0.0.0.0", 55555)
+    assert cfg.transport.framing == "raw"
+
+
+def test_full_file(tmp_path):
+    cfg = load_text(tmp_path, FULL)
+    assert cfg.device == DeviceConfig(
+        name="tun7", mode="tap", mtu=1500,
+        addresses=(ip_interface("10.10.0.1/24"), ip_interface("fd00:10::1/64")),
+        routes=(ip_network("192.168.50.0/24"), ip_network("fd00:50::/48")),
+        persist=True, owner=0, group=0, queues=1)
+    assert cfg.transport == TransportConfig(
+        protocol="udp", listen=Endpoint("0.0.0.0", 4000), peer=Endpoint("192.0.2.7", 5000),
+        framing="len16")
+    assert cfg.relay == RelayConfig(batch=128, engine="python")
+    assert cfg.stats == StatsConfig(interval=2.5, socket="/tmp/tunrelay-test.sock")
+    assert cfg.control_socket == "/tmp/tunrelay-test.sock"
+
+
+def test_ipv6_underlay_listens_on_the_ipv6_wildcard(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\npeer = "[2001:db8::7]:55555"\n')
+    assert cfg.transport.peer == Endpoint("2001:db8::7", 55555)
+    assert cfg.transport.peer.family == socket.AF_INET6
+    assert cfg.transport.listen == Endpoint("::", 55555)
+    assert str(cfg.transport.listen) == "[::]:55555"
+
+
+def test_ipv6_underlay_with_explicit_listen(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nlisten = "[::1]:4000"\npeer = "[::1]:5000"\n')
+    assert cfg.transport.listen == Endpoint("::1", 4000)
+
+
+def test_tcp_server_defaults(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\n')
+    assert cfg.transport.is_server
+    assert cfg.transport.listen == Endpoint("0.0.0.0", 55555)
+    assert cfg.transport.framing == "len16"
+
+
+def test_tcp_client_defaults_bind_nothing(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\npeer = "192.0.2.7:55555"\n')
+    assert not cfg.transport.is_server
+    assert cfg.transport.listen is None
+    assert cfg.transport.framing == "len16"
+
+
+def test_tcp_client_with_a_local_bind_address(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\nlisten = "10.0.0.2:0"\n'
+                              'peer = "192.0.2.7:55555"\n')
+    assert cfg.transport.listen == Endpoint("10.0.0.2", 0)
+
+
+def test_len16_over_udp_is_allowed(tmp_path):
+    assert load_text(tmp_path, '[transport]\nframing = "len16"\n').transport.framing == "len16"
+
+
+def test_transport_config_built_in_code_has_the_file_defaults():
+    assert TransportConfig() == loads("").transport
+    assert TransportConfig(protocol="tcp").framing == "len16"
+    assert TransportConfig(protocol="tcp", peer=Endpoint("192.0.2.7", 1)).listen is None
+    assert TransportConfig(peer=Endpoint("2001:db8::1", 1)).listen == Endpoint("::", 55555)
+
+
+def test_address_as_a_string(tmp_path):
+    cfg = load_text(tmp_path, '[device]\naddress = "10.10.0.1/24"\n')
+    assert cfg.device.addresses == (ip_interface("10.10.0.1/24"),)
+
+
+def test_address_as_a_list(tmp_path):
+    cfg = load_text(tmp_path, '[device]\naddress = ["10.10.0.1/24", "fd00::1/64"]\n')
+    assert cfg.device.addresses == (ip_interface("10.10.0.1/24"), ip_interface("fd00::1/64"))
+
+
+@pytest.mark.parametrize("value", ['"root"', "0"])
+def test_owner_and_group_by_name_or_id(tmp_path, value):
+    cfg = load_text(tmp_path, f"[device]\nowner = {value}\ngroup = {value}\n")
+    assert (cfg.device.owner, cfg.device.group) == (0, 0)
+
+
+def test_a_numeric_id_need_not_exist(tmp_path):
+    cfg = load_text(tmp_path, "[device]\nowner = 4294967294\ngroup = 54321\n")
+    assert (cfg.device.owner, cfg.device.group) == (4294967294, 54321)
+
+
+def test_hostnames_are_kept_for_run_time_without_dns(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise AssertionError("DNS at load time")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket, "gethostbyname", no_dns)
+    cfg = load_text(tmp_path, '[transport]\nlisten = "[::]:1"\npeer = "relay-b.example.org:55555"\n')
+    assert cfg.transport.peer == Endpoint("relay-b.example.org", 55555)
+    assert cfg.transport.peer.family is None
+
+
+@pytest.mark.parametrize("name", ["", "tun0", "tun%d", "a" * 15, "tunnel-é7"])
+def test_good_device_names(tmp_path, name):
+    assert load_text(tmp_path, f'[device]\nname = "{name}"\n').device.name == name
+
+
+def test_mtu_limits(tmp_path):
+    assert load_text(tmp_path, '[device]\nmtu = 68\naddress = "10.0.0.1/30"\n').device.mtu == 68
+    assert load_text(tmp_path, '[device]\nmtu = 1280\naddress = "fd00::1/64"\n').device.mtu == 1280
+    assert load_text(tmp_path, "[device]\nmtu = 65535\n").device.mtu == 65535
+
+
+def test_interval_accepts_an_integer(tmp_path):
+    interval = load_text(tmp_path, "[stats]\ninterval = 10\n").stats.interval
+    assert interval == 10.0 and isinstance(interval, float)
+
+
+def test_control_socket_defaults_to_the_device_name(tmp_path):
+    assert load_text(tmp_path, '[device]\nname = "tun3"\n').control_socket == "/run/tunrelay/tun3.sock"
+    assert StatsConfig(socket="/x.sock").socket_path("tun3") == "/x.sock"
+
+
+def test_configs_are_frozen():
+    cfg = loads("")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.device.mtu = 9000  # type: ignore[misc]
+
+
+def test_load_accepts_str_and_path(tmp_path):
+    path = write(tmp_path, "")
+    assert load(str(path)) == load(path)
+
+
+# --------------------------------------------------------------------------
+# Bad files: (file text, dotted key, what the message must say)
+# --------------------------------------------------------------------------
+
+BAD = [
+    # unknown names
+    ('[device]\nadress = "10.0.0.1/24"\n', "device.adress", ["unknown key", "did you mean 'address'?"]),
+    ("[device]\nMTU = 1400\n", "device.MTU", ["unknown key", "did you mean 'mtu'?"]),
+    ('[transport]\nkey_file = "k"\n', "transport.key_file",
+     ["unknown key", "expected one of: protocol, listen, peer, framing"]),
+    ("[device.extra]\nx = 1\n", "device.extra", ["unknown key"]),
+    ('[devce]\nname = "tun0"\n', "devce", ["unknown table", "did you mean 'device'?"]),
+    ("[metrics]\n", "metrics", ["unknown table", "expected one of: device, transport, relay, stats"]),
+    ("mtu = 1400\n", "mtu", ["unknown top-level key", "belongs in the [device] table"]),
+    ('device = "tun0"\n', "device", ["expected a table [device]", 'got a string "tun0"']),
+    # wrong types
+    ("[device]\nmtu = true\n", "device.mtu", ["expected an integer from 68 to 65535", "got a boolean true"]),
+    ('[device]\nmtu = "1400"\n', "device.mtu", ["expected an integer from 68 to 65535", 'got a string "1400"']),
+    ("[device]\nmtu = 1400.0\n", "device.mtu", ["expected an integer", "got a float 1400.0"]),
+    ('[device]\npersist = "yes"\n', "device.persist", ["expected true or false", 'got a string "yes"']),
+    ("[device]\npersist = 1\n", "device.persist", ["expected true or false", "got an integer 1"]),
+    ("[device]\nname = 5\n", "device.name", ["expected a string", "got an integer 5"]),
+    ('[device]\nmode = "tum"\n', "device.mode", ['expected "tun" or "tap"', 'got a string "tum"']),
+    ("[device]\naddress = 5\n", "device.address", ["expected a string or an array of strings", "got an integer 5"]),
+    ('[device]\naddress = ["10.0.0.1/24", 5]\n', "device.address", ["got an item that is an integer 5"]),
+    ('[device]\nroutes = "10.0.0.0/24"\n', "device.routes", ["expected an array of strings", "got a string"]),
+    ("[device]\nowner = true\n", "device.owner", ["expected a user name or a numeric id", "got a boolean true"]),
+    ("[device]\ngroup = 1.5\n", "device.group", ["expected a group name or a numeric id", "got a float 1.5"]),
+    ('[device]\nqueues = "1"\n', "device.queues", ["expected the integer 1", 'got a string "1"']),
+    ('[transport]\nprotocol = "sctp"\n', "transport.protocol", ['expected "udp" or "tcp"', '"sctp"']),
+    ("[transport]\nlisten = 55555\n", "transport.listen", ["expected a string 'host:port'", "got an integer 55555"]),
+    ('[transport]\nframing = "aead"\n', "transport.framing", ['expected "raw" or "len16"', '"aead"']),
+    ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
+    ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
+    ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
+    ("[stats]\ninterval = true\n", "stats.interval", ["expected a number of seconds", "got a boolean true"]),
+    ('[stats]\ninterval = "10"\n', "stats.interval", ["expected a number of seconds", 'got a string "10"']),
+    ("[stats]\nsocket = 1\n", "stats.socket", ["expected a string", "got an integer 1"]),
+    # endpoints
+    ('[transport]\nlisten = "0.0.0.0"\n', "transport.listen", ["expected 'host:port'", "missing ':port'"]),
+    ('[transport]\nlisten = "0.0.0.0:"\n', "transport.listen", ["expected a port from 0 to 65535", "missing port"]),
+    ('[transport]\nlisten = "0.0.0.0:65536"\n', "transport.listen", ["expected a port from 0 to 65535", "65536"]),
+    ('[transport]\nlisten = "0.0.0.0:http"\n', "transport.listen", ["expected a port from 0 to 65535", "'http'"]),
+    ('[transport]\nlisten = ":55555"\n', "transport.listen", ["expected 'host:port'", "missing host"]),
+    ('[transport]\npeer = "2001:db8::1:55555"\n', "transport.peer",
+     ["expected an IPv6 address in brackets", "'[2001:db8::1]:55555'"]),
+    ('[transport]\npeer = "2001:db8::1"\n', "transport.peer",
+     ["expected an IPv6 address in brackets with a port", "'[2001:db8::1]:55555'"]),
+    ('[transport]\npeer = "[2001:db8::1]"\n', "transport.peer", ["expected '[address]:port'", "missing ':port'"]),
+    ('[transport]\npeer = "[2001:db8::1:55555"\n', "transport.peer", ["expected '[address]:port'", "no closing ']'"]),
+    ('[transport]\npeer = "[192.0.2.7]:55555"\n', "transport.peer",
+     ["expected an IPv6 address between the brackets", "'192.0.2.7'"]),
+    ('[transport]\npeer = "192.0.2.7:0"\n', "transport.peer", ["expected a port from 1 to 65535", "port 0"]),
+    ('[transport]\npeer = "10.0.1:55555"\n', "transport.peer", ["expected an IP address or a hostname", "'10.0.1'"]),
+    ('[transport]\npeer = "-bad-:55555"\n', "transport.peer", ["expected an IP address or a hostname", "'-bad-'"]),
+    ('[transport]\npeer = "0.0.0.0:55555"\n', "transport.peer", ["expected a reachable address", "0.0.0.0:55555"]),
+    # [device] values
+    ('[device]\nname = "tunnel0123456789"\n', "device.name", ["expected at most 15 bytes", "got 16 bytes"]),
+    ('[device]\nname = "ééééééééé"\n', "device.name", ["expected at most 15 bytes", "got 18 bytes"]),
+    ('[device]\nname = "tun/0"\n', "device.name", ["without '/'", "'tun/0'"]),
+    ('[device]\nname = "tun 0"\n', "device.name", ["whitespace", "'tun 0'"]),
+    ('[device]\nname = "tun:0"\n', "device.name", ["':'", "'tun:0'"]),
+    ('[device]\nname = "tun\\u0001"\n', "device.name", ["control characters"]),
+    ('[device]\nname = "."\n', "device.name", ["expected an interface name", "'.'"]),
+    ('[device]\nname = ".."\n', "device.name", ["expected an interface name", "'..'"]),
+    ('[device]\nname = "tun%s"\n', "device.name", ["expected at most one '%d'", "'tun%s'"]),
+    ('[device]\nname = "t%d%d"\n', "device.name", ["expected at most one '%d'", "'t%d%d'"]),
+    ("[device]\nmtu = 70000\n", "device.mtu", ["expected an integer from 68 to 65535, got 70000"]),
+    ("[device]\nmtu = 67\n", "device.mtu", ["expected an integer from 68 to 65535, got 67"]),
+    ('[device]\nmtu = 1200\naddress = ["10.0.0.1/24", "fd00::1/64"]\n', "device.mtu",
+     ["expected at least 1280", "IPv6 (fd00::1/64)", "RFC 8200", "got 1200"]),
+    ('[device]\nmtu = 1279\nroutes = ["fd00:1::/64"]\n', "device.mtu", ["expected at least 1280", "got 1279"]),
+    ('[device]\naddress = "10.0.0.1"\n', "device.address", ["(CIDR)", "got '10.0.0.1'"]),
+    ('[device]\naddress = ["10.0.0.1/24", "10.0.0.2/33"]\n', "device.address", ["(CIDR)", "got '10.0.0.2/33'"]),
+    ('[device]\naddress = ["10.0.0.1/24", "10.0.0.1/24"]\n', "device.address",
+     ["expected each entry once", "'10.0.0.1/24' twice"]),
+    ('[device]\nroutes = ["10.0.0.1/24"]\n', "device.routes",
+     ["expected a network", "host bits set", "did you mean '10.0.0.0/24'?"]),
+    ('[device]\nroutes = ["10.0.0.0"]\n', "device.routes", ["(CIDR)", "got '10.0.0.0'"]),
+    ('[device]\nroutes = ["banana/24"]\n', "device.routes", ["expected a network", "got 'banana/24'"]),
+    ('[device]\nowner = "no-such-user-tunrelay"\n', "device.owner",
+     ["expected a user name or a numeric id", "not a user on this system"]),
+    ('[device]\nowner = "0"\n', "device.owner", ["write a numeric id without quotes: owner = 0"]),
+    ("[device]\nowner = -1\n", "device.owner", ["from 0 to 4294967294", "got -1"]),
+    ('[device]\ngroup = "no-such-group-tunrelay"\n', "device.group", ["not a group on this system"]),
+    ("[device]\nqueues = 2\n", "device.queues", ["expected 1, got 2", "only 1 is supported in this version"]),
+    ("[device]\nqueues = 0\n", "device.queues", ["only 1 is supported in this version"]),
+    # [transport] rules
+    ('[transport]\nprotocol = "tcp"\nframing = "raw"\n', "transport.framing",
+     ['expected "len16" over TCP', "no packet boundaries"]),
+    ('[transport]\nlisten = "[::]:1"\npeer = "192.0.2.7:1"\n', "transport.listen",
+     ["expected the same address family as peer 192.0.2.7:1", "got [::]:1"]),
+    ('[transport]\nlisten = "0.0.0.0:1"\npeer = "[2001:db8::7]:1"\n', "transport.listen",
+     ["same address family", "[2001:db8::7]:1"]),
+    ('[transport]\nprotocol = "tcp"\nlisten = "10.0.0.2:0"\npeer = "[2001:db8::7]:1"\n',
+     "transport.listen", ["same address family"]),
+    # [relay] and [stats] values
+    ("[relay]\nbatch = 0\n", "relay.batch", ["expected an integer from 1 to 1024, got 0"]),
+    ("[relay]\nbatch = 1025\n", "relay.batch", ["expected an integer from 1 to 1024, got 1025"]),
+    ("[stats]\ninterval = -1\n", "stats.interval", ["0 or more", "got -1"]),
+    ("[stats]\ninterval = nan\n", "stats.interval", ["0 or more", "got nan"]),
+    ("[stats]\ninterval = inf\n", "stats.interval", ["0 or more", "got inf"]),
+    (f'[stats]\nsocket = "/{"x" * 107}"\n', "stats.socket", ["expected a path of at most 107 bytes", "got 108 bytes"]),
+]
+
+
+def rendered(key: str) -> str:
+    """How ConfigError spells a dotted key: "[device] mtu"."""
+    table, _, name = key.rpartition(".")
+    return f"[{table}] {name}" if table else key
+
+
+@pytest.mark.parametrize("text, key, expected", BAD, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(BAD)])
+def test_bad_file(tmp_path, text, key, expected):
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    error = info.value
+    message = str(error)
+    assert error.key == key
+    assert error.path == str(tmp_path / "relay.toml")
+    assert f"relay.toml: {rendered(key)}: " in message
+    for part in expected:
+        assert part in message
+
+
+def test_loads_names_its_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"^<string>: \[relay\] batch: "):
+        loads("[relay]\nbatch = 0\n")
+    with pytest.raises(ConfigError, match=r"^elsewhere.toml: \[relay\] batch: "):
+        loads("[relay]\nbatch = 0\n", "elsewhere.toml")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "relay.toml")
+    assert info.value.key is None
+    assert str(info.value) == f"{tmp_path / 'relay.toml'}: cannot read: No such file or directory"
+
+
+def test_directory_instead_of_a_file(tmp_path):
+    (tmp_path / "relay.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"relay\.toml: cannot read: Is a directory"):
+        load(tmp_path / "relay.toml")
+
+
+def test_toml_syntax_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, "[device]\nmtu = \n"))
+    assert info.value.key is None
+    assert "relay.toml: not valid TOML: " in str(info.value)
+    assert "line 2" in str(info.value)  # tomllib's own position
+
+
+def test_file_not_utf8(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b'[device]\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"relay\.toml: not valid TOML: expected UTF-8, got byte 0xff"):
+        load(path)
+
+
+# --------------------------------------------------------------------------
+# parse_endpoint
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, host, port, family", [
+    ("1.2.3.4:5", "1.2.3.4", 5, socket.AF_INET),
+    ("0.0.0.0:0", "0.0.0.0", 0, socket.AF_INET),
+    ("[::1]:65535", "::1", 65535, socket.AF_INET6),
+    ("[2001:DB8:0::7]:1", "2001:db8::7", 1, socket.AF_INET6),  # normalised
+    ("[fe80::1%eth0]:5", "fe80::1%eth0", 5, socket.AF_INET6),
+    ("localhost:80", "localhost", 80, None),
+    ("relay-b.example.org.:80", "relay-b.example.org.", 80, None),
+])
+def test_parse_endpoint(text, host, port, family):
+    endpoint = parse_endpoint(text)
+    assert endpoint == Endpoint(host, port)
+    assert endpoint.family == family
+    assert parse_endpoint(str(endpoint)) == endpoint
+
+
+@pytest.mark.parametrize("text", [
+    "", "1.2.3.4", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4:-1", "1.2.3.4:+5", "1.2.3.4: 5", "1.2.3.4:٥",
+    "::1", "::1:5", "2001:db8::1", "[::1]", "[::1]5", "[::1", "[1.2.3.4]:5", "[host]:5",
+    ":5", "1.2.3:5", "-host:5", "host-:5", "ho st:5", "a..b:5", "a:b:c", "256.1.1.1:5",
+])
+def test_parse_endpoint_rejects(text):
+    with pytest.raises(ValueError, match="expected"):
+        parse_endpoint(text)
+
+
+def test_endpoint_str():
+    assert str(Endpoint("1.2.3.4", 5)) == "1.2.3.4:5"
+    assert str(Endpoint("::1", 5)) == "[::1]:5"
+    assert str(Endpoint("example.org", 5)) == "example.org:5"
+
+
+# --------------------------------------------------------------------------
+# to_toml round trip
+# --------------------------------------------------------------------------
+
+GOOD = [
+    "",
+    FULL,
+    '[transport]\npeer = "[2001:db8::7]:55555"\n',
+    '[transport]\nprotocol = "tcp"\n',
+    '[transport]\nprotocol = "tcp"\npeer = "relay-b.example.org:55555"\n',
+    '[transport]\nprotocol = "tcp"\nlisten = "10.0.0.2:0"\npeer = "192.0.2.7:55555"\n',
+    '[device]\nname = "tun%d"\naddress = "10.10.0.1/24"\nowner = 0\n[stats]\ninterval = 10\n',
+]
+
+
+@pytest.mark.parametrize("text", GOOD)
+def test_to_toml_round_trip(tmp_path, text):
+    cfg = load_text(tmp_path, text)
+    assert loads(to_toml(cfg), cfg.path) == cfg
+    # ... and through a file, as the demo writes it.
+    assert load(write(tmp_path, to_toml(cfg), "copy.toml")) == dataclasses.replace(
+        cfg, path=str(tmp_path / "copy.toml"))
+
+
+def test_to_toml_of_a_config_built_in_code():
+    cfg = Config(path="<string>", device=DeviceConfig(name="tun1"),
+                 transport=TransportConfig(protocol="tcp"), relay=RelayConfig(batch=1),
+                 stats=StatsConfig(interval=1e-05))
+    assert loads(to_toml(cfg)) == cfg
+
+
+# Surrogates are left out: no TOML document (UTF-8) can hold them.
+@settings(max_examples=200, deadline=None)
+@given(socket_path=st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)),
+                           max_size=30),
+       name=st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp")),
+                    max_size=5).filter(lambda n: not set(n) & set("/:%.") and n.isprintable()),
+       interval=st.floats(min_value=0, allow_infinity=False, allow_nan=False))
+def test_to_toml_escapes_strings_and_floats(socket_path, name, interval):
+    cfg = Config(device=DeviceConfig(name=name), stats=StatsConfig(interval=interval, socket=socket_path))
+    assert loads(to_toml(cfg)) == cfg
+
+
+# --------------------------------------------------------------------------
+# The module itself
+# --------------------------------------------------------------------------
+
+
+def test_config_imports_only_the_standard_library_and_errors():
+    """The CLI must report a bad file even when the extension is not built."""
+    tree = ast.parse(Path(tunrelay.config.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = ["tunrelay." + (node.module or "") if node.level else node.module]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".")[0]
+            allowed = module == "tunrelay.errors" or top in sys.stdlib_module_names or top == "__future__"
+            assert allowed, f"config.py imports {module}"

@@ -1,0 +1,638 @@
+"""The configuration file (TOML) read into frozen dataclasses.
+
+The loader is strict on purpose: a relay that starts with a mistyped key
+silently ignored is worse than one that refuses to start.  Every problem is
+a ``ConfigError`` naming the file, the dotted key, what was expected and what
+was found.  Loading touches nothing on the system except ``pwd``/``grp``
+look-ups for owner and group names: no DNS, no devices, no sockets, so
+``tunrelay check`` can validate a file anywhere.
+
+Only the standard library is imported here: the CLI must be able to report
+a bad file even when the compiled extension is not built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import ipaddress
+import math
+import os
+import pwd
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
+IFNAMSIZ = 16  # linux/if.h, counting the NUL
+MIN_MTU = 68  # RFC 791: every IPv4 link carries at least 68 bytes
+IPV6_MIN_MTU = 1280  # RFC 8200 section 5
+MAX_MTU = 65535
+MAX_BATCH = 1024
+MAX_ID = 2**32 - 2  # uid/gid (uid_t)-1 means "no owner" to TUNSETOWNER
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
+
+DEVICE_MODES = ("tun", "tap")
+PROTOCOLS = ("udp", "tcp")
+FRAMINGS = ("raw", "len16")
+ENGINES = ("fast", "python")
+
+
+# --------------------------------------------------------------------------
+# Endpoints
+# --------------------------------------------------------------------------
+
+# Letters, digits, hyphens (and underscores, which container and SRV names
+# use); a label neither starts nor ends with a hyphen.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A host and a port.  ``host`` is an IP literal (IPv6 without brackets)
+    or a hostname, which is resolved when the socket is opened, not here."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family(self) -> int | None:
+        """``AF_INET``/``AF_INET6`` for an IP literal, ``None`` for a hostname."""
+        ip = _ip_or_none(self.host)
+        if ip is None:
+            return None
+        return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``host:port`` or ``[v6]:port``; raise ``ValueError`` saying
+    what is wrong.  IPv6 needs brackets because ``2001:db8::1:80`` is
+    ambiguous; IP literals are normalised (``[0::1]`` -> ``::1``)."""
+    if text.startswith("["):
+        host, port_text = _split_bracketed(text)
+    else:
+        host, port_text = _split_plain(text)
+    return Endpoint(host, _parse_port(port_text, text))
+
+
+def _split_bracketed(text: str) -> tuple[str, str]:
+    close = text.find("]")
+    if close < 0:
+        raise ValueError(f"expected '[address]:port', got {text!r} (no closing ']')")
+    host, rest = text[1:close], text[close + 1:]
+    if not rest.startswith(":"):
+        raise ValueError(f"expected '[address]:port', got {text!r} (missing ':port')")
+    ip = _ip_or_none(host)
+    if ip is None or ip.version != 6:
+        raise ValueError(f"expected an IPv6 address between the brackets, got {host!r} in {text!r}")
+    return str(ip), rest[1:]
+
+
+def _split_plain(text: str) -> tuple[str, str]:
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"expected 'host:port', got {text!r} (missing ':port')")
+    if ":" in host:
+        if _ip_or_none(host) is not None:
+            raise ValueError(f"expected an IPv6 address in brackets, like '[{host}]:{port_text}', "
+                             f"got {text!r}")
+        if _ip_or_none(text) is not None:
+            raise ValueError(f"expected an IPv6 address in brackets with a port, like "
+                             f"'[{text}]:{DEFAULT_PORT}', got {text!r}")
+        raise ValueError(f"expected 'host:port' or '[IPv6 address]:port', got {text!r}")
+    if not host:
+        raise ValueError(f"expected 'host:port', got {text!r} (missing host; "
+                         f"0.0.0.0 or [::] means every local address)")
+    ip = _ip_or_none(host)
+    if ip is not None:
+        return str(ip), port_text
+    if not _is_hostname(host):
+        raise ValueError(f"expected an IP address or a hostname, got {host!r} in {text!r}")
+    return host, port_text
+
+
+def _parse_port(port_text: str, text: str) -> int:
+    # isdigit() alone would let through "٥" and friends, which int() accepts.
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        found = "missing port" if not port_text else f"port {port_text!r}"
+        raise ValueError(f"expected a port from 0 to 65535, got {text!r} ({found})")
+    return int(port_text)
+
+
+def _is_hostname(host: str) -> bool:
+    """RFC 1123 syntax; an all-numeric last label is refused so that a
+    mistyped address such as ``10.0.1`` is not taken for a name."""
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return (len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# The configuration
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """The TUN/TAP device.  ``name`` "" lets the kernel choose (tun%d)."""
+
+    name: str = ""
+    mode: str = "tun"
+    mtu: int = 1400
+    addresses: tuple = ()  # of ipaddress.IPv4Interface / IPv6Interface
+    routes: tuple = ()  # of ipaddress.IPv4Network / IPv6Network
+    persist: bool = False
+    owner: int | None = None  # uid, resolved from a name at load time
+    group: int | None = None  # gid, likewise
+    queues: int = 1
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """The underlay socket.
+
+    ``listen`` None and ``framing`` "" mean "the protocol's default" and are
+    filled in on construction, so a ``TransportConfig`` built in code has the
+    same defaults as one read from a file.  Only a TCP client keeps
+    ``listen`` None (it then binds nothing before connecting).
+    """
+
+    protocol: str = "udp"
+    listen: Endpoint | None = None
+    peer: Endpoint | None = None
+    framing: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.framing:
+            object.__setattr__(self, "framing", "len16" if self.protocol == "tcp" else "raw")
+        if self.listen is None and not (self.protocol == "tcp" and self.peer is not None):
+            # A wildcard of the peer's family: a v4 socket cannot reach a v6 peer.
+            wildcard = "::" if self.peer is not None and self.peer.family == socket.AF_INET6 else "0.0.0.0"
+            object.__setattr__(self, "listen", Endpoint(wildcard, DEFAULT_PORT))
+
+    @property
+    def is_server(self) -> bool:
+        """A TCP end without a peer accepts; every other end sends first or learns."""
+        return self.protocol == "tcp" and self.peer is None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The pumps: packets per wake-up and which implementation runs."""
+
+    batch: int = 64
+    engine: str = "fast"  # "fast" = compiled pump, "python" = the slow reference
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Periodic stats logging and the control socket ``tunrelay stats`` reads."""
+
+    interval: float = 0.0  # seconds; 0 = no periodic log line
+    socket: str = ""  # "" = /run/tunrelay/<device>.sock
+
+    def socket_path(self, device_name: str) -> str:
+        return self.socket or f"/run/tunrelay/{device_name or 'tunrelay'}.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole file.  ``path`` is where it came from, for messages only."""
+
+    path: str = "<string>"
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    @property
+    def control_socket(self) -> str:
+        return self.stats.socket_path(self.device.name)
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a file; every failure is a ``ConfigError``."""
+    name = os.fsdecode(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(name, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(name, None, f"not valid TOML: expected UTF-8, got byte "
+                                      f"0x{raw[e.start]:02x} at offset {e.start}") from None
+    return loads(text, name)
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    """Validate TOML text; ``path`` only names the source in messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"not valid TOML: {e}") from None
+    tables = _split_tables(data, path)
+    return Config(
+        path=path,
+        device=_read_device(tables["device"]),
+        transport=_read_transport(tables["transport"]),
+        relay=_read_relay(tables["relay"]),
+        stats=_read_stats(tables["stats"]),
+    )
+
+
+# The keys each table accepts, as written in the file.
+_KEYS = {
+    "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
+    "transport": ("protocol", "listen", "peer", "framing"),
+    "relay": ("batch", "engine"),
+    "stats": ("interval", "socket"),
+}
+
+
+class _Table:
+    """One table of the file, with what a reader needs to blame a key."""
+
+    def __init__(self, path: str, name: str, data: dict) -> None:
+        self.path, self.name, self.data = path, name, data
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.path, f"{self.name}.{key}", message)
+
+
+def _split_tables(data: dict, path: str) -> dict[str, _Table]:
+    """Check the top level (only the known tables) and each table's keys."""
+    for name, value in data.items():
+        if name not in _KEYS:
+            raise ConfigError(path, name, _unknown_top_level(name, value))
+        if not isinstance(value, dict):
+            raise ConfigError(path, name, f"expected a table [{name}], got {_found(value)}")
+    tables = {name: _Table(path, name, data.get(name, {})) for name in _KEYS}
+    for table in tables.values():
+        for key in table.data:
+            if key not in _KEYS[table.name]:
+                raise table.error(key, _unknown(key, _KEYS[table.name], "key"))
+    return tables
+
+
+def _unknown_top_level(name: str, value: Any) -> str:
+    """A key above the first table header is usually a setting put in the
+    wrong place; say which table it belongs to."""
+    if isinstance(value, dict):
+        return _unknown(name, tuple(_KEYS), "table")
+    owners = [table for table, keys in _KEYS.items() if name in keys]
+    if owners:
+        return f"unknown top-level key; '{name}' belongs in the [{owners[0]}] table"
+    return _unknown(name, tuple(_KEYS), "top-level key (only tables are allowed here)")
+
+
+def _unknown(name: str, known: tuple[str, ...], what: str) -> str:
+    """An "unknown key" message listing what is known, with the closest
+    match: a typo must fail loudly and say how to fix it."""
+    message = f"unknown {what}, expected one of: {', '.join(known)}"
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.6)
+    return f"{message}; did you mean '{by_lower[close[0]]}'?" if close else message
+
+
+# ---- typed readers: each returns the default when the key is absent ------
+
+
+def _found(value: Any) -> str:
+    """What was found, in TOML spelling, with its type when that is the
+    point (``"1400"`` is a string, ``true`` is not an integer)."""
+    if isinstance(value, bool):
+        return f"a boolean {'true' if value else 'false'}"
+    if isinstance(value, str):
+        return f"a string {_toml_string(value)}"
+    if isinstance(value, int):
+        return f"an integer {value}"
+    if isinstance(value, float):
+        return f"a float {value}"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a date/time {value}"
+
+
+def _string(table: _Table, key: str, default: str) -> str:
+    value = table.data.get(key, default)
+    if not isinstance(value, str):
+        raise table.error(key, f"expected a string, got {_found(value)}")
+    return value
+
+
+def _choice(table: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = table.data.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        expected = " or ".join(f'"{c}"' for c in choices)
+        raise table.error(key, f"expected {expected}, got {_found(value)}")
+    return value
+
+
+def _integer(table: _Table, key: str, low: int, high: int, default: int) -> int:
+    value = table.data.get(key, default)
+    expected = f"an integer from {low} to {high}"
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
+        raise table.error(key, f"expected {expected}, got {_found(value)}")
+    if not low <= value <= high:
+        raise table.error(key, f"expected {expected}, got {value}")
+    return value
+
+
+def _boolean(table: _Table, key: str, default: bool) -> bool:
+    value = table.data.get(key, default)
+    if not isinstance(value, bool):
+        raise table.error(key, f"expected true or false, got {_found(value)}")
+    return value
+
+
+def _string_list(table: _Table, key: str, *, single_ok: bool) -> list[str]:
+    """An array of strings; with ``single_ok`` a lone string is one item."""
+    value = table.data.get(key, [])
+    if single_ok and isinstance(value, str):
+        return [value]
+    expected = "a string or an array of strings" if single_ok else "an array of strings"
+    if not isinstance(value, list):
+        raise table.error(key, f"expected {expected}, got {_found(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise table.error(key, f"expected {expected}, got an item that is {_found(item)}")
+    return value
+
+
+def _utf8_size(text: str) -> int:
+    """Bytes the kernel will see; "surrogatepass" so that a lone surrogate
+    (possible from ``loads``, never from a file) is measured, not a crash."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _no_duplicates(table: _Table, key: str, items: list) -> tuple:
+    """Netlink refuses the second copy (EEXIST) at run time; say so now."""
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise table.error(key, f"expected each entry once, got {str(item)!r} twice")
+    return tuple(items)
+
+
+# ---- [device] -------------------------------------------------------------
+
+
+def _read_device(table: _Table) -> DeviceConfig:
+    addresses = _no_duplicates(table, "address", [
+        _interface(table, text) for text in _string_list(table, "address", single_ok=True)])
+    routes = _no_duplicates(table, "routes", [
+        _network(table, text) for text in _string_list(table, "routes", single_ok=False)])
+    mtu = _integer(table, "mtu", MIN_MTU, MAX_MTU, DeviceConfig.mtu)
+    _check_ipv6_mtu(table, mtu, addresses + routes)
+    return DeviceConfig(
+        name=_device_name(table),
+        mode=_choice(table, "mode", DEVICE_MODES, DeviceConfig.mode),
+        mtu=mtu,
+        addresses=addresses,
+        routes=routes,
+        persist=_boolean(table, "persist", DeviceConfig.persist),
+        owner=_account_id(table, "owner", "user", lambda n: pwd.getpwnam(n).pw_uid),
+        group=_account_id(table, "group", "group", lambda n: grp.getgrnam(n).gr_gid),
+        queues=_queues(table),
+    )
+
+
+def _device_name(table: _Table) -> str:
+    """The kernel's own rules (dev_valid_name, __dev_alloc_name), checked
+    here so the mistake is reported against the file, not as EINVAL."""
+    name = _string(table, "name", DeviceConfig.name)
+    size = _utf8_size(name)
+    if size > IFNAMSIZ - 1:
+        raise table.error("name", f"expected at most {IFNAMSIZ - 1} bytes (IFNAMSIZ - 1), "
+                                  f"got {size} bytes: {name!r}")
+    if name in (".", ".."):
+        raise table.error("name", f"expected an interface name, got {name!r}")
+    bad = [c for c in name if c in "/:" or c.isspace() or not c.isprintable()]
+    if bad:
+        raise table.error("name", f"expected a name without '/', ':', whitespace or control "
+                                  f"characters, got {name!r}")
+    percent = name.find("%")
+    if percent >= 0 and (name[percent + 1:percent + 2] != "d" or "%" in name[percent + 2:]):
+        raise table.error("name", f"expected at most one '%d' (the kernel's number) and no other "
+                                  f"'%', got {name!r}")
+    return name
+
+
+def _interface(table: _Table, text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """An address with its prefix: without one the kernel would assume /32
+    (or /128) and the peer's subnet would have no route."""
+    if "/" not in text:
+        raise table.error("address", f"expected an address with a prefix length (CIDR) like "
+                                     f"'10.0.0.1/24', got {text!r}")
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise table.error("address", f"expected an address with a prefix length (CIDR) like "
+                                     f"'10.0.0.1/24', got {text!r}") from None
+
+
+def _network(table: _Table, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A route must be a network: "10.0.0.1/24" is more likely a pasted
+    address than the network it lies in, so name that network instead of
+    guessing (the strict=False answer)."""
+    expected = "a network with a prefix length (CIDR) like '192.168.50.0/24'"
+    if "/" not in text:
+        raise table.error("routes", f"expected {expected}, got {text!r}")
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        meant = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise table.error("routes", f"expected {expected}, got {text!r}") from None
+    raise table.error("routes", f"expected {expected}, got {text!r} which has host bits set; "
+                                f"did you mean '{meant}'?")
+
+
+def _check_ipv6_mtu(table: _Table, mtu: int, prefixes: tuple) -> None:
+    """Linux disables IPv6 on a link below 1280 bytes, so the addresses and
+    routes would fail to apply (or vanish) at run time."""
+    ipv6 = [p for p in prefixes if p.version == 6]
+    if ipv6 and mtu < IPV6_MIN_MTU:
+        raise table.error("mtu", f"expected at least {IPV6_MIN_MTU} because IPv6 ({ipv6[0]}) is "
+                                 f"configured and IPv6 needs a link MTU of at least {IPV6_MIN_MTU} "
+                                 f"(RFC 8200), got {mtu}")
+
+
+def _account_id(table: _Table, key: str, what: str, lookup: Callable[[str], int]) -> int | None:
+    """A numeric id as is (it need not exist, as with chown), or a name
+    resolved now so that a typo fails before any device is made."""
+    value = table.data.get(key)
+    if value is None:
+        return None
+    expected = f"a {what} name or a numeric id from 0 to {MAX_ID}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_ID:
+            raise table.error(key, f"expected {expected}, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise table.error(key, f"expected {expected}, got {_found(value)}")
+    try:
+        return lookup(value)
+    except (KeyError, ValueError):
+        hint = f" (write a numeric id without quotes: {key} = {value})" if value.isdigit() else ""
+        raise table.error(key, f"expected {expected}, got {value!r}, which is not a {what} "
+                               f"on this system{hint}") from None
+
+
+def _queues(table: _Table) -> int:
+    value = table.data.get("queues", DeviceConfig.queues)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise table.error("queues", f"expected the integer 1, got {_found(value)}")
+    if value != 1:
+        raise table.error("queues", f"expected 1, got {value}: only 1 is supported in this version")
+    return value
+
+
+# ---- [transport] ----------------------------------------------------------
+
+
+def _read_transport(table: _Table) -> TransportConfig:
+    protocol = _choice(table, "protocol", PROTOCOLS, TransportConfig.protocol)
+    listen = _endpoint(table, "listen", min_port=0)
+    peer = _endpoint(table, "peer", min_port=1)
+    framing = _choice(table, "framing", FRAMINGS, "len16" if protocol == "tcp" else "raw")
+    if protocol == "tcp" and framing == "raw":
+        raise table.error("framing", 'expected "len16" over TCP, got "raw": a TCP stream has '
+                                     "no packet boundaries, so raw packets could not be split again")
+    if peer is not None and peer.host in ("0.0.0.0", "::"):  # parse_endpoint normalised them
+        raise table.error("peer", f"expected a reachable address, got {peer} (the unspecified "
+                                  f"address only makes sense for listen)")
+    if listen is not None and peer is not None and None not in (listen.family, peer.family) \
+            and listen.family != peer.family:
+        raise table.error("listen", f"expected the same address family as peer {peer}, got {listen}: "
+                                    f"a socket of one family cannot reach an address of the other")
+    return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing)
+
+
+def _endpoint(table: _Table, key: str, min_port: int) -> Endpoint | None:
+    value = table.data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise table.error(key, f"expected a string 'host:port', got {_found(value)}")
+    try:
+        endpoint = parse_endpoint(value)
+    except ValueError as e:
+        raise table.error(key, str(e)) from None
+    if endpoint.port < min_port:
+        raise table.error(key, f"expected a port from {min_port} to 65535, got {value!r} "
+                               f"(port {endpoint.port})")
+    return endpoint
+
+
+# ---- [relay] and [stats] --------------------------------------------------
+
+
+def _read_relay(table: _Table) -> RelayConfig:
+    return RelayConfig(
+        batch=_integer(table, "batch", 1, MAX_BATCH, RelayConfig.batch),
+        engine=_choice(table, "engine", ENGINES, RelayConfig.engine),
+    )
+
+
+def _read_stats(table: _Table) -> StatsConfig:
+    return StatsConfig(interval=_interval(table), socket=_socket_path(table))
+
+
+def _interval(table: _Table) -> float:
+    value = table.data.get("interval", StatsConfig.interval)
+    expected = "a number of seconds, 0 or more (0 = off)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise table.error("interval", f"expected {expected}, got {_found(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise table.error("interval", f"expected {expected}, got {value}")
+    return float(value)
+
+
+def _socket_path(table: _Table) -> str:
+    path = _string(table, "socket", StatsConfig.socket)
+    size = _utf8_size(path)
+    if "\0" in path or size > SUN_PATH_MAX:
+        raise table.error("socket", f"expected a path of at most {SUN_PATH_MAX} bytes without NUL "
+                                    f"(the size of sockaddr_un.sun_path), got {size} bytes: {path!r}")
+    return path
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def to_toml(cfg: Config) -> str:
+    """Every setting written out explicitly, so ``loads(to_toml(c), c.path)
+    == c``; a key whose value is None (no owner, no TCP bind address) is left
+    out, which reads back as None."""
+    d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
+    tables = {
+        "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
+                   "routes": d.routes, "persist": d.persist, "owner": d.owner,
+                   "group": d.group, "queues": d.queues},
+        "transport": {"protocol": t.protocol, "listen": t.listen, "peer": t.peer,
+                      "framing": t.framing},
+        "relay": {"batch": r.batch, "engine": r.engine},
+        "stats": {"interval": s.interval, "socket": s.socket},
+    }
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # "1e-05", "inf", "nan" are all TOML floats too
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))  # str, Endpoint, ipaddress objects
+
+
+# TOML basic strings forbid the control characters (DEL included) unescaped.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for c in text:
+        if c in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'

@@ -1,0 +1,41 @@
+"""The exception hierarchy of tunrelay.
+
+Every message says what was expected and what was found.  The CLI maps
+``ConfigError`` (and usage errors) to exit code 2 and every other
+``TunrelayError`` to exit code 1, printing the message on one line.
+"""
+
+from __future__ import annotations
+
+
+class TunrelayError(Exception):
+    """Base class of every error tunrelay raises on purpose."""
+
+
+class ConfigError(TunrelayError):
+    """A configuration file is missing, unreadable or invalid.
+
+    ``path`` is the file, ``key`` the dotted key (``transport.listen``) or
+    ``None`` when the problem is the file itself.
+    """
+
+    def __init__(self, path: str, key: str | None, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: [{key.rsplit('.', 1)[0]}] {key.rsplit('.', 1)[-1]}" if key and "." in key else (
+            f"{path}: {key}" if key else path
+        )
+        super().__init__(f"{where}: {message}")
+
+
+class DeviceError(TunrelayError):
+    """A TUN/TAP device could not be created, attached or configured."""
+
+
+class TransportError(TunrelayError):
+    """A socket could not be opened, bound, connected or accepted."""
+
+
+class PumpError(TunrelayError):
+    """A pump loop stopped on an error it cannot recover from."""
