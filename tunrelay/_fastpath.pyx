@@ -1,0 +1,383 @@
+# cython: language_level=3
+"""The compiled fast path: a pump moving packets between a TUN/TAP fd and a
+UDP or TCP socket fd, one GIL-free C loop per direction.
+
+Layout: ``_validate.pxi`` (checks and len16 parsing), ``_loops.pxi`` (the
+egress and ingress loops), this file (the Python-visible ``Pump``: set-up,
+threads, counters).  ``pypump.PyPump`` is the pure-Python twin.
+"""
+
+import os
+import socket
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport errno
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.unistd cimport close
+
+from tunrelay.includes.system cimport (
+    AF_INET, AF_INET6, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM, SO_DOMAIN,
+    SO_TYPE, SOL_SOCKET, eventfd, eventfd_read, eventfd_t, eventfd_write,
+    getpeername, getsockopt, htons, ntohs, sockaddr, sockaddr_in,
+    sockaddr_in6, socklen_t)
+
+from tunrelay import counters as _counters
+from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
+                              LoopRunner, Outcome)
+from tunrelay.framing import FRAMINGS, MODES, max_frame as _max_frame
+
+include "_validate.pxi"
+include "_loops.pxi"
+
+if len(_counters.DROP_REASONS) != N_DROPS or len(_counters.ERROR_KINDS) != N_ERRORS:
+    raise ImportError("tunrelay._fastpath was built against other counter names")
+
+cdef enum:
+    # One large recv per wake-up on TCP: many frames are parsed in place.
+    STREAM_BUFFER = 256 * 1024
+    MAX_BATCH = 1024
+
+_STATUS_REASONS = {ST_STOPPED: STOPPED, ST_CLOSED: CLOSED,
+                   ST_PROTOCOL: PROTOCOL_ERROR, ST_FATAL: FATAL}
+
+
+def _fileno(obj):
+    return obj if isinstance(obj, int) else obj.fileno()
+
+
+cdef dict _snapshot(Counters *live, str direction):
+    cdef Counters c
+    memcpy(&c, live, sizeof(Counters))   # one consistent-enough copy, no lock
+    result = {"packets": c.packets, "bytes": c.bytes, "batches": c.batches,
+              "syscalls": c.syscalls, "wakeups": c.wakeups}
+    result["drops"] = {reason: c.drops[_counters.DROP_REASONS.index(reason)]
+                       for reason in _counters.DIRECTION_DROPS[direction]}
+    result["errors"] = {kind: c.errors[i] for i, kind in enumerate(_counters.ERROR_KINDS)}
+    result["last_errno"] = c.last_errno
+    return result
+
+
+cdef class Pump:
+    """Moves packets between ``tun_fd`` and ``sock_fd`` until stopped.
+
+    ``tun_fd``: a TUN/TAP fd opened with IFF_NO_PI (or, in tests, one end of
+    a SOCK_SEQPACKET socketpair).  It is switched to non-blocking mode.
+    ``sock_fd``: a UDP socket (framing "raw" by default) or a connected TCP
+    socket (framing "len16").  ``peer``: for an unconnected UDP socket, the
+    (host, port) to send to; datagrams from anyone else are dropped and
+    counted.  Without a peer on an unconnected socket, the peer is learned
+    from the first valid datagram.  Either argument may be an int or an
+    object with ``fileno()``; the pump never closes them.
+    """
+
+    def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
+                  int mtu=1400, int batch=64, peer=None):
+        self.st = <PumpState *>calloc(1, sizeof(PumpState))
+        if self.st == NULL:
+            raise MemoryError()
+        self.st.stop_fd = -1
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu must be 68..65535, got {mtu}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+        self.mode = mode
+        self.mtu = mtu
+        self.batch = batch
+        self.st.tap = mode == "tap"
+        self.st.batch = batch
+        self.st.max_frame = _max_frame(mode, mtu)
+        self.st.slot_size = (HEADROOM + self.st.max_frame + 1 + 63) & ~(<size_t>63)
+        self.st.stream_cap = STREAM_BUFFER
+
+        self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
+        self.st.ingress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
+        self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
+        self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
+        if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
+                or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
+                or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
+                or self.st.ingress_names == NULL or self.st.stream_buf == NULL):
+            raise MemoryError()
+        cdef unsigned int i
+        for i in range(<unsigned int>batch):
+            self.st.egress_msgs[i].msg_hdr.msg_iov = &self.st.egress_iov[i]
+            self.st.egress_msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.slot_size
+            # One byte more than the longest frame: a longer datagram shows
+            # up as MSG_TRUNC or as oversize, never passes silently cut.
+            self.st.ingress_iov[i].iov_len = LEN16_HEADER + self.st.max_frame + 1
+            self.st.ingress_msgs[i].msg_hdr.msg_iov = &self.st.ingress_iov[i]
+            self.st.ingress_msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ingress_msgs[i].msg_hdr.msg_name = &self.st.ingress_names[i]
+
+        self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.st.stop_fd < 0:
+            raise OSError(errno, os.strerror(errno), "eventfd")
+
+        self._tun_ref = tun_fd
+        self.st.tun_fd = _fileno(tun_fd)
+        flags = fcntl(self.st.tun_fd, F_GETFL)
+        if flags < 0 or fcntl(self.st.tun_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+            raise OSError(errno, os.strerror(errno), "tun fd")
+        self._runner = LoopRunner(self._run_direction, self._signal_stop,
+                                  self._reset_stop, name="pump")
+        self._attach(sock_fd, framing, peer)
+
+    def __dealloc__(self):
+        if self.st == NULL:
+            return
+        if self.st.stop_fd >= 0:
+            close(self.st.stop_fd)
+        free(self.st.egress_slab)
+        free(self.st.ingress_slab)
+        free(self.st.egress_iov)
+        free(self.st.ingress_iov)
+        free(self.st.egress_msgs)
+        free(self.st.ingress_msgs)
+        free(self.st.ingress_names)
+        free(self.st.stream_buf)
+        free(self.st)
+        self.st = NULL
+
+    # ------------------------------------------------------------ set-up
+
+    def attach(self, sock_fd, *, peer=None):
+        """Swap in a new socket (a TCP reconnect) while stopped.  Counters
+        carry on; a partial len16 frame of the old stream is discarded."""
+        self._attach(sock_fd, self.framing, peer)
+
+    def _attach(self, sock_fd, framing, peer):
+        if self._runner.running:
+            raise RuntimeError("attach() needs a stopped pump")
+        fd = _fileno(sock_fd)
+        sock_type = _sockopt(fd, SO_TYPE)
+        stream = sock_type == SOCK_STREAM
+        if framing is None:
+            framing = "len16" if stream else "raw"
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        if stream and framing != "len16":
+            raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
+        self._sock_ref = sock_fd
+        self.framing = framing
+        self.st.sock_fd = fd
+        self.st.stream = stream
+        self.st.len16 = framing == "len16"
+        self.st.stream_have = 0
+        self._inspect_socket(peer)
+
+    cdef int _inspect_socket(self, object peer) except -1:
+        """Decide how datagram senders are checked: against a given peer, by
+        the kernel (connected socket), or by learning the first one."""
+        cdef sockaddr_storage connected
+        cdef socklen_t length = sizeof(connected)
+        self.st.check_peer = False
+        self.st.learn_peer = False
+        self.st.peer_known = 0
+        if self.st.stream:
+            if peer is not None:
+                raise ValueError("peer is for datagram sockets; a TCP socket is already connected")
+            return 0
+        if peer is not None:
+            family = _sockopt(self.st.sock_fd, SO_DOMAIN)
+            self.st.peer_len = _fill_sockaddr(&self.st.peer, family, peer)
+            self.st.check_peer = True
+            self.st.peer_known = 1
+            return 0
+        if getpeername(self.st.sock_fd, <sockaddr *>&connected, &length) == 0:
+            return 0  # connected: the kernel only delivers the peer's datagrams
+        self.st.learn_peer = True
+        return 0
+
+    # ------------------------------------------------------------ running
+
+    def _signal_stop(self):
+        eventfd_write(self.st.stop_fd, 1)
+
+    def _reset_stop(self):
+        cdef eventfd_t value
+        eventfd_read(self.st.stop_fd, &value)  # EAGAIN when not set: fine
+
+    def _run_direction(self, str direction):
+        cdef int status
+        cdef PumpState *st = self.st
+        if direction == "egress":
+            with nogil:
+                status = egress_loop(st)
+            err = st.exit_errno
+        else:
+            with nogil:
+                status = ingress_loop(st)
+            err = st.ingress_exit_errno
+        return Outcome(_STATUS_REASONS[status], direction, err)
+
+    def start(self):
+        """Start both loops, each in its own thread."""
+        self._runner.start()
+
+    def stop(self, timeout=None):
+        """Signal both loops and wait for them; returns the Outcome (or None
+        if they did not end within ``timeout``).  Only then may the fds be
+        closed."""
+        return self._runner.stop(timeout)
+
+    def wait(self, timeout=None):
+        """Block until both loops ended (stop(), TCP peer gone, device gone);
+        returns the Outcome, or None on timeout."""
+        return self._runner.wait(timeout)
+
+    def run(self):
+        """start() then wait(): blocks until the pump ends."""
+        self.start()
+        return self.wait()
+
+    @property
+    def running(self):
+        return self._runner.running
+
+    # ------------------------------------------------------------ state
+
+    def stats(self):
+        """A snapshot of both directions' counters, read while running."""
+        return {"egress": _snapshot(&self.st.egress, "egress"),
+                "ingress": _snapshot(&self.st.ingress, "ingress")}
+
+    @property
+    def peer(self):
+        """The UDP peer as (host, port), given or learned; None otherwise."""
+        if self.st.stream or not tr_load_acquire(&self.st.peer_known):
+            return None
+        if not (self.st.check_peer or self.st.learn_peer):
+            return None
+        return _sockaddr_tuple(&self.st.peer)
+
+    @property
+    def learns_peer(self):
+        return bool(self.st.learn_peer)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+cdef int _sockopt(int fd, int option) except -1:
+    cdef int value = 0
+    cdef socklen_t length = sizeof(value)
+    if getsockopt(fd, SOL_SOCKET, option, &value, &length) < 0:
+        raise OSError(errno, os.strerror(errno), "sock fd")
+    return value
+
+
+cdef socklen_t _fill_sockaddr(sockaddr_storage *out, int family, peer) except 0:
+    """(host, port) -> sockaddr for a socket of `family`.  An IPv4 peer on an
+    IPv6 socket becomes ::ffff:a.b.c.d, as the kernel reports it."""
+    host, port = peer[0], int(peer[1])
+    cdef sockaddr_in *v4 = <sockaddr_in *>out
+    cdef sockaddr_in6 *v6 = <sockaddr_in6 *>out
+    memset(out, 0, sizeof(sockaddr_storage))
+    if not 0 < port < 65536:
+        raise ValueError(f"peer port must be 1..65535, got {port}")
+    if family == AF_INET:
+        packed = socket.inet_pton(socket.AF_INET, host)
+        v4.sin_family = AF_INET
+        v4.sin_port = htons(port)
+        memcpy(&v4.sin_addr, <const char *>packed, 4)
+        return sizeof(sockaddr_in)
+    if family == AF_INET6:
+        if ":" not in host:
+            host = "::ffff:" + host
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        v6.sin6_family = AF_INET6
+        v6.sin6_port = htons(port)
+        memcpy(&v6.sin6_addr, <const char *>packed, 16)
+        return sizeof(sockaddr_in6)
+    raise ValueError(f"a peer address needs an AF_INET or AF_INET6 socket, got family {family}")
+
+
+cdef object _sockaddr_tuple(sockaddr_storage *address):
+    cdef sockaddr_in *v4 = <sockaddr_in *>address
+    cdef sockaddr_in6 *v6 = <sockaddr_in6 *>address
+    if address.ss_family == AF_INET:
+        raw = PyBytes_FromStringAndSize(<char *>&v4.sin_addr, 4)
+        return socket.inet_ntop(socket.AF_INET, raw), ntohs(v4.sin_port)
+    raw = PyBytes_FromStringAndSize(<char *>&v6.sin6_addr, 16)
+    return socket.inet_ntop(socket.AF_INET6, raw), ntohs(v6.sin6_port)
+
+
+# ---------------------------------------------------------------- test hooks
+
+def validate(data, str mode, size_t limit):
+    """The C ingress check on one packet: None, or the drop reason."""
+    cdef const uint8_t[::1] view = memoryview(data).cast("B") if len(data) else b"\0"
+    cdef int reason = validate_packet(&view[0], len(data), mode == "tap", limit)
+    return None if reason == DROP_NONE else _counters.DROP_REASONS[reason]
+
+
+cdef struct _Collected:
+    size_t count          # frames collected by this len16_consume() call
+    size_t capacity
+    size_t *lengths
+    uint8_t *data         # the frames' bytes, back to back
+    size_t used
+
+
+cdef int _collect(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:
+    # Copy now: len16_consume() compacts its buffer after the sinks ran.
+    cdef _Collected *out = <_Collected *>ctx
+    if out.count == out.capacity:
+        return -1
+    memcpy(out.data + out.used, frame, length)
+    out.used += length
+    out.lengths[out.count] = length
+    out.count += 1
+    return 0
+
+
+def len16_split(chunks, size_t limit):
+    """Feed byte chunks through the same len16_consume() the TCP ingress
+    loop uses, as if each chunk were one recv().  Returns (frames,
+    buffered_bytes, error) where error is None or "bad_length"."""
+    cdef uint8_t *buf = <uint8_t *>malloc(STREAM_BUFFER)
+    cdef size_t have = 0, i, offset
+    cdef _Collected out
+    cdef int status = PARSE_OK
+    cdef const uint8_t[::1] view
+    out.capacity = STREAM_BUFFER // 3 + 1
+    out.lengths = <size_t *>malloc(out.capacity * sizeof(size_t))
+    out.data = <uint8_t *>malloc(STREAM_BUFFER)
+    frames = []
+    try:
+        if buf == NULL or out.lengths == NULL or out.data == NULL:
+            raise MemoryError()
+        for chunk in chunks:
+            if not len(chunk):
+                continue
+            if have + len(chunk) > STREAM_BUFFER:
+                raise ValueError("chunk larger than the stream buffer")
+            view = memoryview(chunk).cast("B")
+            memcpy(buf + have, &view[0], len(chunk))
+            have += len(chunk)
+            out.count = 0
+            out.used = 0
+            status = len16_consume(buf, &have, limit, _collect, &out)
+            offset = 0
+            for i in range(out.count):
+                frames.append(PyBytes_FromStringAndSize(<char *>out.data + offset, out.lengths[i]))
+                offset += out.lengths[i]
+            if status != PARSE_OK:
+                break
+        return frames, have, None if status == PARSE_OK else "bad_length"
+    finally:
+        free(buf)
+        free(out.lengths)
+        free(out.data)

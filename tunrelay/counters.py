@@ -1,0 +1,55 @@
+"""Counter names shared by the compiled pump, the Python pump and stats.
+
+The compiled pump keeps its counters in a C struct whose drop and error
+arrays are indexed in exactly the order of ``DROP_REASONS`` and
+``ERROR_KINDS`` below (``_fastpath.pyx`` checks the lengths at import), so
+both pumps report the same dictionary shape.
+"""
+
+from __future__ import annotations
+
+DIRECTIONS = ("egress", "ingress")
+
+#: Why a packet was dropped.  Every drop is counted under exactly one reason.
+DROP_REASONS = (
+    "not_peer",      # ingress: datagram from an address other than the peer
+    "no_peer",       # egress: no peer known yet (UDP, peer still to be learned)
+    "empty",         # zero-length packet
+    "oversize",      # longer than the MTU (TUN) or MTU + Ethernet + VLAN (TAP)
+    "bad_version",   # TUN: first nibble neither 4 nor 6
+    "truncated",     # shorter than the minimal IPv4/IPv6/Ethernet header
+    "bad_length",    # IP length field (or IPv4 header length) disagrees with the frame
+    "bad_frame",     # len16 length of zero or over the maximum, or a len16 datagram whose length lies
+    "tun_write",     # the device refused the write (EINVAL, EIO, ...)
+    "send_error",    # the socket refused the datagram (ECONNREFUSED, ENETUNREACH, ...)
+    "disconnected",  # TCP: packets of a batch still unsent when the connection died
+)
+
+#: Which reasons can happen in which direction (the rest stay zero).
+DIRECTION_DROPS = {
+    "egress": ("no_peer", "oversize", "send_error", "disconnected"),
+    "ingress": ("not_peer", "empty", "oversize", "bad_version", "truncated",
+                "bad_length", "bad_frame", "tun_write"),
+}
+
+#: Errors that are not tied to one packet.
+ERROR_KINDS = (
+    "read",        # a read/recv failed with something other than EAGAIN/EINTR
+    "write",       # a write/send failed with something other than EAGAIN/EINTR
+    "disconnect",  # the TCP connection ended (EOF, reset, len16 protocol error)
+)
+
+#: Plain totals, in the order the C struct holds them.
+TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups")
+
+
+def empty_direction(direction: str) -> dict:
+    """A zeroed counter dictionary for one direction."""
+    counters = {name: 0 for name in TOTALS}
+    counters["drops"] = {reason: 0 for reason in DIRECTION_DROPS[direction]}
+    counters["errors"] = {kind: 0 for kind in ERROR_KINDS}
+    return counters
+
+
+def total_drops(direction_counters: dict) -> int:
+    return sum(direction_counters["drops"].values())

@@ -1,0 +1,366 @@
+"""The pure-Python pump: the same interface and counters as the compiled
+``Pump``, one packet per system call, ``select`` for waiting.
+
+It is the reference the compiled pump is tested against (both run the same
+suite) and the baseline the benchmarks measure it against.  It is slow on
+purpose: clarity over speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import threading
+
+from . import counters
+from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome
+from .framing import (FRAMINGS, LEN16_HEADER, MODES, Len16Parser,
+                      len16_encode, max_frame, validate)
+
+_DEVICE_GONE = (errno.EBADFD, errno.EBADF)
+
+
+def _fileno(obj) -> int:
+    return obj if isinstance(obj, int) else obj.fileno()
+
+
+def _normalise(address, family: int):
+    """(host, port[, flow, scope]) -> (host, port) as this socket reports it."""
+    host, port = address[0], int(address[1])
+    if family == socket.AF_INET6 and ":" not in host:
+        host = "::ffff:" + host
+    packed = socket.inet_pton(family, host)
+    return socket.inet_ntop(family, packed), port
+
+
+class _Stop(Exception):
+    """The stop signal fired while a loop was waiting."""
+
+
+class PyPump:
+    """See ``tunrelay._fastpath.Pump``: same constructor, methods, counters."""
+
+    def __init__(self, tun_fd, sock_fd, *, framing=None, mode="tun", mtu=1400,
+                 batch=64, peer=None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu must be 68..65535, got {mtu}")
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch must be 1..1024, got {batch}")
+        self.mode, self.mtu, self.batch = mode, mtu, batch
+        self._limit = max_frame(mode, mtu)
+        self._tun_ref = tun_fd
+        self._tun = _fileno(tun_fd)
+        os.set_blocking(self._tun, False)
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._counters = {d: counters.empty_direction(d) for d in counters.DIRECTIONS}
+        for direction in counters.DIRECTIONS:
+            self._counters[direction]["last_errno"] = 0
+        self._peer_lock = threading.Lock()
+        self._runner = LoopRunner(self._run_direction, self._signal_stop,
+                                  self._reset_stop, name="pypump")
+        self.framing = None
+        self._attach(sock_fd, framing, peer)
+
+    # ------------------------------------------------------------ set-up
+
+    def attach(self, sock_fd, *, peer=None) -> None:
+        self._attach(sock_fd, self.framing, peer)
+
+    def _attach(self, sock_fd, framing, peer) -> None:
+        if self._runner.running:
+            raise RuntimeError("attach() needs a stopped pump")
+        self._sock_ref = sock_fd
+        if getattr(self, "_sock", None) is not None:
+            self._sock.close()
+        # A socket object that does not own the fd: closing it is the caller's job.
+        self._sock = socket.socket(fileno=os.dup(_fileno(sock_fd)))
+        self._stream = self._sock.type == socket.SOCK_STREAM
+        if framing is None:
+            framing = "len16" if self._stream else "raw"
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        if self._stream and framing != "len16":
+            raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
+        self.framing = framing
+        self._parser = Len16Parser(self._limit)
+        self._check_peer = self._learn_peer = False
+        self._peer = None
+        if self._stream:
+            if peer is not None:
+                raise ValueError("peer is for datagram sockets; a TCP socket is already connected")
+            return
+        if peer is not None:
+            self._peer = _normalise(peer, self._sock.family)
+            self._check_peer = True
+            return
+        try:
+            self._sock.getpeername()
+        except OSError:
+            self._learn_peer = True
+
+    def close(self) -> None:
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._sock.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ running
+
+    def _signal_stop(self) -> None:
+        try:
+            os.write(self._stop_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _reset_stop(self) -> None:
+        try:
+            while os.read(self._stop_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wait(self, c: dict, fd: int, writable: bool = False) -> None:
+        """Block until fd is ready; raise _Stop when the stop signal fires."""
+        while True:
+            readers = [self._stop_r] if writable else [fd, self._stop_r]
+            writers = [fd] if writable else []
+            r, w, _ = select.select(readers, writers, [])
+            c["syscalls"] += 1
+            c["wakeups"] += 1
+            if self._stop_r in r:
+                raise _Stop
+            if r or w:
+                return
+
+    def _run_direction(self, direction: str) -> Outcome:
+        c = self._counters[direction]
+        loop = self._egress if direction == "egress" else self._ingress
+        try:
+            loop(c)
+        except _Stop:
+            return Outcome(STOPPED, direction)
+        except _Closed as closed:
+            return Outcome(closed.reason, direction, closed.errno)
+        except OSError as exc:
+            return Outcome(FATAL, direction, exc.errno or 0)
+        return Outcome(FATAL, direction)
+
+    def _egress(self, c: dict) -> None:
+        while True:
+            self._wait(c, self._tun)
+            for _ in range(self.batch):
+                try:
+                    packet = os.read(self._tun, self._limit + 1)
+                except BlockingIOError:
+                    c["syscalls"] += 1
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    c["syscalls"] += 1
+                    c["errors"]["read"] += 1
+                    c["last_errno"] = exc.errno
+                    if exc.errno in _DEVICE_GONE:
+                        raise
+                    break
+                c["syscalls"] += 1
+                if not packet:
+                    raise OSError(0, "end of file on the device fd")
+                if len(packet) > self._limit:
+                    c["drops"]["oversize"] += 1
+                    continue
+                self._send(c, packet)
+
+    def _send(self, c: dict, packet: bytes) -> None:
+        data = len16_encode(packet) if self.framing == "len16" else packet
+        if self._stream:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                c["errors"]["disconnect"] += 1
+                c["drops"]["disconnected"] += 1
+                c["last_errno"] = exc.errno
+                raise _Closed(CLOSED, exc.errno or 0) from exc
+            c["syscalls"] += 1
+            c["batches"] += 1
+        else:
+            with self._peer_lock:
+                peer = self._peer
+            if (self._check_peer or self._learn_peer) and peer is None:
+                c["drops"]["no_peer"] += 1
+                return
+            while True:
+                try:
+                    if peer is None:
+                        self._sock.send(data)
+                    else:
+                        self._sock.sendto(data, peer)
+                except (BlockingIOError, InterruptedError):
+                    c["syscalls"] += 1
+                    self._wait(c, self._sock.fileno(), writable=True)
+                    continue
+                except OSError as exc:
+                    c["syscalls"] += 1
+                    c["errors"]["write"] += 1
+                    c["drops"]["send_error"] += 1
+                    c["last_errno"] = exc.errno
+                    return
+                break
+            c["syscalls"] += 1
+            c["batches"] += 1
+        c["packets"] += 1
+        c["bytes"] += len(packet)
+
+    def _ingress(self, c: dict) -> None:
+        sock = self._sock
+        while True:
+            self._wait(c, sock.fileno())
+            if self._stream:
+                self._ingress_stream(c)
+                continue
+            try:
+                data, sender = sock.recvfrom(LEN16_HEADER + self._limit + 1)
+            except (BlockingIOError, InterruptedError):
+                c["syscalls"] += 1
+                continue
+            except OSError as exc:
+                c["syscalls"] += 1
+                c["errors"]["read"] += 1
+                c["last_errno"] = exc.errno
+                if exc.errno in _DEVICE_GONE:
+                    raise
+                continue
+            c["syscalls"] += 1
+            c["batches"] += 1
+            if sender is not None and not isinstance(sender, str):
+                sender = sender[:2]
+            with self._peer_lock:
+                peer = self._peer
+            if self._check_peer or (self._learn_peer and peer is not None):
+                if sender != peer:
+                    c["drops"]["not_peer"] += 1
+                    continue
+            if len(data) > LEN16_HEADER + self._limit:
+                c["drops"]["oversize"] += 1
+                continue
+            if self.framing == "len16":
+                if len(data) <= LEN16_HEADER or int.from_bytes(data[:2], "big") != len(data) - 2:
+                    c["drops"]["bad_frame"] += 1
+                    continue
+                data = data[LEN16_HEADER:]
+            reason = validate(data, self.mode, self._limit)
+            if reason:
+                c["drops"][reason] += 1
+                continue
+            if self._learn_peer and peer is None:
+                with self._peer_lock:
+                    self._peer = sender
+            self._write_tun(c, data)
+
+    def _ingress_stream(self, c: dict) -> None:
+        try:
+            data = self._sock.recv(256 * 1024, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            c["syscalls"] += 1
+            return
+        except OSError as exc:
+            c["syscalls"] += 1
+            c["errors"]["disconnect"] += 1
+            c["last_errno"] = exc.errno
+            raise _Closed(CLOSED, exc.errno or 0) from exc
+        c["syscalls"] += 1
+        if not data:
+            c["errors"]["disconnect"] += 1
+            raise _Closed(CLOSED, 0)
+        c["batches"] += 1
+        frames, bad = self._parser.feed(data)
+        for frame in frames:
+            reason = validate(frame, self.mode, self._limit)
+            if reason:
+                c["drops"][reason] += 1
+                continue
+            self._write_tun(c, frame)
+        if bad:
+            c["drops"]["bad_frame"] += 1
+            c["errors"]["disconnect"] += 1
+            raise _Closed(PROTOCOL_ERROR, 0)
+
+    def _write_tun(self, c: dict, packet: bytes) -> None:
+        while True:
+            try:
+                os.write(self._tun, packet)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                c["syscalls"] += 1
+                self._wait(c, self._tun, writable=True)
+                continue
+            except OSError as exc:
+                c["syscalls"] += 1
+                c["errors"]["write"] += 1
+                c["last_errno"] = exc.errno
+                if exc.errno in _DEVICE_GONE:
+                    raise
+                c["drops"]["tun_write"] += 1
+                return
+            break
+        c["syscalls"] += 1
+        c["packets"] += 1
+        c["bytes"] += len(packet)
+
+    def start(self) -> None:
+        self._runner.start()
+
+    def stop(self, timeout=None):
+        return self._runner.stop(timeout)
+
+    def wait(self, timeout=None):
+        return self._runner.wait(timeout)
+
+    def run(self):
+        self.start()
+        return self.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._runner.running
+
+    def stats(self) -> dict:
+        return {d: {k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()}
+                for d, c in self._counters.items()}
+
+    @property
+    def peer(self):
+        if self._stream or not (self._check_peer or self._learn_peer):
+            return None
+        with self._peer_lock:
+            return self._peer
+
+    @property
+    def learns_peer(self) -> bool:
+        return self._learn_peer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class _Closed(Exception):
+    def __init__(self, reason: str, err: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errno = err
