@@ -223,6 +223,11 @@ cdef class Pump:
         """Start both loops, each in its own thread."""
         self._runner.start()
 
+    def request_stop(self):
+        """Signal both loops to end and return at once (signal-handler safe:
+        one eventfd write).  stop() or wait() then joins them."""
+        eventfd_write(self.st.stop_fd, 1)
+
     def stop(self, timeout=None):
         """Signal both loops and wait for them; returns the Outcome (or None
         if they did not end within ``timeout``).  Only then may the fds be

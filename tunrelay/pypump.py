@@ -323,6 +323,9 @@ class PyPump:
     def start(self) -> None:
         self._runner.start()
 
+    def request_stop(self) -> None:
+        self._signal_stop()
+
     def stop(self, timeout=None):
         return self._runner.stop(timeout)
 

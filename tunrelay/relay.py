@@ -1,0 +1,249 @@
+"""The relay's lifecycle: device + transport -> pump, supervised.
+
+One object owns the close order: stop the loops, join them, then close
+the socket(s), then the device.  Never close an fd a loop may still be
+blocked on.
+
+Supervision (``run()``, in the caller's thread):
+- UDP: one socket for the relay's life; the pump runs until stopped or
+  until the device vanishes.
+- TCP client: connect (with capped exponential backoff), pump until the
+  connection ends, reconnect.  The device stays up throughout.
+- TCP server: accept one peer, pump until it goes, accept the next.
+  Further connections while a peer is live are refused and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from . import transport as _transport
+from ._runner import FATAL, STOPPED
+from .config import Config
+from .device import Device
+from .errors import PumpError
+from .framing import max_frame
+from .stats import ControlServer, format_line
+
+log = logging.getLogger("tunrelay.relay")
+
+#: How often the supervisor looks up from waiting (stop, housekeeping).
+SUPERVISE_SLICE_S = 0.2
+
+
+def pump_class(engine: str):
+    """The compiled pump for "fast", the pure-Python one for "python"."""
+    if engine == "python":
+        from .pypump import PyPump
+        return PyPump
+    from ._fastpath import Pump
+    return Pump
+
+
+class Relay:
+    """A configured relay: ``run()`` blocks until ``stop()``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.device = Device(cfg.device, log=logging.getLogger("tunrelay.device"))
+        self.pump = None
+        self._pump_class = pump_class(cfg.relay.engine)
+        self._stop = threading.Event()
+        self._udp: socket.socket | None = None
+        self._peer = None
+        self._client: _transport.TcpClient | None = None
+        self._server: _transport.TcpServer | None = None
+        self._conn: socket.socket | None = None
+        self._control: ControlServer | None = None
+        self._state = "starting"
+        self._connections = 0
+        self._rejected = 0
+        self._started = time.monotonic()
+        self._learned = None
+
+    # ------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask run() to return.  Safe from a signal handler or any thread."""
+        self._stop.set()
+        pump = self.pump
+        if pump is not None:
+            pump.request_stop()
+
+    def snapshot(self) -> dict:
+        """Everything ``tunrelay stats`` shows."""
+        pump = self.pump
+        counters = pump.stats() if pump is not None else _zero_counters()
+        tcfg = self.cfg.transport
+        peer = None
+        if self._conn is not None:
+            try:
+                peer = _transport.format_sockaddr(self._conn.getpeername())
+            except OSError:
+                peer = None
+        elif pump is not None and pump.peer is not None:
+            peer = _transport.format_sockaddr(pump.peer)
+        return {
+            "device": self.device.name,
+            "mode": self.cfg.device.mode,
+            "transport": tcfg.protocol,
+            "framing": tcfg.framing,
+            "engine": self.cfg.relay.engine,
+            "state": self._state,
+            "peer": peer,
+            "connections": self._connections if tcfg.protocol == "tcp" else None,
+            "rejected": self._rejected if tcfg.is_server else None,
+            "uptime": time.monotonic() - self._started,
+            **counters,
+        }
+
+    # ------------------------------------------------------------ running
+
+    def open(self) -> None:
+        """Create the device and the listening/UDP socket; start the
+        control socket.  Separate from run() so a caller can drop
+        privileges in between."""
+        try:
+            self.device.open()
+            tcfg = self.cfg.transport
+            if tcfg.protocol == "udp":
+                self._udp, self._peer = _transport.open_udp(tcfg)
+                where = _transport.format_sockaddr(self._udp.getsockname())
+                if self._peer is None:
+                    log.info("udp: listening on %s, peer to be learned from the first valid datagram", where)
+                else:
+                    log.info("udp: listening on %s, peer %s", where,
+                             _transport.format_sockaddr(self._peer))
+            elif tcfg.is_server:
+                self._server = _transport.TcpServer(tcfg, log=logging.getLogger("tunrelay.transport"))
+                self._server.open()
+            else:
+                self._client = _transport.TcpClient(tcfg, log=logging.getLogger("tunrelay.transport"))
+            self._control = ControlServer(self.cfg.control_socket, self.snapshot)
+            self._control.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> None:
+        """Pump until stop(); raises PumpError when the device is gone."""
+        if not self.device.fds:
+            self.open()
+        try:
+            while not self._stop.is_set():
+                sock = self._next_socket()
+                if sock is None:
+                    break
+                outcome = self._pump_until_end(sock)
+                if outcome.reason == STOPPED:
+                    break
+                if outcome.reason == FATAL:
+                    raise PumpError(f"device {self.device.name}: {outcome}; the relay cannot go on")
+                self._drop_connection(outcome)
+        finally:
+            self._state = "stopping"
+            self.close()
+
+    def _next_socket(self) -> socket.socket | None:
+        if self._udp is not None:
+            self._state = "running"
+            return self._udp
+        if self._server is not None:
+            self._state = "listening"
+            self._conn = self._server.accept(self._stop)
+        else:
+            self._state = "connecting"
+            self._conn = self._client.connect(self._stop)
+        if self._conn is None:
+            return None
+        self._connections += 1
+        self._state = "connected"
+        return self._conn
+
+    def _pump_until_end(self, sock: socket.socket):
+        if self.pump is None:
+            self.pump = self._pump_class(
+                self.device.fd, sock, framing=self.cfg.transport.framing,
+                mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
+                batch=self.cfg.relay.batch,
+                peer=self._peer if sock is self._udp else None)
+        else:
+            self.pump.attach(sock)
+        if self._stop.is_set():
+            return _stopped()
+        self.pump.start()
+        interval = self.cfg.stats.interval
+        next_log = time.monotonic() + interval if interval else None
+        while True:
+            outcome = self.pump.wait(SUPERVISE_SLICE_S)
+            if self._stop.is_set() and outcome is None:
+                outcome = self.pump.stop()
+            if outcome is not None:
+                return outcome
+            self._housekeeping()
+            if next_log is not None and time.monotonic() >= next_log:
+                log.info("stats: %s", format_line(self.pump.stats()))
+                next_log += interval
+
+    def _housekeeping(self) -> None:
+        if self._server is not None:
+            refused = self._server.reject_pending()
+            if refused:
+                self._rejected += refused
+                log.warning("tcp: refused %d connection(s): a peer is already connected", refused)
+        if self._udp is not None and self._learned is None and self.pump.learns_peer:
+            peer = self.pump.peer
+            if peer is not None:
+                self._learned = peer
+                log.info("udp: learned peer %s", _transport.format_sockaddr(peer))
+
+    def _drop_connection(self, outcome) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        log.warning("tcp: connection lost (%s)%s", outcome,
+                    "; reconnecting" if self._client is not None else "; waiting for the peer")
+
+    def close(self) -> None:
+        """Stop and join the loops, then close sockets, then the device."""
+        if self.pump is not None and self.pump.running:
+            self.pump.stop()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        for attr in ("_conn", "_udp"):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        close_pump = getattr(self.pump, "close", None)
+        if close_pump is not None:
+            close_pump()
+        if self.device.fds:
+            name = self.device.name
+            self.device.close()
+            log.info("device %s closed%s", name,
+                     " (persistent: left in place)" if self.cfg.device.persist else " and removed")
+        self._state = "stopped"
+
+    def __enter__(self) -> "Relay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stopped():
+    from ._runner import Outcome
+    return Outcome(STOPPED)
+
+
+def _zero_counters() -> dict:
+    from .counters import DIRECTIONS, empty_direction
+    return {d: empty_direction(d) for d in DIRECTIONS}

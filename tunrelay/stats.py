@@ -1,0 +1,180 @@
+"""Counter snapshots as text, JSON and one-line logs, and the local
+control socket that ``tunrelay stats`` reads them from.
+
+The control socket is a unix stream socket: a client connects, sends one
+line (``stats``), and reads one JSON document until the server closes.  It
+is served by a daemon thread that never touches the pumps' loops: it asks
+the relay for a snapshot, which reads the counters without stopping them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+from typing import Callable
+
+from .counters import DIRECTIONS
+from .errors import TunrelayError
+
+log = logging.getLogger("tunrelay.stats")
+
+_REQUEST_LIMIT = 64
+_CLIENT_TIMEOUT_S = 2.0
+
+
+def format_table(snapshot: dict) -> str:
+    """A human table: header facts, then one column per direction."""
+    lines = []
+    for key in ("device", "mode", "transport", "framing", "state", "peer",
+                "connections", "rejected", "uptime"):
+        if key in snapshot and snapshot[key] not in (None, ""):
+            value = snapshot[key]
+            if key == "uptime":
+                value = f"{value:.0f} s"
+            lines.append(f"{key + ':':<13}{value}")
+    rows = [("", "egress", "ingress")]
+    for total in ("packets", "bytes", "batches", "syscalls"):
+        rows.append((total, *(str(snapshot[d][total]) for d in DIRECTIONS)))
+    packets = [snapshot[d]["packets"] for d in DIRECTIONS]
+    rows.append(("syscalls/pkt", *(
+        f"{snapshot[d]['syscalls'] / p:.2f}" if p else "-" for d, p in zip(DIRECTIONS, packets))))
+    reasons = sorted({r for d in DIRECTIONS for r in snapshot[d]["drops"]})
+    for reason in reasons:
+        rows.append((f"drop {reason}", *(
+            str(snapshot[d]["drops"].get(reason, "-")) for d in DIRECTIONS)))
+    for kind in snapshot["egress"]["errors"]:
+        rows.append((f"error {kind}", *(str(snapshot[d]["errors"][kind]) for d in DIRECTIONS)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    if lines:
+        lines.append("")
+    for row in rows:
+        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}")
+    return "\n".join(lines)
+
+
+def format_line(snapshot: dict) -> str:
+    """One line for the periodic log."""
+    parts = []
+    for direction in DIRECTIONS:
+        c = snapshot[direction]
+        drops = sum(c["drops"].values())
+        parts.append(f"{direction} {c['packets']} pkts {c['bytes']} B {drops} drops")
+    return "; ".join(parts)
+
+
+class ControlServer:
+    """Serves ``snapshot()`` as JSON on a unix socket at ``path``."""
+
+    def __init__(self, path: str, snapshot: Callable[[], dict]) -> None:
+        self.path = path
+        self._snapshot = snapshot
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o660)
+            sock.listen(8)
+        except OSError as exc:
+            sock.close()
+            raise TunrelayError(f"control socket {self.path}: {exc.strerror}") from exc
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def _remove_stale(self) -> None:
+        """A socket file left by a relay that died is removed; one that a
+        live relay answers on means two relays share a path: refuse."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise TunrelayError(f"control socket {self.path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise TunrelayError(
+            f"control socket {self.path}: another relay is running there "
+            "(set [stats] socket to a different path)")
+
+    def _serve(self) -> None:
+        sock = self._sock
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return  # closed
+            with client:
+                try:
+                    client.settimeout(_CLIENT_TIMEOUT_S)
+                    request = client.recv(_REQUEST_LIMIT).strip()
+                    if request != b"stats":
+                        client.sendall(json.dumps({"error": "unknown request"}).encode())
+                        continue
+                    client.sendall(json.dumps(self._snapshot()).encode())
+                except OSError:
+                    continue
+                except Exception:  # a bug in a snapshot must not kill the server
+                    log.exception("control socket request failed")
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def query(path: str, timeout: float = _CLIENT_TIMEOUT_S) -> dict:
+    """Ask the relay listening on ``path`` for its counters."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError as exc:
+            raise TunrelayError(f"no relay is running: {path} does not exist") from exc
+        except ConnectionRefusedError as exc:
+            raise TunrelayError(f"no relay is running: nothing answers on {path}") from exc
+        except OSError as exc:
+            raise TunrelayError(f"cannot reach the relay on {path}: {exc.strerror}") from exc
+        sock.sendall(b"stats\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except socket.timeout as exc:
+        raise TunrelayError(f"the relay on {path} did not answer within {timeout} s") from exc
+    finally:
+        sock.close()
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise TunrelayError(f"the relay on {path} sent something that is not JSON") from exc
