@@ -1,4 +1,33 @@
 """tunrelay: a Linux TUN/TAP <-> UDP/TCP packet relay with a compiled,
-GIL-free fast path."""
+GIL-free fast path.
+
+The embedding API: hand ``Pump`` a TUN fd and a socket fd you own, then
+``start()``, ``stats()``, ``stop()``.  ``Relay`` is the whole configured
+relay (device + transport + pump) that ``tunrelay run`` drives.
+"""
 
 __version__ = "0.1.0"
+
+from ._runner import Outcome
+from .config import Config, load as load_config, loads as loads_config
+from .device import open_tun
+from .errors import (ConfigError, DeviceError, PumpError, TransportError,
+                     TunrelayError)
+from .pypump import PyPump
+
+
+def __getattr__(name):
+    # The compiled pieces load on first use, so `tunrelay check` and error
+    # reporting still work where the extension failed to build.
+    if name == "Pump":
+        from ._fastpath import Pump
+        return Pump
+    if name == "Relay":
+        from .relay import Relay
+        return Relay
+    raise AttributeError(f"module 'tunrelay' has no attribute {name!r}")
+
+
+__all__ = ["Pump", "PyPump", "Relay", "Outcome", "open_tun", "Config",
+           "load_config", "loads_config", "TunrelayError", "ConfigError",
+           "DeviceError", "TransportError", "PumpError"]
