@@ -29,6 +29,8 @@ def _fileno(obj) -> int:
 def _normalise(address, family: int):
     """(host, port[, flow, scope]) -> (host, port) as this socket reports it."""
     host, port = address[0], int(address[1])
+    if not 0 < port < 65536:  # as the compiled pump: port 0 cannot be sent to
+        raise ValueError(f"peer port must be 1..65535, got {port}")
     if family == socket.AF_INET6 and ":" not in host:
         host = "::ffff:" + host
     packed = socket.inet_pton(family, host)
@@ -178,6 +180,7 @@ class PyPump:
                 c["syscalls"] += 1
                 if not packet:
                     raise OSError(0, "end of file on the device fd")
+                c["tun_io"] += 1
                 if len(packet) > self._limit:
                     c["drops"]["oversize"] += 1
                     continue
@@ -186,14 +189,24 @@ class PyPump:
     def _send(self, c: dict, packet: bytes) -> None:
         data = len16_encode(packet) if self.framing == "len16" else packet
         if self._stream:
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                c["errors"]["disconnect"] += 1
-                c["drops"]["disconnected"] += 1
-                c["last_errno"] = exc.errno
-                raise _Closed(CLOSED, exc.errno or 0) from exc
-            c["syscalls"] += 1
+            # Not sendall(): a peer that stops reading would block it for
+            # good and stop() could never end the loop.
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except (BlockingIOError, InterruptedError):
+                    c["syscalls"] += 1
+                    self._wait(c, self._sock.fileno(), writable=True)
+                    continue
+                except OSError as exc:
+                    c["syscalls"] += 1
+                    c["errors"]["disconnect"] += 1
+                    c["drops"]["disconnected"] += 1
+                    c["last_errno"] = exc.errno
+                    raise _Closed(CLOSED, exc.errno or 0) from exc
+                c["syscalls"] += 1
+                view = view[sent:]
             c["batches"] += 1
         else:
             with self._peer_lock:
@@ -317,6 +330,7 @@ class PyPump:
                 return
             break
         c["syscalls"] += 1
+        c["tun_io"] += 1
         c["packets"] += 1
         c["bytes"] += len(packet)
 
