@@ -1,16 +1,32 @@
 # cython: language_level=3
 # The contract of the compiled pump: its C state and the Python-visible class.
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-from tunrelay.includes.system cimport iovec, mmsghdr, sockaddr_storage, socklen_t
+from tunrelay.includes.system cimport (iovec, mmsghdr, sockaddr_storage, socklen_t,
+                                       virtio_net_hdr)
+
+
+# One wire packet cut from a TUN super-packet (offload egress).
+cdef struct Segment:
+    uint8_t *head         # framing + IP + L4 header (copied), or a whole packet
+    uint32_t head_len
+    uint8_t *data         # payload, in place in the TUN buffer (NULL for whole packets)
+    uint32_t data_len
+    uint32_t group        # segments of one super-packet share it (one GSO send)
+
+
+# A validated packet waiting for the coalescer (offload ingress).
+cdef struct Packet:
+    uint8_t *data
+    uint32_t length
 
 
 # Sizes of the counter arrays; they must match counters.DROP_REASONS and
 # counters.ERROR_KINDS (checked when the module is imported).
 cdef enum:
-    N_DROPS = 11
-    N_ERRORS = 3
+    N_DROPS = 12
+    N_ERRORS = 4
 
 
 cdef struct Counters:
@@ -19,8 +35,9 @@ cdef struct Counters:
     uint64_t batches      # send/recv calls that moved packets
     uint64_t syscalls     # every system call the loop made
     uint64_t wakeups      # poll() returns
-    uint64_t drops[11]    # indexed like counters.DROP_REASONS
-    uint64_t errors[3]    # indexed like counters.ERROR_KINDS
+    uint64_t tun_io       # TUN reads/writes that moved packets
+    uint64_t drops[12]    # indexed like counters.DROP_REASONS
+    uint64_t errors[4]    # indexed like counters.ERROR_KINDS
     int last_errno
 
 
@@ -37,8 +54,13 @@ cdef struct PumpState:
     sockaddr_storage peer
     socklen_t peer_len
     size_t max_frame      # longest packet accepted for the device
-    size_t slot_size      # HEADROOM + max_frame + 1, rounded up
+    size_t slot_size      # egress slot: HEADROOM + longest TUN read + 1, rounded up
+    size_t ingress_slot   # ingress slot: longest datagram (64 KiB with GRO) + 1
     unsigned int batch
+    bint offload          # the TUN fd carries a virtio_net_hdr (IFF_VNET_HDR)
+    bint gso              # UDP_SEGMENT sends (cleared when the kernel refuses)
+    bint gro              # UDP_GRO receives: a slot may hold many datagrams
+    size_t cmsg_space     # CMSG_SPACE of one int-sized option
     int exit_errno        # errno of the call that ended a loop, per direction
     int ingress_exit_errno
     # egress: TUN -> socket
@@ -53,6 +75,20 @@ cdef struct PumpState:
     uint8_t *stream_buf
     size_t stream_cap
     size_t stream_have
+    # offload egress: segments of a batch, their headers, iovecs, messages
+    Segment *segs
+    size_t nseg
+    uint8_t *seg_heads
+    iovec *seg_iov
+    mmsghdr *seg_msgs
+    unsigned int *msg_segs
+    uint8_t *seg_cmsg
+    # offload ingress: UDP_GRO cmsgs, packets for the coalescer, its iovecs
+    uint8_t *gro_cmsg
+    Packet *pkts
+    size_t npkts
+    iovec *out_iov
+    virtio_net_hdr out_hdr
     Counters egress
     Counters ingress
 
@@ -66,5 +102,6 @@ cdef class Pump:
     cdef readonly str mode
     cdef readonly int mtu
     cdef readonly int batch
+    cdef readonly bint offload
 
     cdef int _inspect_socket(self, object peer) except -1

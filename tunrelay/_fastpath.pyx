@@ -2,8 +2,9 @@
 """The compiled fast path: a pump moving packets between a TUN/TAP fd and a
 UDP or TCP socket fd, one GIL-free C loop per direction.
 
-Layout: ``_validate.pxi`` (checks and len16 parsing), ``_loops.pxi`` (the
-egress and ingress loops), this file (the Python-visible ``Pump``: set-up,
+Layout: ``_validate.pxi`` (checks and len16 parsing), ``_offload.pxi``
+(segmenting TUN super-packets, coalescing TCP segments back), ``_loops.pxi``
+(the egress and ingress loops), this file (the Python-visible ``Pump``: set-up,
 threads, counters).  ``pypump.PyPump`` is the pure-Python twin.
 """
 
@@ -18,10 +19,10 @@ from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close
 
 from tunrelay.includes.system cimport (
-    AF_INET, AF_INET6, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM, SO_DOMAIN,
-    SO_TYPE, SOL_SOCKET, eventfd, eventfd_read, eventfd_t, eventfd_write,
-    getpeername, getsockopt, htons, ntohs, sockaddr, sockaddr_in,
-    sockaddr_in6, socklen_t)
+    AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
+    SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, eventfd, eventfd_read,
+    eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs,
+    setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t)
 
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
@@ -29,6 +30,7 @@ from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
 from tunrelay.framing import FRAMINGS, MODES, max_frame as _max_frame
 
 include "_validate.pxi"
+include "_offload.pxi"
 include "_loops.pxi"
 
 if len(_counters.DROP_REASONS) != N_DROPS or len(_counters.ERROR_KINDS) != N_ERRORS:
@@ -51,7 +53,7 @@ cdef dict _snapshot(Counters *live, str direction):
     cdef Counters c
     memcpy(&c, live, sizeof(Counters))   # one consistent-enough copy, no lock
     result = {"packets": c.packets, "bytes": c.bytes, "batches": c.batches,
-              "syscalls": c.syscalls, "wakeups": c.wakeups}
+              "syscalls": c.syscalls, "wakeups": c.wakeups, "tun_io": c.tun_io}
     result["drops"] = {reason: c.drops[_counters.DROP_REASONS.index(reason)]
                        for reason in _counters.DIRECTION_DROPS[direction]}
     result["errors"] = {kind: c.errors[i] for i, kind in enumerate(_counters.ERROR_KINDS)}
@@ -73,7 +75,7 @@ cdef class Pump:
     """
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
-                  int mtu=1400, int batch=64, peer=None):
+                  int mtu=1400, int batch=64, peer=None, bint offload=False):
         self.st = <PumpState *>calloc(1, sizeof(PumpState))
         if self.st == NULL:
             raise MemoryError()
@@ -87,14 +89,25 @@ cdef class Pump:
         self.mode = mode
         self.mtu = mtu
         self.batch = batch
+        if offload and mode != "tun":
+            raise ValueError("offload needs mode 'tun': TAP frames are not segmented here")
+        self.offload = offload
+        self.st.offload = offload
         self.st.tap = mode == "tap"
         self.st.batch = batch
         self.st.max_frame = _max_frame(mode, mtu)
-        self.st.slot_size = (HEADROOM + self.st.max_frame + 1 + 63) & ~(<size_t>63)
+        self.st.cmsg_space = CMSG_SPACE(sizeof(int))
+        # An offload TUN read is a virtio_net_hdr and up to 64 KiB; a GRO
+        # receive up to 64 KiB of datagrams.  One byte more than the longest
+        # shows truncation.
+        cdef size_t longest_read = VNET_HDR_LEN + IP_LENGTH_MAX if offload else self.st.max_frame
+        self.st.slot_size = (HEADROOM + longest_read + 1 + 63) & ~(<size_t>63)
+        self.st.ingress_slot = (IP_LENGTH_MAX + 1 if offload
+                                else LEN16_HEADER + self.st.max_frame + 1)
         self.st.stream_cap = STREAM_BUFFER
 
         self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
-        self.st.ingress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
+        self.st.ingress_slab = <uint8_t *>malloc(self.st.ingress_slot * batch)
         self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
@@ -106,14 +119,33 @@ cdef class Pump:
                 or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
                 or self.st.ingress_names == NULL or self.st.stream_buf == NULL):
             raise MemoryError()
+        # Offload scratch: segment headers and their messages, GRO cmsgs,
+        # the coalescer's packet list and iovecs (a few hundred KiB).
+        self.st.out_iov = <iovec *>calloc(COALESCE_MAX + 2, sizeof(iovec))
+        if self.st.out_iov == NULL:
+            raise MemoryError()
+        if offload:
+            self.st.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
+            self.st.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
+            self.st.seg_iov = <iovec *>calloc(2 * SEG_POOL, sizeof(iovec))
+            self.st.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
+            self.st.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
+            self.st.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
+            self.st.gro_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
+            self.st.pkts = <Packet *>calloc(SEG_POOL, sizeof(Packet))
+            if (self.st.segs == NULL or self.st.seg_heads == NULL or self.st.seg_iov == NULL
+                    or self.st.seg_msgs == NULL or self.st.msg_segs == NULL
+                    or self.st.seg_cmsg == NULL or self.st.gro_cmsg == NULL
+                    or self.st.pkts == NULL):
+                raise MemoryError()
         cdef unsigned int i
         for i in range(<unsigned int>batch):
             self.st.egress_msgs[i].msg_hdr.msg_iov = &self.st.egress_iov[i]
             self.st.egress_msgs[i].msg_hdr.msg_iovlen = 1
-            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.slot_size
+            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.ingress_slot
             # One byte more than the longest frame: a longer datagram shows
             # up as MSG_TRUNC or as oversize, never passes silently cut.
-            self.st.ingress_iov[i].iov_len = LEN16_HEADER + self.st.max_frame + 1
+            self.st.ingress_iov[i].iov_len = self.st.ingress_slot
             self.st.ingress_msgs[i].msg_hdr.msg_iov = &self.st.ingress_iov[i]
             self.st.ingress_msgs[i].msg_hdr.msg_iovlen = 1
             self.st.ingress_msgs[i].msg_hdr.msg_name = &self.st.ingress_names[i]
@@ -144,6 +176,15 @@ cdef class Pump:
         free(self.st.ingress_msgs)
         free(self.st.ingress_names)
         free(self.st.stream_buf)
+        free(self.st.out_iov)
+        free(self.st.segs)
+        free(self.st.seg_heads)
+        free(self.st.seg_iov)
+        free(self.st.seg_msgs)
+        free(self.st.msg_segs)
+        free(self.st.seg_cmsg)
+        free(self.st.gro_cmsg)
+        free(self.st.pkts)
         free(self.st)
         self.st = NULL
 
@@ -173,6 +214,24 @@ cdef class Pump:
         self.st.len16 = framing == "len16"
         self.st.stream_have = 0
         self._inspect_socket(peer)
+        self._set_udp_offloads()
+
+    def _set_udp_offloads(self):
+        """With offloads: send with UDP_SEGMENT (given up on the first EIO)
+        and receive with UDP_GRO where the kernel has it."""
+        cdef int one = 1
+        cdef unsigned int i
+        self.st.gso = False
+        self.st.gro = False
+        if not self.st.offload or self.st.stream:
+            return
+        self.st.gso = True
+        self.st.gro = setsockopt(self.st.sock_fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0
+        for i in range(self.st.batch):
+            self.st.ingress_msgs[i].msg_hdr.msg_control = (
+                self.st.gro_cmsg + i * self.st.cmsg_space if self.st.gro else NULL)
+            self.st.ingress_msgs[i].msg_hdr.msg_controllen = (
+                self.st.cmsg_space if self.st.gro else 0)
 
     cdef int _inspect_socket(self, object peer) except -1:
         """Decide how datagram senders are checked: against a given peer, by
@@ -268,6 +327,12 @@ cdef class Pump:
     def learns_peer(self):
         return bool(self.st.learn_peer)
 
+    @property
+    def offloads(self):
+        """What the offload path uses now: {"vnet_hdr", "gso", "gro"}."""
+        return {"vnet_hdr": bool(self.st.offload), "gso": bool(self.st.gso),
+                "gro": bool(self.st.gro)}
+
     def __enter__(self):
         return self
 
@@ -339,6 +404,8 @@ cdef struct _Collected:
 cdef int _collect(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:
     # Copy now: len16_consume() compacts its buffer after the sinks ran.
     cdef _Collected *out = <_Collected *>ctx
+    if frame == NULL:
+        return 0  # end of a call's frames
     if out.count == out.capacity:
         return -1
     memcpy(out.data + out.used, frame, length)

@@ -4,17 +4,18 @@
 # leaves the errno that ended it in the PumpState.  (EAGAIN == EWOULDBLOCK
 # on Linux, so only EAGAIN is tested.)
 
-from libc.errno cimport (errno, EAGAIN, EINTR, EBADF, EBADFD,
-                         ENOBUFS, EMSGSIZE)
+from libc.errno cimport errno, EAGAIN, EBADF, EBADFD, EINTR, EINVAL, EIO
 from libc.stdint cimport uint8_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport read, write
 
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, IOV_MAX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
     POLLIN, POLLNVAL, POLLOUT, iovec, mmsghdr, msghdr, poll, pollfd,
     recv, recvmmsg, sendmmsg, sendmsg, sockaddr_in, sockaddr_in6,
-    sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release)
+    sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release,
+    CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, SOL_UDP, UDP_GRO,
+    UDP_SEGMENT, cmsghdr, writev)
 
 cdef enum:  # loop results
     ST_STOPPED = 0    # the stop eventfd fired
@@ -117,6 +118,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             st.exit_errno = 0
             count[0] = n
             return ST_FATAL
+        c.tun_io += 1
         if <size_t>r > st.max_frame:
             c.drops[DROP_OVERSIZE] += 1
             continue
@@ -180,24 +182,20 @@ cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
     return ST_STOPPED
 
 
-cdef int send_stream(PumpState *st, unsigned int n) noexcept nogil:
-    """Write n len16 frames with one sendmsg, resuming partial writes and
-    waiting for POLLOUT: a full socket never drops a packet."""
+cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
+                      unsigned int per_packet, size_t framing) noexcept nogil:
+    """Write niov iovecs (per_packet of them per framed packet) to the TCP
+    socket with as few sendmsg calls as possible, resuming partial writes
+    and waiting for POLLOUT: a full socket never drops a packet."""
     cdef Counters *c = &st.egress
     cdef msghdr msg
-    cdef unsigned int first = 0
+    cdef size_t first = 0
     cdef ssize_t r
-    cdef size_t chunk
     cdef int err, ready
-    cdef size_t *written = NULL
-    msg.msg_name = NULL
-    msg.msg_namelen = 0
-    msg.msg_control = NULL
-    msg.msg_controllen = 0
-    msg.msg_flags = 0
-    while first < n:
-        msg.msg_iov = st.egress_iov + first
-        msg.msg_iovlen = n - first if n - first < IOV_MAX else IOV_MAX
+    memset(&msg, 0, sizeof(msg))
+    while first < niov:
+        msg.msg_iov = iov + first
+        msg.msg_iovlen = niov - first if niov - first < IOV_MAX else IOV_MAX
         r = sendmsg(st.sock_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
         c.syscalls += 1
         if r < 0:
@@ -213,29 +211,192 @@ cdef int send_stream(PumpState *st, unsigned int n) noexcept nogil:
                 err = errno
             c.errors[ERR_DISCONNECT] += 1
             c.last_errno = err
-            c.drops[DROP_DISCONNECTED] += n - first
+            c.drops[DROP_DISCONNECTED] += (niov - first + per_packet - 1) // per_packet
             st.exit_errno = err
             return ST_CLOSED
         c.batches += 1
-        # Advance over what was written; a frame counts once fully sent.
-        while r > 0:
-            chunk = st.egress_iov[first].iov_len
-            if <size_t>r >= chunk:
-                r -= chunk
+        c.bytes += <size_t>r
+        # Advance over what was written (zero-length iovecs included); a
+        # packet counts once all of its iovecs are out.
+        while first < niov and <size_t>r >= iov[first].iov_len:
+            r -= iov[first].iov_len
+            first += 1
+            if first % per_packet == 0:
                 c.packets += 1
-                c.bytes += <uint8_t *>st.egress_iov[first].iov_base + chunk \
-                    - egress_packet(st, first)
-                first += 1
+                c.bytes -= framing
+        if r > 0:
+            iov[first].iov_base = <uint8_t *>iov[first].iov_base + r
+            iov[first].iov_len -= r
+    return ST_STOPPED
+
+
+cdef int read_offload_batch(PumpState *st) noexcept nogil:
+    """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
+    a packet or super-packet), segment them into st.segs, sending whenever
+    the segment pool fills.  ST_STOPPED to go on, else why the loop ends."""
+    cdef Counters *c = &st.egress
+    cdef unsigned int n = 0
+    cdef ssize_t r
+    cdef int err, status
+    cdef uint8_t *slot
+    cdef virtio_net_hdr h
+    cdef size_t framing = LEN16_HEADER if st.len16 else 0
+    st.nseg = 0
+    while n < st.batch:
+        slot = egress_packet(st, n)
+        r = read(st.tun_fd, slot, VNET_HDR_LEN + IP_LENGTH_MAX + 1)
+        c.syscalls += 1
+        if r < 0:
+            err = errno
+            if err == EINTR:
+                continue
+            if err == EAGAIN:
+                break
+            c.errors[ERR_READ] += 1
+            c.last_errno = err
+            if device_gone(err):
+                st.exit_errno = err
+                return ST_FATAL
+            break
+        if r == 0:
+            st.exit_errno = 0
+            return ST_FATAL
+        n += 1
+        c.tun_io += 1
+        if r <= VNET_HDR_LEN:
+            c.drops[DROP_BAD_OFFLOAD] += 1
+            continue
+        # Copied out: the framing header is written over its tail.
+        memcpy(&h, slot, VNET_HDR_LEN)
+        if <size_t>r - VNET_HDR_LEN > st.max_frame and \
+                (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
+            c.drops[DROP_OVERSIZE] += 1
+            continue
+        status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                                &h, framing, n)
+        if status == SEGMENT_POOL_FULL:
+            status = send_segments(st)
+            if status != ST_STOPPED:
+                return status
+            status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                                    &h, framing, n)
+        if status == SEGMENT_OVERSIZE:
+            c.drops[DROP_OVERSIZE] += 1
+        elif status != SEGMENT_OK:
+            c.drops[DROP_BAD_OFFLOAD] += 1
+    return ST_STOPPED
+
+
+cdef int send_segments(PumpState *st) noexcept nogil:
+    """Send st.segs: over UDP, each super-packet's equal-sized segments as
+    one UDP_SEGMENT (GSO) message, all messages in one sendmmsg; over TCP,
+    one sendmsg of all their iovecs.  Empties the pool."""
+    cdef Counters *c = &st.egress
+    cdef size_t framing = LEN16_HEADER if st.len16 else 0
+    cdef size_t k, done = 0, nmsg, count, size, next_size, j, s
+    cdef int r, err, ready, status
+    cdef mmsghdr *m
+    cdef cmsghdr *cm
+    cdef uint16_t gso_size
+    cdef void *name = NULL
+    cdef unsigned int namelen = 0
+    cdef size_t nseg = st.nseg
+    st.nseg = 0
+    for k in range(nseg):
+        st.seg_iov[2 * k].iov_base = st.segs[k].head
+        st.seg_iov[2 * k].iov_len = st.segs[k].head_len
+        st.seg_iov[2 * k + 1].iov_base = st.segs[k].data
+        st.seg_iov[2 * k + 1].iov_len = st.segs[k].data_len
+    if st.stream:
+        status = write_stream(st, st.seg_iov, 2 * nseg, 2, framing)
+        return ST_CLOSED if status == ST_CLOSED else ST_STOPPED
+    if st.check_peer or st.learn_peer:
+        if not tr_load_acquire(&st.peer_known):
+            c.drops[DROP_NO_PEER] += nseg
+            return ST_STOPPED
+        name = &st.peer
+        namelen = st.peer_len
+    while done < nseg:
+        nmsg = 0
+        k = done
+        while k < nseg:
+            size = st.segs[k].head_len + st.segs[k].data_len
+            count = 1
+            if st.gso:
+                # One GSO message: segments of one super-packet, all of the
+                # first one's size but the last, which may be shorter.
+                while k + count < nseg and count < MAX_GSO_SEGMENTS \
+                        and st.segs[k + count].group == st.segs[k].group \
+                        and (count + 1) * size <= MAX_GSO_BYTES:
+                    next_size = st.segs[k + count].head_len + st.segs[k + count].data_len
+                    if next_size > size:
+                        break
+                    count += 1
+                    if next_size < size:
+                        break
+            m = &st.seg_msgs[nmsg]
+            m.msg_hdr.msg_name = name
+            m.msg_hdr.msg_namelen = namelen
+            m.msg_hdr.msg_iov = &st.seg_iov[2 * k]
+            m.msg_hdr.msg_iovlen = 2 * count
+            m.msg_hdr.msg_flags = 0
+            if count > 1:
+                cm = <cmsghdr *>(st.seg_cmsg + nmsg * st.cmsg_space)
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                cm.cmsg_level = SOL_UDP
+                cm.cmsg_type = UDP_SEGMENT
+                gso_size = <uint16_t>size
+                memcpy(CMSG_DATA(cm), &gso_size, sizeof(uint16_t))
+                m.msg_hdr.msg_control = cm
+                m.msg_hdr.msg_controllen = st.cmsg_space
             else:
-                st.egress_iov[first].iov_base = <uint8_t *>st.egress_iov[first].iov_base + r
-                st.egress_iov[first].iov_len -= r
-                r = 0
+                m.msg_hdr.msg_control = NULL
+                m.msg_hdr.msg_controllen = 0
+            st.msg_segs[nmsg] = <unsigned int>count
+            nmsg += 1
+            k += count
+        r = sendmmsg(st.sock_fd, st.seg_msgs, <unsigned int>nmsg, MSG_DONTWAIT)
+        c.syscalls += 1
+        if r > 0:
+            c.batches += 1
+            for j in range(<size_t>r):
+                for s in range(done, done + st.msg_segs[j]):
+                    c.packets += 1
+                    c.bytes += st.segs[s].head_len + st.segs[s].data_len - framing
+                done += st.msg_segs[j]
+            continue
+        err = errno
+        if err == EINTR:
+            continue
+        if err == EAGAIN:
+            ready = wait_ready(st, c, st.sock_fd, POLLOUT)
+            if ready == 0:
+                return ST_STOPPED
+            if ready > 0:
+                continue
+            err = errno
+        if st.msg_segs[0] > 1 and (err == EIO or err == EINVAL):
+            # The route's device cannot do UDP GSO: send segments one by one
+            # (sendmmsg) from now on.
+            st.gso = False
+            c.errors[ERR_GSO] += 1
+            c.last_errno = err
+            continue
+        c.errors[ERR_WRITE] += 1
+        c.last_errno = err
+        if device_gone(err):
+            st.exit_errno = err
+            c.drops[DROP_SEND_ERROR] += nseg - done
+            return ST_FATAL
+        c.drops[DROP_SEND_ERROR] += st.msg_segs[0]
+        done += st.msg_segs[0]
     return ST_STOPPED
 
 
 cdef int egress_loop(PumpState *st) noexcept nogil:
     cdef unsigned int n
-    cdef int status, ready
+    cdef int status, ready, sent
+    cdef size_t framing = LEN16_HEADER if st.len16 else 0
     while True:
         ready = wait_ready(st, &st.egress, st.tun_fd, POLLIN)
         if ready == 0:
@@ -243,37 +404,41 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
         if ready < 0:
             st.exit_errno = errno
             return ST_FATAL
-        status = read_batch(st, &n)
-        if n:
-            if st.stream:
-                if send_stream(st, n) != ST_STOPPED:
-                    return ST_CLOSED
-            else:
-                if send_datagrams(st, n) != ST_STOPPED:
-                    return ST_FATAL
+        # A stop seen while sending returns ST_STOPPED too: the next
+        # wait_ready() sees the still-set eventfd and ends the loop.
+        if st.offload:
+            status = read_offload_batch(st)
+            sent = send_segments(st) if st.nseg else ST_STOPPED
+        else:
+            status = read_batch(st, &n)
+            sent = ST_STOPPED
+            if n and st.stream:
+                sent = write_stream(st, st.egress_iov, n, 1, framing)
+            elif n:
+                sent = send_datagrams(st, n)
+        if sent != ST_STOPPED:
+            return sent
         if status != ST_STOPPED:
             return status
 
 
 # ---------------------------------------------------------------- ingress
 
-cdef int write_tun(PumpState *st, const uint8_t *packet, size_t length) noexcept nogil:
-    """Validate one packet and write it to the device.  Returns 0, or -1
-    when the loop must end (stop fired: ST_STOPPED in exit_errno = 0; or
-    the device is gone)."""
+cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
+                    size_t length) noexcept nogil:
+    """One TUN write of `packets` packets (one, or a coalesced super-packet
+    behind its virtio_net_hdr).  0, or -1 when the loop must end (stop
+    fired: ingress_exit_errno 0; or the device is gone)."""
     cdef Counters *c = &st.ingress
-    cdef int reason = validate_packet(packet, length, st.tap, st.max_frame)
     cdef ssize_t r
     cdef int err, ready
-    if reason != DROP_NONE:
-        c.drops[reason] += 1
-        return 0
     while True:
-        r = write(st.tun_fd, packet, length)
+        r = writev(st.tun_fd, iov, count)
         c.syscalls += 1
         if r >= 0:
-            c.packets += 1
+            c.packets += packets
             c.bytes += length
+            c.tun_io += 1
             return 0
         err = errno
         if err == EINTR:
@@ -291,19 +456,50 @@ cdef int write_tun(PumpState *st, const uint8_t *packet, size_t length) noexcept
         if device_gone(err):
             st.ingress_exit_errno = err
             return -1
-        # EINVAL, EIO (link down), ENOMEM...: this packet is lost, counted.
-        c.drops[DROP_TUN_WRITE] += 1
+        # EINVAL, EIO (link down), ENOMEM...: these packets are lost, counted.
+        c.drops[DROP_TUN_WRITE] += packets
         return 0
 
 
+cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
+    """Validate one packet from the network; drop and count it, or write it
+    (offload: queue it for the coalescer).  0, or -1 when the loop ends."""
+    cdef int reason = validate_packet(packet, length, st.tap, st.max_frame)
+    if reason != DROP_NONE:
+        st.ingress.drops[reason] += 1
+        return 0
+    if st.offload:
+        if st.npkts == SEG_POOL and flush_packets(st) != 0:
+            return -1
+        st.pkts[st.npkts].data = packet
+        st.pkts[st.npkts].length = <uint32_t>length
+        st.npkts += 1
+        return 0
+    st.out_iov[0].iov_base = packet
+    st.out_iov[0].iov_len = length
+    return tun_output(st, st.out_iov, 1, 1, length)
+
+
+cdef int flush_packets(PumpState *st) noexcept nogil:
+    cdef size_t n = st.npkts
+    st.npkts = 0
+    return coalesce_and_write(st, st.pkts, n) if n else 0
+
+
 cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:
-    return write_tun(<PumpState *>ctx, frame, length)
+    cdef PumpState *st = <PumpState *>ctx
+    if frame == NULL:
+        # End of this read's frames: before len16_consume() moves the
+        # unfinished tail over them, write what the coalescer holds.
+        return flush_packets(st)
+    return deliver(st, <uint8_t *>frame, length)
 
 
 cdef int ingress_stream(PumpState *st) noexcept nogil:
     cdef Counters *c = &st.ingress
     cdef ssize_t r
     cdef int err, ready, status
+    st.npkts = 0
     while True:
         ready = wait_ready(st, c, st.sock_fd, POLLIN)
         if ready == 0:
@@ -341,14 +537,30 @@ cdef int ingress_stream(PumpState *st) noexcept nogil:
             return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
 
 
+cdef inline uint32_t gro_segment_size(msghdr *hdr, uint32_t length) noexcept nogil:
+    """The UDP_GRO cmsg's segment size: a receive buffer may hold many
+    datagrams of that size back to back (the last may be shorter)."""
+    cdef cmsghdr *cm = CMSG_FIRSTHDR(hdr)
+    cdef int size
+    while cm != NULL:
+        if cm.cmsg_level == SOL_UDP and cm.cmsg_type == UDP_GRO:
+            memcpy(&size, CMSG_DATA(cm), sizeof(int))
+            if size > 0:
+                return <uint32_t>size
+        cm = CMSG_NXTHDR(hdr, cm)
+    return length
+
+
 cdef int ingress_datagrams(PumpState *st) noexcept nogil:
     cdef Counters *c = &st.ingress
-    cdef int r, i, err, ready
-    cdef size_t length
+    cdef int r, i, err, ready, reason
+    cdef size_t length, offset, chunk, segment
+    cdef uint8_t *datagram
     cdef uint8_t *packet
     cdef mmsghdr *m
     cdef size_t header = LEN16_HEADER if st.len16 else 0
     cdef bint known
+    st.npkts = 0
     while True:
         ready = wait_ready(st, c, st.sock_fd, POLLIN)
         if ready == 0:
@@ -359,6 +571,8 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
         for i in range(<int>st.batch):
             st.ingress_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             st.ingress_msgs[i].msg_hdr.msg_flags = 0
+            if st.gro:
+                st.ingress_msgs[i].msg_hdr.msg_controllen = st.cmsg_space
         r = recvmmsg(st.sock_fd, st.ingress_msgs, st.batch, MSG_DONTWAIT, NULL)
         c.syscalls += 1
         if r < 0:
@@ -385,26 +599,42 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
             if m.msg_hdr.msg_flags & MSG_TRUNC:
                 c.drops[DROP_OVERSIZE] += 1
                 continue
-            packet = st.ingress_slab + <size_t>i * st.slot_size
             length = m.msg_len
-            if header:
-                if length < LEN16_HEADER or be16(packet) != length - LEN16_HEADER \
-                        or length == LEN16_HEADER:
-                    c.drops[DROP_BAD_FRAME] += 1
+            if length == 0:
+                c.drops[DROP_BAD_FRAME if header else DROP_EMPTY] += 1
+                continue
+            segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
+            offset = 0
+            while offset < length:
+                chunk = segment if length - offset > segment else length - offset
+                datagram = st.ingress_slab + <size_t>i * st.ingress_slot + offset
+                offset += chunk
+                # Longer than any frame: oversize whatever a len16 header
+                # says (one byte over fits the slot; more is cut, MSG_TRUNC).
+                if chunk > header + st.max_frame:
+                    c.drops[DROP_OVERSIZE] += 1
                     continue
-                packet += LEN16_HEADER
-                length -= LEN16_HEADER
-            if st.learn_peer and not known:
-                if validate_packet(packet, length, st.tap, st.max_frame) != DROP_NONE:
+                packet = datagram
+                if header:
+                    if chunk <= LEN16_HEADER or be16(datagram) != chunk - LEN16_HEADER:
+                        c.drops[DROP_BAD_FRAME] += 1
+                        continue
+                    packet += LEN16_HEADER
+                    chunk -= LEN16_HEADER
+                if st.learn_peer and not known:
                     # Only a valid packet may choose the peer.
-                    c.drops[validate_packet(packet, length, st.tap, st.max_frame)] += 1
-                    continue
-                memcpy(&st.peer, &st.ingress_names[i], sizeof(sockaddr_storage))
-                st.peer_len = m.msg_hdr.msg_namelen
-                tr_store_release(&st.peer_known, 1)
-                known = True
-            if write_tun(st, packet, length) != 0:
-                return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+                    reason = validate_packet(packet, chunk, st.tap, st.max_frame)
+                    if reason != DROP_NONE:
+                        c.drops[reason] += 1
+                        continue
+                    memcpy(&st.peer, &st.ingress_names[i], sizeof(sockaddr_storage))
+                    st.peer_len = m.msg_hdr.msg_namelen
+                    tr_store_release(&st.peer_known, 1)
+                    known = True
+                if deliver(st, packet, chunk) != 0:
+                    return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+        if flush_packets(st) != 0:
+            return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
 
 
 cdef int ingress_loop(PumpState *st) noexcept nogil:

@@ -18,12 +18,14 @@ cdef enum:  # drop reasons
     DROP_TUN_WRITE = 8
     DROP_SEND_ERROR = 9
     DROP_DISCONNECTED = 10
+    DROP_BAD_OFFLOAD = 11
 
 # Indexes into Counters.errors, in the order of counters.ERROR_KINDS.
 cdef enum:  # error kinds
     ERR_READ = 0
     ERR_WRITE = 1
     ERR_DISCONNECT = 2
+    ERR_GSO = 3
 
 cdef enum:
     ETHERNET_HEADER = 14
@@ -63,7 +65,9 @@ cdef int validate_packet(const uint8_t *p, size_t length, bint tap,
 
 
 # Called for each complete len16 frame; returns 0 to go on, -1 to stop
-# parsing (the sink saved why).
+# parsing (the sink saved why).  Called once more with frame NULL after the
+# last complete frame of a call, before the buffer is compacted: the frames
+# seen so far are still in place then.
 ctypedef int (*frame_sink)(void *ctx, const uint8_t *frame,
                            size_t length) noexcept nogil
 
@@ -91,6 +95,8 @@ cdef int len16_consume(uint8_t *buf, size_t *have, size_t limit,
             status = PARSE_SINK_STOP
             break
         offset += LEN16_HEADER + length
+    if status != PARSE_SINK_STOP and sink(ctx, NULL, 0) != 0:
+        status = PARSE_SINK_STOP
     if offset:
         memmove(buf, buf + offset, have[0] - offset)
         have[0] -= offset

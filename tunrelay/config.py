@@ -196,6 +196,10 @@ class RelayConfig:
 
     batch: int = 64
     engine: str = "fast"  # "fast" = compiled pump, "python" = the slow reference
+    # TUN offloads (virtio_net_hdr, TSO/USO, UDP GSO/GRO): "auto" uses them
+    # where they apply (mode tun, compiled engine) and the kernel has them;
+    # True insists (an error where they cannot apply); False never.
+    offload: str | bool = "auto"
 
 
 @dataclass(frozen=True)
@@ -252,20 +256,35 @@ def loads(text: str, path: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"not valid TOML: {e}") from None
     tables = _split_tables(data, path)
-    return Config(
+    cfg = Config(
         path=path,
         device=_read_device(tables["device"]),
         transport=_read_transport(tables["transport"]),
         relay=_read_relay(tables["relay"]),
         stats=_read_stats(tables["stats"]),
     )
+    _check_across_tables(cfg, tables)
+    return cfg
+
+
+def _check_across_tables(cfg: Config, tables: dict) -> None:
+    """Settings that are each valid but not together."""
+    if cfg.relay.offload is True:
+        if cfg.device.mode != "tun":
+            raise tables["relay"].error(
+                "offload", 'true needs [device] mode = "tun" (TAP frames are not segmented); '
+                'use "auto" or false')
+        if cfg.relay.engine != "fast":
+            raise tables["relay"].error(
+                "offload", 'true needs engine = "fast" (the Python pump has no offloads); '
+                'use "auto" or false')
 
 
 # The keys each table accepts, as written in the file.
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing"),
-    "relay": ("batch", "engine"),
+    "relay": ("batch", "engine", "offload"),
     "stats": ("interval", "socket"),
 }
 
@@ -556,7 +575,15 @@ def _read_relay(table: _Table) -> RelayConfig:
     return RelayConfig(
         batch=_integer(table, "batch", 1, MAX_BATCH, RelayConfig.batch),
         engine=_choice(table, "engine", ENGINES, RelayConfig.engine),
+        offload=_offload(table),
     )
+
+
+def _offload(table: _Table) -> str | bool:
+    value = table.data.get("offload", RelayConfig.offload)
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise table.error("offload", f'expected true, false or "auto", got {_found(value)}')
 
 
 def _read_stats(table: _Table) -> StatsConfig:
@@ -598,7 +625,7 @@ def to_toml(cfg: Config) -> str:
                    "group": d.group, "queues": d.queues},
         "transport": {"protocol": t.protocol, "listen": t.listen, "peer": t.peer,
                       "framing": t.framing},
-        "relay": {"batch": r.batch, "engine": r.engine},
+        "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
         "stats": {"interval": s.interval, "socket": s.socket},
     }
     lines = []

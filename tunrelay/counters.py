@@ -23,11 +23,12 @@ DROP_REASONS = (
     "tun_write",     # the device refused the write (EINVAL, EIO, ...)
     "send_error",    # the socket refused the datagram (ECONNREFUSED, ENETUNREACH, ...)
     "disconnected",  # TCP: packets of a batch still unsent when the connection died
+    "bad_offload",   # egress, offloads on: a virtio_net_hdr the segmenter cannot follow
 )
 
 #: Which reasons can happen in which direction (the rest stay zero).
 DIRECTION_DROPS = {
-    "egress": ("no_peer", "oversize", "send_error", "disconnected"),
+    "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload"),
     "ingress": ("not_peer", "empty", "oversize", "bad_version", "truncated",
                 "bad_length", "bad_frame", "tun_write"),
 }
@@ -37,10 +38,14 @@ ERROR_KINDS = (
     "read",        # a read/recv failed with something other than EAGAIN/EINTR
     "write",       # a write/send failed with something other than EAGAIN/EINTR
     "disconnect",  # the TCP connection ended (EOF, reset, len16 protocol error)
+    "gso_fallback",  # a UDP GSO send was refused (EIO): segments go one by one from then on
 )
 
-#: Plain totals, in the order the C struct holds them.
-TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups")
+#: Plain totals, in the order the C struct holds them.  ``packets`` and
+#: ``bytes`` count packets as they are on the wire (after segmentation,
+#: before coalescing); ``tun_io`` counts TUN reads/writes that moved them
+#: (with offloads, one super-packet is one TUN I/O and many packets).
+TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups", "tun_io")
 
 
 def empty_direction(direction: str) -> dict:

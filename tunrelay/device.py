@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from .config import DeviceConfig
 
-__all__ = ["open_tun", "Device", "delete_device", "IFNAMSIZ"]
+__all__ = ["open_tun", "enable_offloads", "Device", "delete_device", "IFNAMSIZ"]
 
 # --- linux/if_tun.h and linux/if.h --------------------------------------
 # ioctl numbers are _IOW('T', nr, int): write (1) << 30 | sizeof(int) << 16
@@ -43,6 +43,21 @@ TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
 TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
 TUNSETGROUP = 0x400454CE  # _IOW('T', 206, int)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+
+# TUNSETOFFLOAD: what we can take from the kernel in a read.  With these the
+# stack hands the device TCP (and UDP) super-packets of up to 64 KiB with
+# the checksum left to us; tunrelay segments them (see _offload.pxi).
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_USO4 = 0x20  # Linux 6.2
+TUN_F_USO6 = 0x40
+OFFLOAD_FLAGS = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,  # kernels before USO
+)
 
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
@@ -126,6 +141,20 @@ def delete_device(name: str) -> None:
         os.close(fd)
 
 
+def enable_offloads(fd: int) -> int:
+    """TUNSETOFFLOAD on an fd opened with IFF_VNET_HDR: the richest set the
+    kernel accepts (probed once, newest first).  Returns the flags set;
+    raises DeviceError when the kernel takes none."""
+    last = None
+    for flags in OFFLOAD_FLAGS:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError as exc:
+            last = exc
+    raise DeviceError(f"the kernel refuses TUN offloads (TUNSETOFFLOAD: {last.strerror})")
+
+
 class Device:
     """One configured TUN/TAP device, owned through its fd(s).
 
@@ -136,12 +165,18 @@ class Device:
     not persistent disappears with its last fd.
     """
 
-    def __init__(self, cfg: DeviceConfig, log: logging.Logger | None = None) -> None:
+    def __init__(self, cfg: DeviceConfig, log: logging.Logger | None = None,
+                 *, offload: str | bool = False) -> None:
         self.cfg = cfg
         self.log = log or logging.getLogger("tunrelay.device")
         self.name: str = cfg.name
         self.fds: tuple[int, ...] = ()
         self.ifindex: int | None = None
+        # offload: True or "auto" opens with IFF_VNET_HDR and asks for TSO/USO;
+        # "auto" carries on without them where the kernel refuses.
+        self.offload = offload
+        self.vnet_hdr = False
+        self.offload_flags = 0
 
     @property
     def fd(self) -> int:
@@ -156,12 +191,16 @@ class Device:
             raise DeviceError(f"device {self.name!r} is already open")
         cfg = self.cfg
         queues = max(1, cfg.queues)
-        fd, self.name = open_tun(cfg.name, cfg.mode, multi_queue=queues > 1)
+        vnet_hdr = bool(self.offload)
+        fd, self.name = open_tun(cfg.name, cfg.mode, multi_queue=queues > 1, vnet_hdr=vnet_hdr)
         self.fds = (fd,)
         try:
             # Later queues attach by the name the kernel gave the first one.
             for _ in range(queues - 1):
-                self.fds += (open_tun(self.name, cfg.mode, multi_queue=True)[0],)
+                self.fds += (open_tun(self.name, cfg.mode, multi_queue=True, vnet_hdr=vnet_hdr)[0],)
+            self.vnet_hdr = vnet_hdr
+            if vnet_hdr:
+                self._enable_offloads()
             self._set_ownership()
             self._configure()
             if cfg.persist:
@@ -202,6 +241,17 @@ class Device:
             fcntl.ioctl(self.fd, request, value)
         except OSError as exc:
             raise DeviceError(f"device {self.name!r}: cannot {what}: {exc.strerror}") from exc
+
+    def _enable_offloads(self) -> None:
+        try:
+            for fd in self.fds:
+                self.offload_flags = enable_offloads(fd)
+        except DeviceError as exc:
+            if self.offload is True:
+                raise DeviceError(f"device {self.name!r}: offload = true, but {exc}") from exc
+            # "auto": the fds still carry virtio_net_hdrs (the pump handles
+            # them), the kernel just never sends super-packets.
+            self.log.warning("device %s: %s; carrying on without", self.name, exc)
 
     def _set_ownership(self) -> None:
         """Let an unprivileged user or group attach later (persistent devices)."""

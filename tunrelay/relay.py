@@ -48,7 +48,8 @@ class Relay:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = Device(cfg.device, log=logging.getLogger("tunrelay.device"))
+        self.device = Device(cfg.device, log=logging.getLogger("tunrelay.device"),
+                             offload=_offload_wanted(cfg))
         self.pump = None
         self._pump_class = pump_class(cfg.relay.engine)
         self._stop = threading.Event()
@@ -169,7 +170,12 @@ class Relay:
                 self.device.fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch,
-                peer=self._peer if sock is self._udp else None)
+                peer=self._peer if sock is self._udp else None,
+                **({"offload": True} if self.device.vnet_hdr else {}))
+            if self.device.vnet_hdr:
+                log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
+                         ", ".join(k for k, v in self.pump.offloads.items()
+                                   if v and k != "vnet_hdr") or "none")
         else:
             self.pump.attach(sock)
         if self._stop.is_set():
@@ -237,6 +243,22 @@ class Relay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _offload_wanted(cfg: Config) -> str | bool:
+    """The Device's offload argument: only the compiled pump in TUN mode
+    can use a virtio_net_hdr (config.py refuses offload = true elsewhere)."""
+    if cfg.relay.offload is False or cfg.device.mode != "tun" or cfg.relay.engine != "fast":
+        return False
+    return cfg.relay.offload
+
+
+def _tun_offloads(flags: int) -> str:
+    from . import device
+    names = [name for name, bit in (("csum", device.TUN_F_CSUM), ("tso4", device.TUN_F_TSO4),
+                                    ("tso6", device.TUN_F_TSO6), ("uso4", device.TUN_F_USO4),
+                                    ("uso6", device.TUN_F_USO6)) if flags & bit]
+    return "+".join(names) or "none"
 
 
 def _stopped():

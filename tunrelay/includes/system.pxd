@@ -3,7 +3,7 @@
 # (Cython's own libc.* / posix.* cover string.h, stdlib.h, errno.h,
 # unistd.h and fcntl.h; everything else is declared here.)
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -124,3 +124,55 @@ cdef extern from "tr_inline.h" nogil:
     int tr_load_acquire(const int *p)
     void tr_store_release(int *p, int v)
     void tr_set_errno(int e)
+
+
+cdef extern from "tr_csum.h" nogil:
+    uint64_t tr_csum_partial(const uint8_t *p, size_t length, uint64_t sum)
+    uint16_t tr_csum_fold(uint64_t sum)
+    uint64_t tr_csum_pseudo(const uint8_t *addrs, size_t addr_len, uint8_t proto,
+                            uint32_t l4_len)
+    void tr_put_csum(uint8_t *p, uint16_t csum)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+
+    enum:
+        SOL_UDP
+        IPPROTO_TCP
+        IPPROTO_UDP
+
+
+cdef extern from "tr_offload.h" nogil:
+    # linux/udp.h, linux/virtio_net.h (older system headers lack some).
+    enum:
+        UDP_SEGMENT
+        UDP_GRO
+        VIRTIO_NET_HDR_F_NEEDS_CSUM
+        VIRTIO_NET_HDR_GSO_NONE
+        VIRTIO_NET_HDR_GSO_TCPV4
+        VIRTIO_NET_HDR_GSO_TCPV6
+        VIRTIO_NET_HDR_GSO_UDP_L4
+        VIRTIO_NET_HDR_GSO_ECN
+        VNET_HDR_LEN
+
+    # The kernel's struct virtio_net_hdr (little-endian fields, the host's
+    # order on the platforms that run this).
+    struct virtio_net_hdr:
+        uint8_t flags
+        uint8_t gso_type
+        uint16_t hdr_len
+        uint16_t gso_size
+        uint16_t csum_start
+        uint16_t csum_offset
