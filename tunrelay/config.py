@@ -33,6 +33,7 @@ MIN_MTU = 68  # RFC 791: every IPv4 link carries at least 68 bytes
 IPV6_MIN_MTU = 1280  # RFC 8200 section 5
 MAX_MTU = 65535
 MAX_BATCH = 1024
+MAX_QUEUES = 16  # one pump (two threads) per queue; more than cores is waste
 MAX_ID = 2**32 - 2  # uid/gid (uid_t)-1 means "no owner" to TUNSETOWNER
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
 
@@ -269,6 +270,17 @@ def loads(text: str, path: str = "<string>") -> Config:
 
 def _check_across_tables(cfg: Config, tables: dict) -> None:
     """Settings that are each valid but not together."""
+    if cfg.device.queues > 1:
+        # One SO_REUSEPORT UDP socket per queue; every queue must know where
+        # to send from the start (a learned peer is seen by one queue only).
+        if cfg.transport.protocol != "udp":
+            raise tables["device"].error(
+                "queues", f'{cfg.device.queues} queues need [transport] protocol = "udp"; '
+                'a TCP tunnel is one connection: use queues = 1')
+        if cfg.transport.peer is None:
+            raise tables["device"].error(
+                "queues", f"{cfg.device.queues} queues need [transport] peer: "
+                "a peer learned by one queue is unknown to the others")
     if cfg.relay.offload is True:
         if cfg.device.mode != "tun":
             raise tables["relay"].error(
@@ -523,12 +535,7 @@ def _account_id(table: _Table, key: str, what: str, lookup: Callable[[str], int]
 
 
 def _queues(table: _Table) -> int:
-    value = table.data.get("queues", DeviceConfig.queues)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise table.error("queues", f"expected the integer 1, got {_found(value)}")
-    if value != 1:
-        raise table.error("queues", f"expected 1, got {value}: only 1 is supported in this version")
-    return value
+    return _integer(table, "queues", 1, MAX_QUEUES, DeviceConfig.queues)
 
 
 # ---- [transport] ----------------------------------------------------------

@@ -50,10 +50,11 @@ class Relay:
         self.cfg = cfg
         self.device = Device(cfg.device, log=logging.getLogger("tunrelay.device"),
                              offload=_offload_wanted(cfg))
-        self.pump = None
+        #: One pump per TUN queue (UDP), or the one pump of the TCP connection.
+        self.pumps: list = []
         self._pump_class = pump_class(cfg.relay.engine)
         self._stop = threading.Event()
-        self._udp: socket.socket | None = None
+        self._udp: list[socket.socket] = []
         self._peer = None
         self._client: _transport.TcpClient | None = None
         self._server: _transport.TcpServer | None = None
@@ -70,14 +71,15 @@ class Relay:
     def stop(self) -> None:
         """Ask run() to return.  Safe from a signal handler or any thread."""
         self._stop.set()
-        pump = self.pump
-        if pump is not None:
+        for pump in self.pumps:
             pump.request_stop()
+
+    def stats(self) -> dict:
+        """Counters of all pumps, summed per direction."""
+        return sum_counters([pump.stats() for pump in self.pumps])
 
     def snapshot(self) -> dict:
         """Everything ``tunrelay stats`` shows."""
-        pump = self.pump
-        counters = pump.stats() if pump is not None else _zero_counters()
         tcfg = self.cfg.transport
         peer = None
         if self._conn is not None:
@@ -85,38 +87,43 @@ class Relay:
                 peer = _transport.format_sockaddr(self._conn.getpeername())
             except OSError:
                 peer = None
-        elif pump is not None and pump.peer is not None:
-            peer = _transport.format_sockaddr(pump.peer)
+        elif self.pumps and self.pumps[0].peer is not None:
+            peer = _transport.format_sockaddr(self.pumps[0].peer)
         return {
             "device": self.device.name,
             "mode": self.cfg.device.mode,
             "transport": tcfg.protocol,
             "framing": tcfg.framing,
             "engine": self.cfg.relay.engine,
+            "queues": len(self.device.fds) or self.cfg.device.queues,
+            "offload": ({k: v for k, v in self.pumps[0].offloads.items()}
+                        if self.pumps and hasattr(self.pumps[0], "offloads") else None),
             "state": self._state,
             "peer": peer,
             "connections": self._connections if tcfg.protocol == "tcp" else None,
             "rejected": self._rejected if tcfg.is_server else None,
             "uptime": time.monotonic() - self._started,
-            **counters,
+            **self.stats(),
         }
 
     # ------------------------------------------------------------ running
 
     def open(self) -> None:
-        """Create the device and the listening/UDP socket; start the
+        """Create the device and the listening/UDP socket(s); start the
         control socket.  Separate from run() so a caller can drop
         privileges in between."""
         try:
             self.device.open()
             tcfg = self.cfg.transport
             if tcfg.protocol == "udp":
-                self._udp, self._peer = _transport.open_udp(tcfg)
-                where = _transport.format_sockaddr(self._udp.getsockname())
+                self._udp, self._peer = _transport.open_udp_queues(tcfg, len(self.device.fds))
+                where = _transport.format_sockaddr(self._udp[0].getsockname())
+                queues = f" ({len(self._udp)} sockets, steered by CPU)" if len(self._udp) > 1 else ""
                 if self._peer is None:
-                    log.info("udp: listening on %s, peer to be learned from the first valid datagram", where)
+                    log.info("udp: listening on %s%s, peer to be learned from the first valid datagram",
+                             where, queues)
                 else:
-                    log.info("udp: listening on %s, peer %s", where,
+                    log.info("udp: listening on %s%s, peer %s", where, queues,
                              _transport.format_sockaddr(self._peer))
             elif tcfg.is_server:
                 self._server = _transport.TcpServer(tcfg, log=logging.getLogger("tunrelay.transport"))
@@ -135,10 +142,10 @@ class Relay:
             self.open()
         try:
             while not self._stop.is_set():
-                sock = self._next_socket()
-                if sock is None:
+                socks = self._next_sockets()
+                if socks is None:
                     break
-                outcome = self._pump_until_end(sock)
+                outcome = self._pump_until_end(socks)
                 if outcome.reason == STOPPED:
                     break
                 if outcome.reason == FATAL:
@@ -148,8 +155,8 @@ class Relay:
             self._state = "stopping"
             self.close()
 
-    def _next_socket(self) -> socket.socket | None:
-        if self._udp is not None:
+    def _next_sockets(self) -> list[socket.socket] | None:
+        if self._udp:
             self._state = "running"
             return self._udp
         if self._server is not None:
@@ -162,36 +169,44 @@ class Relay:
             return None
         self._connections += 1
         self._state = "connected"
-        return self._conn
+        return [self._conn]
 
-    def _pump_until_end(self, sock: socket.socket):
-        if self.pump is None:
-            self.pump = self._pump_class(
-                self.device.fd, sock, framing=self.cfg.transport.framing,
+    def _make_pumps(self, socks: list[socket.socket]) -> None:
+        options = {"offload": True} if self.device.vnet_hdr else {}
+        for fd, sock in zip(self.device.fds, socks):
+            self.pumps.append(self._pump_class(
+                fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch,
-                peer=self._peer if sock is self._udp else None,
-                **({"offload": True} if self.device.vnet_hdr else {}))
-            if self.device.vnet_hdr:
-                log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
-                         ", ".join(k for k, v in self.pump.offloads.items()
-                                   if v and k != "vnet_hdr") or "none")
+                peer=self._peer if self._udp else None, **options))
+        if self.device.vnet_hdr:
+            log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
+                     ", ".join(k for k, v in self.pumps[0].offloads.items()
+                               if v and k != "vnet_hdr") or "none")
+
+    def _pump_until_end(self, socks: list[socket.socket]):
+        if not self.pumps:
+            self._make_pumps(socks)
         else:
-            self.pump.attach(sock)
+            self.pumps[0].attach(socks[0])  # TCP: the new connection
         if self._stop.is_set():
             return _stopped()
-        self.pump.start()
+        for pump in self.pumps:
+            pump.start()
         interval = self.cfg.stats.interval
         next_log = time.monotonic() + interval if interval else None
         while True:
-            outcome = self.pump.wait(SUPERVISE_SLICE_S)
-            if self._stop.is_set() and outcome is None:
-                outcome = self.pump.stop()
-            if outcome is not None:
-                return outcome
+            outcome = self.pumps[0].wait(SUPERVISE_SLICE_S)
+            if outcome is None:
+                outcome = next((o for o in (p.wait(0) for p in self.pumps[1:]) if o), None)
+            if outcome is not None or self._stop.is_set():
+                # One pump ended (or stop): end them all, report the first
+                # that ended on its own.
+                ended = [pump.stop() for pump in self.pumps]
+                return next((o for o in [outcome, *ended] if o and o.reason != STOPPED), ended[0])
             self._housekeeping()
             if next_log is not None and time.monotonic() >= next_log:
-                log.info("stats: %s", format_line(self.pump.stats()))
+                log.info("stats: %s", format_line(self.stats()))
                 next_log += interval
 
     def _housekeeping(self) -> None:
@@ -200,8 +215,8 @@ class Relay:
             if refused:
                 self._rejected += refused
                 log.warning("tcp: refused %d connection(s): a peer is already connected", refused)
-        if self._udp is not None and self._learned is None and self.pump.learns_peer:
-            peer = self.pump.peer
+        if self._udp and self._learned is None and self.pumps[0].learns_peer:
+            peer = self.pumps[0].peer
             if peer is not None:
                 self._learned = peer
                 log.info("udp: learned peer %s", _transport.format_sockaddr(peer))
@@ -215,22 +230,23 @@ class Relay:
 
     def close(self) -> None:
         """Stop and join the loops, then close sockets, then the device."""
-        if self.pump is not None and self.pump.running:
-            self.pump.stop()
+        for pump in self.pumps:
+            if pump.running:
+                pump.stop()
         if self._control is not None:
             self._control.close()
             self._control = None
-        for attr in ("_conn", "_udp"):
-            sock = getattr(self, attr)
+        for sock in [self._conn, *self._udp]:
             if sock is not None:
                 sock.close()
-                setattr(self, attr, None)
+        self._conn, self._udp = None, []
         if self._server is not None:
             self._server.close()
             self._server = None
-        close_pump = getattr(self.pump, "close", None)
-        if close_pump is not None:
-            close_pump()
+        for pump in self.pumps:
+            close_pump = getattr(pump, "close", None)
+            if close_pump is not None:
+                close_pump()
         if self.device.fds:
             name = self.device.name
             self.device.close()
@@ -243,6 +259,24 @@ class Relay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sum_counters(snapshots: list[dict]) -> dict:
+    """Pump counter snapshots added up (several queues read as one)."""
+    if not snapshots:
+        return _zero_counters()
+    total = snapshots[0]
+    for other in snapshots[1:]:
+        total = _add(total, other)
+    return total
+
+
+def _add(a, b, key=None):
+    if isinstance(a, dict):
+        return {k: _add(value, b[k], k) for k, value in a.items()}
+    if key == "last_errno":
+        return a or b  # an errno, not a count
+    return a + b
 
 
 def _offload_wanted(cfg: Config) -> str | bool:

@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 import threading
+import ctypes
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,7 +33,8 @@ from .errors import TransportError
 if TYPE_CHECKING:
     from .config import Endpoint, TransportConfig
 
-__all__ = ["open_udp", "TcpClient", "TcpServer", "resolve_peer", "format_sockaddr"]
+__all__ = ["open_udp", "open_udp_queues", "TcpClient", "TcpServer", "resolve_peer",
+           "format_sockaddr"]
 
 # A burst of 64-packet batches at 1.5 KB is ~100 KB per wake-up; the default
 # buffers (~200 KB) overflow as soon as the reader is descheduled for a
@@ -239,6 +241,49 @@ def open_udp(cfg: TransportConfig, *, reuse_port: bool = False) -> tuple[socket.
 
 
 # -- TCP -------------------------------------------------------------------------
+
+# SO_REUSEPORT spreads datagrams over a group of sockets by a hash of the
+# 4-tuple, and a tunnel has exactly one: every datagram would land in one
+# queue.  A classic BPF program attached to the group picks the socket by
+# the CPU that received the datagram instead (index = cpu % sockets), so
+# each queue's pump takes the traffic its CPU handles.
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
+_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16  # linux/bpf_common.h
+_SKF_AD_CPU = (-0x1000 + 36) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_CPU (linux/filter.h)
+
+
+def _steer_by_cpu(sock: socket.socket, sockets: int) -> None:
+    program = (ctypes.c_uint8 * 24)()
+    struct.pack_into("HBBI HBBI HBBI", program, 0,
+                     _BPF_LD_W_ABS, 0, 0, _SKF_AD_CPU,
+                     _BPF_ALU_MOD_K, 0, 0, sockets,
+                     _BPF_RET_A, 0, 0, 0)
+    fprog = struct.pack("H6xQ", 3, ctypes.addressof(program))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def open_udp_queues(cfg: TransportConfig, queues: int) -> tuple[list[socket.socket], tuple | None]:
+    """``queues`` UDP sockets sharing the listen address (SO_REUSEPORT), one
+    per TUN queue, steered by CPU; and the peer.  One queue: open_udp()."""
+    if queues == 1:
+        sock, peer = open_udp(cfg)
+        return [sock], peer
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(queues):
+            sock, peer = open_udp(cfg, reuse_port=True)
+            socks.append(sock)
+        try:
+            _steer_by_cpu(socks[0], queues)
+        except OSError as exc:
+            raise TransportError(f"cannot steer {queues} queues by CPU "
+                                 f"(SO_ATTACH_REUSEPORT_CBPF: {exc.strerror})") from exc
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks, peer
+
 
 class TcpClient:
     """Connects to the peer, retrying with capped exponential backoff."""
