@@ -18,6 +18,8 @@ extension = Extension(
     "tunrelay._fastpath",
     sources=["tunrelay/_fastpath.pyx"],
     include_dirs=["tunrelay/includes"],
+    # The aead framing calls OpenSSL's EVP AEAD ciphers from the nogil loops.
+    libraries=["crypto"],
     extra_compile_args=extra_compile_args + ["-Wall", "-Wno-unused-function"],
     define_macros=define_macros,
 )

@@ -232,7 +232,7 @@ BAD = [
      ["unknown key", "expected one of: protocol, listen, peer, framing"]),
     ("[device.extra]\nx = 1\n", "device.extra", ["unknown key"]),
     ('[devce]\nname = "tun0"\n', "devce", ["unknown table", "did you mean 'device'?"]),
-    ("[metrics]\n", "metrics", ["unknown table", "expected one of: device, transport, relay, stats"]),
+    ("[metrics]\n", "metrics", ["unknown table", "expected one of: device, transport, relay, security, stats"]),
     ("mtu = 1400\n", "mtu", ["unknown top-level key", "belongs in the [device] table"]),
     ('device = "tun0"\n', "device", ["expected a table [device]", 'got a string "tun0"']),
     # wrong types
@@ -251,7 +251,9 @@ BAD = [
     ('[device]\nqueues = "1"\n', "device.queues", ["expected an integer from 1 to 16", 'got a string "1"']),
     ('[transport]\nprotocol = "sctp"\n', "transport.protocol", ['expected "udp" or "tcp"', '"sctp"']),
     ("[transport]\nlisten = 55555\n", "transport.listen", ["expected a string 'host:port'", "got an integer 55555"]),
-    ('[transport]\nframing = "aead"\n', "transport.framing", ['expected "raw" or "len16"', '"aead"']),
+    ('[transport]\nframing = "chacha"\n', "transport.framing", ['expected "raw", "len16" or "aead"', '"chacha"']),
+    ('[transport]\nframing = "aead"\n', "security.key_file", ['needs a key file', "tunrelay genkey"]),
+    ('[transport]\nprotocol = "tcp"\nframing = "aead"\n', "transport.framing", ['aead needs protocol = "udp"']),
     ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
     ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
     ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
@@ -468,6 +470,16 @@ def test_to_toml_escapes_strings_and_floats(socket_path, name, interval):
 # --------------------------------------------------------------------------
 
 
+def test_aead_module_imports_only_the_standard_library():
+    tree = ast.parse(Path(tunrelay.config.__file__).with_name("aead.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module == "errors", f"aead.py imports .{node.module}"
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert all(n.split(".")[0] in sys.stdlib_module_names or n == "__future__" for n in names)
+
+
 def test_config_imports_only_the_standard_library_and_errors():
     """The CLI must report a bad file even when the extension is not built."""
     tree = ast.parse(Path(tunrelay.config.__file__).read_text())
@@ -480,5 +492,7 @@ def test_config_imports_only_the_standard_library_and_errors():
             continue
         for module in modules:
             top = module.split(".")[0]
-            allowed = module == "tunrelay.errors" or top in sys.stdlib_module_names or top == "__future__"
+            # tunrelay.aead (key files) is itself standard library only.
+            allowed = (module in ("tunrelay.errors", "tunrelay.aead")
+                       or top in sys.stdlib_module_names or top == "__future__")
             assert allowed, f"config.py imports {module}"

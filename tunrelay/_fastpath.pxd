@@ -3,6 +3,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
+from tunrelay.includes.crypto cimport EVP_CIPHER_CTX
 from tunrelay.includes.system cimport (iovec, mmsghdr, sockaddr_storage, socklen_t,
                                        virtio_net_hdr)
 
@@ -13,6 +14,7 @@ cdef struct Segment:
     uint32_t head_len
     uint8_t *data         # payload, in place in the TUN buffer (NULL for whole packets)
     uint32_t data_len
+    uint8_t *tail         # aead: where the tag goes (else NULL)
     uint32_t group        # segments of one super-packet share it (one GSO send)
 
 
@@ -25,8 +27,49 @@ cdef struct Packet:
 # Sizes of the counter arrays; they must match counters.DROP_REASONS and
 # counters.ERROR_KINDS (checked when the module is imported).
 cdef enum:
-    N_DROPS = 12
+    N_DROPS = 16
     N_ERRORS = 4
+
+# The aead framing (see _aead.pxi): sizes on the wire and of its state.
+cdef enum:
+    AEAD_HEADER_LEN = 20      # type, 3 zero bytes, session id, counter
+    AEAD_TAG_LEN = 16
+    AEAD_OVERHEAD = 36
+    AEAD_SESSION_LEN = 8
+    AEAD_SESSIONS = 4         # peer sessions remembered (a restart makes a new one)
+    AEAD_WINDOW_WORDS = 33    # 32 x 64 = 2048 counters behind the newest, + 1 word of slack
+    AEAD_TRIALS_PER_S = 20    # key derivations for unknown sessions per second, at most
+    AEAD_INFO_MAX = 64
+
+
+cdef struct AeadSession:
+    uint8_t id[8]
+    bint used
+    bint seen                 # top and window are valid
+    EVP_CIPHER_CTX *ctx       # the session's key set; only the nonce changes per packet
+    uint64_t top              # highest counter accepted
+    uint64_t window[33]       # replay bitmap, RFC 6479
+    uint64_t last_used
+
+
+cdef struct Aead:
+    bint on
+    uint8_t psk[32]
+    uint8_t salt[32]
+    size_t salt_len
+    uint8_t label[48]         # HKDF info prefix (names the cipher)
+    size_t label_len
+    # sending (egress loop only)
+    EVP_CIPHER_CTX *send_ctx
+    uint8_t send_session[8]
+    uint64_t send_counter
+    # receiving (ingress loop only)
+    AeadSession sessions[4]
+    EVP_CIPHER_CTX *trial_ctx
+    double trial_tokens
+    double trial_time
+    uint64_t clock
+    uint64_t new_sessions
 
 
 cdef struct Counters:
@@ -36,7 +79,7 @@ cdef struct Counters:
     uint64_t syscalls     # every system call the loop made
     uint64_t wakeups      # poll() returns
     uint64_t tun_io       # TUN reads/writes that moved packets
-    uint64_t drops[12]    # indexed like counters.DROP_REASONS
+    uint64_t drops[16]    # indexed like counters.DROP_REASONS
     uint64_t errors[4]    # indexed like counters.ERROR_KINDS
     int last_errno
 
@@ -46,7 +89,10 @@ cdef struct PumpState:
     int sock_fd
     int stop_fd           # eventfd: readable = stop
     bint stream           # TCP byte stream (len16) instead of datagrams
-    bint len16            # framing
+    bint len16            # framing len16
+    size_t overhead       # framing bytes around a packet on the wire (len16 2, aead 36)
+    size_t front          # of which in front of it (len16 2, aead 20)
+    Aead aead
     bint tap              # TAP (Ethernet frames) instead of TUN (IP packets)
     bint check_peer       # compare each datagram's sender with the peer
     bint learn_peer       # take the peer from the first valid datagram
@@ -103,5 +149,6 @@ cdef class Pump:
     cdef readonly int mtu
     cdef readonly int batch
     cdef readonly bint offload
+    cdef readonly str cipher
 
     cdef int _inspect_socket(self, object peer) except -1

@@ -10,6 +10,9 @@ threads, counters).  ``pypump.PyPump`` is the pure-Python twin.
 
 import os
 import socket
+import time
+
+from tunrelay import aead as _aead
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno
@@ -17,6 +20,10 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.unistd cimport close
+
+from tunrelay.includes.crypto cimport (
+    EVP_CIPHER, EVP_CIPHER_CTX_free, EVP_CIPHER_CTX_new, EVP_DecryptInit_ex,
+    EVP_EncryptInit_ex, EVP_aes_256_gcm, EVP_chacha20_poly1305, OPENSSL_cleanse)
 
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
@@ -31,6 +38,7 @@ from tunrelay.framing import FRAMINGS, MODES, max_frame as _max_frame
 
 include "_validate.pxi"
 include "_offload.pxi"
+include "_aead.pxi"
 include "_loops.pxi"
 
 if len(_counters.DROP_REASONS) != N_DROPS or len(_counters.ERROR_KINDS) != N_ERRORS:
@@ -75,7 +83,8 @@ cdef class Pump:
     """
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
-                  int mtu=1400, int batch=64, peer=None, bint offload=False):
+                  int mtu=1400, int batch=64, peer=None, bint offload=False,
+                  key=None, cipher="chacha20-poly1305"):
         self.st = <PumpState *>calloc(1, sizeof(PumpState))
         if self.st == NULL:
             raise MemoryError()
@@ -100,10 +109,11 @@ cdef class Pump:
         # An offload TUN read is a virtio_net_hdr and up to 64 KiB; a GRO
         # receive up to 64 KiB of datagrams.  One byte more than the longest
         # shows truncation.
+        # Egress slots have room for an aead tag behind the packet.
         cdef size_t longest_read = VNET_HDR_LEN + IP_LENGTH_MAX if offload else self.st.max_frame
-        self.st.slot_size = (HEADROOM + longest_read + 1 + 63) & ~(<size_t>63)
+        self.st.slot_size = (HEADROOM + longest_read + 1 + AEAD_TAG_LEN + 63) & ~(<size_t>63)
         self.st.ingress_slot = (IP_LENGTH_MAX + 1 if offload
-                                else LEN16_HEADER + self.st.max_frame + 1)
+                                else AEAD_OVERHEAD + self.st.max_frame + 1)
         self.st.stream_cap = STREAM_BUFFER
 
         self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
@@ -127,7 +137,7 @@ cdef class Pump:
         if offload:
             self.st.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
             self.st.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
-            self.st.seg_iov = <iovec *>calloc(2 * SEG_POOL, sizeof(iovec))
+            self.st.seg_iov = <iovec *>calloc(3 * SEG_POOL, sizeof(iovec))
             self.st.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
             self.st.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
             self.st.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
@@ -161,11 +171,65 @@ cdef class Pump:
             raise OSError(errno, os.strerror(errno), "tun fd")
         self._runner = LoopRunner(self._run_direction, self._signal_stop,
                                   self._reset_stop, name="pump")
+        if framing == "aead":
+            self._setup_aead(key, cipher)
+        elif key is not None:
+            raise ValueError("key is for framing 'aead'")
         self._attach(sock_fd, framing, peer)
 
+    def _setup_aead(self, key, str cipher):
+        """The PSK, this sender's random session and its key, and one EVP
+        context per receiving session slot (keys set as sessions appear)."""
+        cdef Aead *a = &self.st.aead
+        cdef const EVP_CIPHER *evp
+        cdef int i
+        cdef bytes k
+        if cipher == "chacha20-poly1305":
+            evp = EVP_chacha20_poly1305()
+        elif cipher == "aes-256-gcm":
+            evp = EVP_aes_256_gcm()
+        else:
+            raise ValueError(f"cipher must be one of {_aead.CIPHERS}, got {cipher!r}")
+        if not isinstance(key, (bytes, bytearray)) or len(key) != _aead.KEY_LEN:
+            raise ValueError("framing 'aead' needs key=<32 bytes>")
+        self.cipher = cipher
+        cdef bytes session = os.urandom(AEAD_SESSION_LEN)
+        cdef bytes label = _aead.label(cipher)
+        cdef bytes psk = bytes(key)
+        cdef bytes salt = _aead.SALT
+        memcpy(a.psk, <const char *>psk, 32)
+        memcpy(a.salt, <const char *>salt, len(salt))
+        a.salt_len = len(_aead.SALT)
+        memcpy(a.label, <const char *>label, len(label))
+        a.label_len = len(label)
+        memcpy(a.send_session, <const char *>session, AEAD_SESSION_LEN)
+        k = _aead.derive_key(bytes(key), session, cipher)
+        a.send_ctx = EVP_CIPHER_CTX_new()
+        a.trial_ctx = EVP_CIPHER_CTX_new()
+        if a.send_ctx == NULL or a.trial_ctx == NULL:
+            raise MemoryError()
+        if EVP_EncryptInit_ex(a.send_ctx, evp, NULL, <const unsigned char *>k, NULL) != 1 \
+                or EVP_DecryptInit_ex(a.trial_ctx, evp, NULL, NULL, NULL) != 1:
+            raise OSError(0, f"OpenSSL refused {cipher}")
+        for i in range(AEAD_SESSIONS):
+            a.sessions[i].ctx = EVP_CIPHER_CTX_new()
+            if a.sessions[i].ctx == NULL:
+                raise MemoryError()
+            if EVP_DecryptInit_ex(a.sessions[i].ctx, evp, NULL, NULL, NULL) != 1:
+                raise OSError(0, f"OpenSSL refused {cipher}")
+        a.trial_tokens = AEAD_TRIALS_PER_S
+        a.trial_time = time.monotonic()
+        a.on = True
+
     def __dealloc__(self):
+        cdef int i
         if self.st == NULL:
             return
+        OPENSSL_cleanse(self.st.aead.psk, 32)
+        EVP_CIPHER_CTX_free(self.st.aead.send_ctx)   # NULL is fine
+        EVP_CIPHER_CTX_free(self.st.aead.trial_ctx)
+        for i in range(AEAD_SESSIONS):
+            EVP_CIPHER_CTX_free(self.st.aead.sessions[i].ctx)
         if self.st.stop_fd >= 0:
             close(self.st.stop_fd)
         free(self.st.egress_slab)
@@ -206,12 +270,19 @@ cdef class Pump:
         if framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
         if stream and framing != "len16":
-            raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
+            raise ValueError(f"a stream socket needs framing 'len16', got {framing!r}: "
+                             "only len16 marks packet boundaries in a byte stream")
+        if (framing == "aead") != bool(self.st.aead.on):
+            raise ValueError("framing 'aead' is chosen when the pump is made (with its key)")
         self._sock_ref = sock_fd
         self.framing = framing
         self.st.sock_fd = fd
         self.st.stream = stream
         self.st.len16 = framing == "len16"
+        self.st.front = (LEN16_HEADER if framing == "len16" else
+                         AEAD_HEADER_LEN if framing == "aead" else 0)
+        self.st.overhead = (LEN16_HEADER if framing == "len16" else
+                            AEAD_OVERHEAD if framing == "aead" else 0)
         self.st.stream_have = 0
         self._inspect_socket(peer)
         self._set_udp_offloads()
@@ -326,6 +397,16 @@ cdef class Pump:
     @property
     def learns_peer(self):
         return bool(self.st.learn_peer)
+
+    @property
+    def aead_session(self):
+        """This sender's aead session id (hex), or None."""
+        return bytes(self.st.aead.send_session[:AEAD_SESSION_LEN]).hex() if self.st.aead.on else None
+
+    @property
+    def aead_peer_sessions(self):
+        """How many peer sessions were accepted (a peer restart adds one)."""
+        return self.st.aead.new_sessions
 
     @property
     def offloads(self):

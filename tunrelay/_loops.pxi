@@ -26,7 +26,7 @@ cdef enum:  # loop results
 cdef enum:
     # Room in front of each slot, so a framing header is written in place
     # instead of copying the packet.
-    HEADROOM = 16
+    HEADROOM = 32  # >= the largest front framing (aead header, 20 bytes)
 
 
 cdef int wait_ready(PumpState *st, Counters *c, int fd, short events) noexcept nogil:
@@ -96,9 +96,11 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     cdef unsigned int n = 0
     cdef ssize_t r
     cdef int err
-    cdef size_t header = LEN16_HEADER if st.len16 else 0
+    cdef size_t header = st.front
+    cdef uint8_t *packet
     while n < st.batch:
-        r = read(st.tun_fd, egress_packet(st, n), st.max_frame + 1)
+        packet = egress_packet(st, n)
+        r = read(st.tun_fd, packet, st.max_frame + 1)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -122,11 +124,15 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
         if <size_t>r > st.max_frame:
             c.drops[DROP_OVERSIZE] += 1
             continue
-        st.egress_iov[n].iov_base = egress_packet(st, n) - header
-        st.egress_iov[n].iov_len = <size_t>r + header
-        if header:
-            (<uint8_t *>st.egress_iov[n].iov_base)[0] = <uint8_t>(r >> 8)
-            (<uint8_t *>st.egress_iov[n].iov_base)[1] = <uint8_t>(r & 0xFF)
+        st.egress_iov[n].iov_base = packet - header
+        st.egress_iov[n].iov_len = <size_t>r + st.overhead
+        if st.len16:
+            put16(packet - LEN16_HEADER, <uint32_t>r)
+        elif st.aead.on and aead_seal(&st.aead, packet - AEAD_HEADER_LEN, packet, <size_t>r,
+                                      NULL, 0, packet + r) != 0:
+            c.errors[ERR_WRITE] += 1
+            c.drops[DROP_SEND_ERROR] += 1
+            continue
         n += 1
     count[0] = n
     return ST_STOPPED
@@ -137,7 +143,7 @@ cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
     cdef Counters *c = &st.egress
     cdef unsigned int sent = 0, i
     cdef int r, err, ready
-    cdef size_t header = LEN16_HEADER if st.len16 else 0
+    cdef size_t header = st.overhead
     cdef void *name = NULL
     cdef unsigned int namelen = 0
     if st.check_peer or st.learn_peer:
@@ -240,7 +246,7 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
     cdef int err, status
     cdef uint8_t *slot
     cdef virtio_net_hdr h
-    cdef size_t framing = LEN16_HEADER if st.len16 else 0
+    cdef size_t framing = st.front
     st.nseg = 0
     while n < st.batch:
         slot = egress_packet(st, n)
@@ -292,7 +298,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
     one UDP_SEGMENT (GSO) message, all messages in one sendmmsg; over TCP,
     one sendmsg of all their iovecs.  Empties the pool."""
     cdef Counters *c = &st.egress
-    cdef size_t framing = LEN16_HEADER if st.len16 else 0
+    cdef size_t framing = st.overhead
     cdef size_t k, done = 0, nmsg, count, size, next_size, j, s
     cdef int r, err, ready, status
     cdef mmsghdr *m
@@ -301,14 +307,25 @@ cdef int send_segments(PumpState *st) noexcept nogil:
     cdef void *name = NULL
     cdef unsigned int namelen = 0
     cdef size_t nseg = st.nseg
+    cdef Segment *g
+    cdef size_t tag = AEAD_TAG_LEN if st.aead.on else 0
     st.nseg = 0
     for k in range(nseg):
-        st.seg_iov[2 * k].iov_base = st.segs[k].head
-        st.seg_iov[2 * k].iov_len = st.segs[k].head_len
-        st.seg_iov[2 * k + 1].iov_base = st.segs[k].data
-        st.seg_iov[2 * k + 1].iov_len = st.segs[k].data_len
+        g = &st.segs[k]
+        if st.aead.on and aead_seal(&st.aead, g.head, g.head + AEAD_HEADER_LEN,
+                                    g.head_len - AEAD_HEADER_LEN, g.data, g.data_len,
+                                    g.tail) != 0:
+            g.head_len = 0  # cannot happen short of 2^64 packets; never send plaintext
+            g.data_len = 0
+            c.drops[DROP_SEND_ERROR] += 1
+        st.seg_iov[3 * k].iov_base = g.head
+        st.seg_iov[3 * k].iov_len = g.head_len
+        st.seg_iov[3 * k + 1].iov_base = g.data
+        st.seg_iov[3 * k + 1].iov_len = g.data_len
+        st.seg_iov[3 * k + 2].iov_base = g.tail
+        st.seg_iov[3 * k + 2].iov_len = tag
     if st.stream:
-        status = write_stream(st, st.seg_iov, 2 * nseg, 2, framing)
+        status = write_stream(st, st.seg_iov, 3 * nseg, 3, framing)
         return ST_CLOSED if status == ST_CLOSED else ST_STOPPED
     if st.check_peer or st.learn_peer:
         if not tr_load_acquire(&st.peer_known):
@@ -320,7 +337,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
         nmsg = 0
         k = done
         while k < nseg:
-            size = st.segs[k].head_len + st.segs[k].data_len
+            size = st.segs[k].head_len + st.segs[k].data_len + tag
             count = 1
             if st.gso:
                 # One GSO message: segments of one super-packet, all of the
@@ -328,7 +345,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
                 while k + count < nseg and count < MAX_GSO_SEGMENTS \
                         and st.segs[k + count].group == st.segs[k].group \
                         and (count + 1) * size <= MAX_GSO_BYTES:
-                    next_size = st.segs[k + count].head_len + st.segs[k + count].data_len
+                    next_size = st.segs[k + count].head_len + st.segs[k + count].data_len + tag
                     if next_size > size:
                         break
                     count += 1
@@ -337,8 +354,8 @@ cdef int send_segments(PumpState *st) noexcept nogil:
             m = &st.seg_msgs[nmsg]
             m.msg_hdr.msg_name = name
             m.msg_hdr.msg_namelen = namelen
-            m.msg_hdr.msg_iov = &st.seg_iov[2 * k]
-            m.msg_hdr.msg_iovlen = 2 * count
+            m.msg_hdr.msg_iov = &st.seg_iov[3 * k]
+            m.msg_hdr.msg_iovlen = 3 * count
             m.msg_hdr.msg_flags = 0
             if count > 1:
                 cm = <cmsghdr *>(st.seg_cmsg + nmsg * st.cmsg_space)
@@ -362,7 +379,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
             for j in range(<size_t>r):
                 for s in range(done, done + st.msg_segs[j]):
                     c.packets += 1
-                    c.bytes += st.segs[s].head_len + st.segs[s].data_len - framing
+                    c.bytes += st.segs[s].head_len + st.segs[s].data_len + tag - framing
                 done += st.msg_segs[j]
             continue
         err = errno
@@ -396,7 +413,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
 cdef int egress_loop(PumpState *st) noexcept nogil:
     cdef unsigned int n
     cdef int status, ready, sent
-    cdef size_t framing = LEN16_HEADER if st.len16 else 0
+    cdef size_t framing = st.overhead
     while True:
         ready = wait_ready(st, &st.egress, st.tun_fd, POLLIN)
         if ready == 0:
@@ -558,7 +575,7 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
     cdef uint8_t *datagram
     cdef uint8_t *packet
     cdef mmsghdr *m
-    cdef size_t header = LEN16_HEADER if st.len16 else 0
+    cdef size_t header = st.overhead
     cdef bint known
     st.npkts = 0
     while True:
@@ -601,7 +618,8 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
                 continue
             length = m.msg_len
             if length == 0:
-                c.drops[DROP_BAD_FRAME if header else DROP_EMPTY] += 1
+                c.drops[DROP_TOO_SHORT if st.aead.on else
+                        DROP_BAD_FRAME if header else DROP_EMPTY] += 1
                 continue
             segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
             offset = 0
@@ -615,7 +633,14 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
                     c.drops[DROP_OVERSIZE] += 1
                     continue
                 packet = datagram
-                if header:
+                if st.aead.on:
+                    reason = aead_open(&st.aead, datagram, chunk)
+                    if reason != AEAD_OPEN_OK:
+                        c.drops[reason] += 1
+                        continue
+                    packet += AEAD_HEADER_LEN
+                    chunk -= AEAD_OVERHEAD
+                elif st.len16:
                     if chunk <= LEN16_HEADER or be16(datagram) != chunk - LEN16_HEADER:
                         c.drops[DROP_BAD_FRAME] += 1
                         continue

@@ -22,7 +22,7 @@ from tunrelay.includes.system cimport (
 cdef enum:
     # A copied header: len16 (2) + IPv4 with options (60) + TCP with
     # options (60), rounded up.
-    SEG_HEAD_MAX = 128
+    SEG_HEAD_MAX = 192  # + aead: its header (20) in front and its tag (16) at the end
     # Segments one batch can hold before it must be sent: enough for a
     # 64 KiB super-packet at the smallest MSS Linux sends (48 bytes).
     SEG_POOL = 2048
@@ -123,8 +123,9 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.head_len = <uint32_t>(framing + length)
         s.data = NULL
         s.data_len = 0
+        s.tail = pkt + length  # the slot has tail room for a tag
         s.group = group
-        if framing:
+        if st.len16:
             put16(s.head, <uint32_t>length)
         st.nseg += 1
         return SEGMENT_OK
@@ -158,7 +159,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         l4_len = 8
     hdrs = l4 + l4_len
     mss = h.gso_size
-    if hdrs > length or mss == 0 or framing + hdrs > SEG_HEAD_MAX:
+    if hdrs > length or mss == 0 or framing + hdrs + AEAD_TAG_LEN > SEG_HEAD_MAX:
         return SEGMENT_BAD
     if hdrs + mss > st.max_frame:
         return SEGMENT_OVERSIZE
@@ -173,7 +174,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         seg_len = mss if payload - i * mss > mss else payload - i * mss
         s = &st.segs[st.nseg]
         head = st.seg_heads + st.nseg * SEG_HEAD_MAX
-        if framing:
+        if st.len16:
             put16(head, <uint32_t>(hdrs + seg_len))
         ip = head + framing
         memcpy(ip, pkt, hdrs)
@@ -210,6 +211,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.head_len = <uint32_t>(framing + hdrs)
         s.data = pkt + hdrs + i * mss
         s.data_len = <uint32_t>seg_len
+        s.tail = head + SEG_HEAD_MAX - AEAD_TAG_LEN
         s.group = group
         st.nseg += 1
     return SEGMENT_OK
@@ -241,6 +243,10 @@ cdef bint tcp_candidate(const uint8_t *p, uint32_t length, uint16_t *l4,
     cdef const uint8_t *addrs
     if p[0] == 0x45:
         if p[9] != IPPROTO_TCP or (get16(p + 6) & 0x3FFF) != 0:
+            return False
+        # A bad header checksum: the kernel drops the packet; in a run its
+        # header would be rewritten with a fresh checksum (or discarded).
+        if tr_csum_fold(tr_csum_partial(p, 20, 0)) != 0xFFFF:
             return False
         l4[0] = 20
     elif p[0] >> 4 == 6:
@@ -280,9 +286,10 @@ cdef bint same_flow(const Run *run, const uint8_t *p, uint16_t l4,
     else:
         if memcmp(p, f, 4) != 0 or p[7] != f[7] or memcmp(p + 8, f + 8, 32) != 0:
             return False
-    # Ports (0..3), ack (8..11), window (14..15), options (20..): equal.
+    # Ports (0..3), ack (8..11), data offset and reserved/AE bits (12),
+    # window (14..15), options (20..): equal.
     if memcmp(p + l4, f + l4, 4) != 0 or memcmp(p + l4 + 8, f + l4 + 8, 4) != 0 \
-            or memcmp(p + l4 + 14, f + l4 + 14, 2) != 0 \
+            or p[l4 + 12] != f[l4 + 12] or memcmp(p + l4 + 14, f + l4 + 14, 2) != 0 \
             or memcmp(p + l4 + 20, f + l4 + 20, hdrs - l4 - 20) != 0:
         return False
     return get32(p + l4 + 4) == run.next_seq

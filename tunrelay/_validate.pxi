@@ -19,6 +19,10 @@ cdef enum:  # drop reasons
     DROP_SEND_ERROR = 9
     DROP_DISCONNECTED = 10
     DROP_BAD_OFFLOAD = 11
+    DROP_TOO_SHORT = 12
+    DROP_BAD_TAG = 13
+    DROP_REPLAY = 14
+    DROP_UNKNOWN_SESSION = 15
 
 # Indexes into Counters.errors, in the order of counters.ERROR_KINDS.
 cdef enum:  # error kinds

@@ -78,6 +78,12 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
+def cmd_genkey(args) -> int:
+    from .aead import genkey
+    print(genkey())
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(seconds=args.seconds, protocol=args.protocol)
@@ -106,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--socket", metavar="PATH", help="its control socket")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\"")
+    p.set_defaults(func=cmd_genkey)
 
     p = sub.add_parser("demo", help="two network namespaces joined by a tunnel: ping and measure")
     p.add_argument("--seconds", type=float, default=3.0, help="length of the throughput test")

@@ -39,7 +39,12 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
 
 DEVICE_MODES = ("tun", "tap")
 PROTOCOLS = ("udp", "tcp")
-FRAMINGS = ("raw", "len16")
+FRAMINGS = ("raw", "len16", "aead")
+CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
+# With aead each packet carries 36 more bytes (header 20, tag 16): the
+# default MTU shrinks by as much, so the datagrams on the wire are no larger
+# than raw framing's at its default of 1400.
+AEAD_DEFAULT_MTU = 1400 - 36
 ENGINES = ("fast", "python")
 
 
@@ -215,6 +220,16 @@ class StatsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """The aead framing's pre-shared key and cipher.  ``key`` is read and
+    checked at load time (owner-only permissions, 32 bytes of base64)."""
+
+    key_file: str = ""
+    cipher: str = "chacha20-poly1305"
+    key: bytes = field(default=b"", repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole file.  ``path`` is where it came from, for messages only."""
 
@@ -223,6 +238,7 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def control_socket(self) -> str:
@@ -263,9 +279,44 @@ def loads(text: str, path: str = "<string>") -> Config:
         transport=_read_transport(tables["transport"]),
         relay=_read_relay(tables["relay"]),
         stats=_read_stats(tables["stats"]),
+        security=_read_security(tables["security"]),
     )
     _check_across_tables(cfg, tables)
+    if cfg.transport.framing == "aead":
+        cfg = _with_aead(cfg, tables)
     return cfg
+
+
+def _read_security(table: _Table) -> SecurityConfig:
+    return SecurityConfig(
+        key_file=_string(table, "key_file", ""),
+        cipher=_choice(table, "cipher", CIPHERS, SecurityConfig.cipher),
+    )
+
+
+def _with_aead(cfg: Config, tables: dict) -> Config:
+    """framing = "aead": UDP only, the compiled engine, a readable key file
+    (checked now, so `tunrelay check` catches it), and the smaller default
+    MTU unless one is given."""
+    from dataclasses import replace
+
+    from .aead import load_key
+    if cfg.transport.protocol != "udp":
+        raise tables["transport"].error("framing", 'aead needs protocol = "udp"')
+    if cfg.relay.engine != "fast":
+        raise tables["relay"].error("engine", 'framing = "aead" needs engine = "fast"')
+    if not cfg.security.key_file:
+        raise tables["security"].error(
+            "key_file", 'framing = "aead" needs a key file (make one: tunrelay genkey > relay.key; '
+            "chmod 600 relay.key)")
+    path = cfg.security.key_file
+    if not os.path.isabs(path) and cfg.path not in ("<string>", ""):
+        path = os.path.join(os.path.dirname(os.path.abspath(cfg.path)), path)
+    key = load_key(path, cfg.path)
+    device = cfg.device
+    if "mtu" not in tables["device"].data:
+        device = replace(device, mtu=AEAD_DEFAULT_MTU)
+    return replace(cfg, device=device, security=replace(cfg.security, key=key))
 
 
 def _check_across_tables(cfg: Config, tables: dict) -> None:
@@ -297,6 +348,7 @@ _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing"),
     "relay": ("batch", "engine", "offload"),
+    "security": ("key_file", "cipher"),
     "stats": ("interval", "socket"),
 }
 
@@ -377,7 +429,8 @@ def _string(table: _Table, key: str, default: str) -> str:
 def _choice(table: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
     value = table.data.get(key, default)
     if not isinstance(value, str) or value not in choices:
-        expected = " or ".join(f'"{c}"' for c in choices)
+        quoted = [f'"{c}"' for c in choices]
+        expected = " or ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
         raise table.error(key, f"expected {expected}, got {_found(value)}")
     return value
 
@@ -634,6 +687,7 @@ def to_toml(cfg: Config) -> str:
                       "framing": t.framing},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
         "stats": {"interval": s.interval, "socket": s.socket},
+        "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher},
     }
     lines = []
     for name, values in tables.items():

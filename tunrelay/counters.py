@@ -24,13 +24,18 @@ DROP_REASONS = (
     "send_error",    # the socket refused the datagram (ECONNREFUSED, ENETUNREACH, ...)
     "disconnected",  # TCP: packets of a batch still unsent when the connection died
     "bad_offload",   # egress, offloads on: a virtio_net_hdr the segmenter cannot follow
+    "too_short",     # aead: shorter than its header and tag
+    "bad_tag",       # aead: does not authenticate (forged, corrupted, wrong key)
+    "replay",        # aead: a counter seen before, or older than the replay window
+    "unknown_session",  # aead: a new session id while key derivations are rate-limited
 )
 
 #: Which reasons can happen in which direction (the rest stay zero).
 DIRECTION_DROPS = {
     "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload"),
     "ingress": ("not_peer", "empty", "oversize", "bad_version", "truncated",
-                "bad_length", "bad_frame", "tun_write"),
+                "bad_length", "bad_frame", "tun_write", "too_short", "bad_tag", "replay",
+                "unknown_session"),
 }
 
 #: Errors that are not tied to one packet.

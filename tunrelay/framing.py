@@ -7,7 +7,7 @@ reason (a name from ``counters.DROP_REASONS``) for the same bytes.
 
 from __future__ import annotations
 
-FRAMINGS = ("raw", "len16")
+FRAMINGS = ("raw", "len16", "aead")
 MODES = ("tun", "tap")
 
 ETHERNET_HEADER = 14

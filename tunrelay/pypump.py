@@ -85,6 +85,8 @@ class PyPump:
             framing = "len16" if self._stream else "raw"
         if framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        if framing == "aead":
+            raise ValueError("the Python pump has no aead framing: use the compiled Pump")
         if self._stream and framing != "len16":
             raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
         self.framing = framing

@@ -15,7 +15,9 @@ Supervision (``run()``, in the caller's thread):
 
 from __future__ import annotations
 
+import errno
 import logging
+import select
 import socket
 import threading
 import time
@@ -65,6 +67,7 @@ class Relay:
         self._rejected = 0
         self._started = time.monotonic()
         self._learned = None
+        self._device_lost = False
 
     # ------------------------------------------------------------ control
 
@@ -100,6 +103,10 @@ class Relay:
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
             "state": self._state,
             "peer": peer,
+            "aead": ({"cipher": self.cfg.security.cipher,
+                      "sessions": [p.aead_session for p in self.pumps],
+                      "peer_sessions": sum(p.aead_peer_sessions for p in self.pumps)}
+                     if self.cfg.transport.framing == "aead" and self.pumps else None),
             "connections": self._connections if tcfg.protocol == "tcp" else None,
             "rejected": self._rejected if tcfg.is_server else None,
             "uptime": time.monotonic() - self._started,
@@ -140,6 +147,13 @@ class Relay:
         """Pump until stop(); raises PumpError when the device is gone."""
         if not self.device.fds:
             self.open()
+        watcher = None
+        if not self._udp:
+            # TCP: while connecting or listening no pump reads the device,
+            # so nothing else would notice it being deleted.
+            watcher = threading.Thread(target=self._watch_device, name="device-watch",
+                                       daemon=True)
+            watcher.start()
         try:
             while not self._stop.is_set():
                 socks = self._next_sockets()
@@ -149,11 +163,34 @@ class Relay:
                 if outcome.reason == STOPPED:
                     break
                 if outcome.reason == FATAL:
+                    if outcome.errno == errno.EBADFD:
+                        self._device_lost = True
+                        break
                     raise PumpError(f"device {self.device.name}: {outcome}; the relay cannot go on")
                 self._drop_connection(outcome)
+            if self._device_lost:
+                raise PumpError(f"device {self.device.name} was deleted or detached from under "
+                                "the relay; the relay cannot go on")
         finally:
             self._state = "stopping"
+            if watcher is not None:
+                self._stop.set()  # run() is ending: the watcher too, before the fds close
+                watcher.join()
             self.close()
+
+    def _watch_device(self) -> None:
+        """Until the relay stops: poll the device fds for errors only (a
+        deleted TUN device polls POLLERR); on one, stop the relay with
+        "device lost"."""
+        poller = select.poll()
+        for fd in self.device.fds:
+            poller.register(fd, 0)  # POLLERR/POLLHUP/POLLNVAL are always reported
+        while not self._stop.is_set():
+            if poller.poll(SUPERVISE_SLICE_S * 1000):
+                log.error("device %s: gone (deleted from under the relay?)", self.device.name)
+                self._device_lost = True
+                self.stop()
+                return
 
     def _next_sockets(self) -> list[socket.socket] | None:
         if self._udp:
@@ -173,12 +210,17 @@ class Relay:
 
     def _make_pumps(self, socks: list[socket.socket]) -> None:
         options = {"offload": True} if self.device.vnet_hdr else {}
+        if self.cfg.transport.framing == "aead":
+            options.update(key=self.cfg.security.key, cipher=self.cfg.security.cipher)
         for fd, sock in zip(self.device.fds, socks):
             self.pumps.append(self._pump_class(
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch,
                 peer=self._peer if self._udp else None, **options))
+        if self.cfg.transport.framing == "aead":
+            log.info("aead: %s, session %s", self.cfg.security.cipher,
+                     ", ".join(p.aead_session for p in self.pumps))
         if self.device.vnet_hdr:
             log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
                      ", ".join(k for k, v in self.pumps[0].offloads.items()

@@ -21,6 +21,12 @@ cdef extern from "<time.h>" nogil:
         long tv_sec
         long tv_nsec
 
+    ctypedef int clockid_t
+    int clock_gettime(clockid_t clock, timespec *now)
+
+    enum:
+        CLOCK_MONOTONIC
+
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
