@@ -36,6 +36,7 @@ def _load(path: str):
 
 
 def cmd_run(args) -> int:
+    from .privileges import drop_privileges
     from .relay import Relay
     cfg = _load(args.config)
     relay = Relay(cfg)
@@ -50,6 +51,11 @@ def cmd_run(args) -> int:
     # default action (which would kill the relay without a clean teardown).
     signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP: ignored (nothing to reload)"))
     relay.open()
+    try:
+        drop_privileges(cfg.security.user, cfg.security.group)
+    except TunrelayError:
+        relay.close()
+        raise
     log.info("running (control socket %s); SIGTERM or Ctrl-C stops", cfg.control_socket)
     relay.run()
     log.info("stopped")

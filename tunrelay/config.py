@@ -227,6 +227,9 @@ class SecurityConfig:
     key_file: str = ""
     cipher: str = "chacha20-poly1305"
     key: bytes = field(default=b"", repr=False, compare=False)
+    # Drop to this uid/gid once the device and sockets are open (None: stay).
+    user: int | None = None
+    group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -288,9 +291,20 @@ def loads(text: str, path: str = "<string>") -> Config:
 
 
 def _read_security(table: _Table) -> SecurityConfig:
+    user = _account_id(table, "user", "user", lambda n: pwd.getpwnam(n).pw_uid)
+    group = _account_id(table, "group", "group", lambda n: grp.getgrnam(n).gr_gid)
+    if user is not None and group is None:
+        # A user's own group, as `su` would give: never keep root's gid 0.
+        try:
+            group = pwd.getpwuid(user).pw_gid
+        except KeyError:
+            raise table.error("group", f"expected a group: user {user} has no passwd entry "
+                                       "to take its group from") from None
     return SecurityConfig(
         key_file=_string(table, "key_file", ""),
         cipher=_choice(table, "cipher", CIPHERS, SecurityConfig.cipher),
+        user=user,
+        group=group,
     )
 
 
@@ -348,7 +362,7 @@ _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing"),
     "relay": ("batch", "engine", "offload"),
-    "security": ("key_file", "cipher"),
+    "security": ("key_file", "cipher", "user", "group"),
     "stats": ("interval", "socket"),
 }
 
@@ -687,7 +701,8 @@ def to_toml(cfg: Config) -> str:
                       "framing": t.framing},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
         "stats": {"interval": s.interval, "socket": s.socket},
-        "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher},
+        "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
+                     "user": cfg.security.user, "group": cfg.security.group},
     }
     lines = []
     for name, values in tables.items():

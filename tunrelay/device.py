@@ -59,6 +59,7 @@ OFFLOAD_FLAGS = (
     TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,  # kernels before USO
 )
 
+IFF_UP = 0x0001  # linux/if.h, in a link's flags
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
@@ -262,27 +263,36 @@ class Device:
 
     def _configure(self) -> None:
         """MTU, addresses, link up, then routes (the kernel refuses a route
-        through a device that is down)."""
+        through a device that is down).  Only what differs is changed, so a
+        persistent device set up beforehand by root needs no privilege:
+        an unprivileged relay attaches to it as it is."""
         cfg = self.cfg
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=self.name)
             if not found:
                 raise DeviceError(f"device {self.name!r} vanished right after it was created")
             self.ifindex = index = found[0]
-            try:
-                ipr.link("set", index=index, mtu=cfg.mtu)
-            except NetlinkError as exc:
-                raise DeviceError(
-                    f"device {self.name!r}: cannot set mtu {cfg.mtu}: {_strerror(exc)}"
-                ) from exc
+            link = ipr.get_links(index)[0]
+            if link.get_attr("IFLA_MTU") != cfg.mtu:
+                try:
+                    ipr.link("set", index=index, mtu=cfg.mtu)
+                except NetlinkError as exc:
+                    raise DeviceError(
+                        f"device {self.name!r}: cannot set mtu {cfg.mtu}: {_strerror(exc)}"
+                        f"{_setup_hint(exc, self.name)}") from exc
+            present = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
             for address in cfg.addresses:
-                self._add_address(ipr, index, address)
-            try:
-                ipr.link("set", index=index, state="up")
-            except NetlinkError as exc:
-                raise DeviceError(f"device {self.name!r}: cannot bring it up: {_strerror(exc)}") from exc
+                if (str(address.ip), address.network.prefixlen) not in present:
+                    self._add_address(ipr, index, address)
+            if not link["flags"] & IFF_UP:
+                try:
+                    ipr.link("set", index=index, state="up")
+                except NetlinkError as exc:
+                    raise DeviceError(f"device {self.name!r}: cannot bring it up: {_strerror(exc)}"
+                                      f"{_setup_hint(exc, self.name)}") from exc
             for network in cfg.routes:
-                self._add_route(ipr, index, network)
+                if not self._has_route(ipr, index, network):
+                    self._add_route(ipr, index, network)
 
     def _add_address(self, ipr: IPRoute, index: int, address: IPv4Interface | IPv6Interface) -> None:
         kwargs = {}
@@ -303,6 +313,7 @@ class Device:
                 hint = f" (IPv6 needs an mtu of at least {IPV6_MIN_MTU}, the device has {self.cfg.mtu})"
             raise DeviceError(
                 f"device {self.name!r}: cannot add address {address}: {_strerror(exc)}{hint}"
+                f"{_setup_hint(exc, self.name)}"
             ) from exc
 
     def _add_route(self, ipr: IPRoute, index: int, network: IPv4Network | IPv6Network) -> None:
@@ -317,6 +328,7 @@ class Device:
             )
             raise DeviceError(
                 f"device {self.name!r}: cannot add route {network}: {reason}"
+                f"{_setup_hint(exc, self.name)}"
             ) from exc
 
     @staticmethod
@@ -333,6 +345,15 @@ class Device:
 
 
 # -- error diagnosis -------------------------------------------------------
+
+def _setup_hint(exc: NetlinkError, name: str) -> str:
+    """Without CAP_NET_ADMIN a relay can only use a device set up for it."""
+    if exc.code != errno.EPERM:
+        return ""
+    return (f" (not permitted: run as root, or set the device up beforehand as root, e.g. "
+            f"`ip tuntap add dev {name} mode tun user USER` plus its address and `ip link set "
+            f"{name} up`, so that it already matches the config)")
+
 
 def _strerror(exc: NetlinkError) -> str:
     return os.strerror(exc.code) if exc.code else str(exc)

@@ -95,10 +95,11 @@ class RelayPair:
         if wait:
             self.wait_ready(*(names or ("a", "b")))
 
-    def start_side(self, name: str, *, wait: bool = True) -> None:
+    def start_side(self, name: str, *, wait: bool = True, prefix: tuple = ()) -> None:
+        """Start one relay; ``prefix`` wraps the command (e.g. setpriv)."""
         side = self.sides[name]
         log = open(side.log_path, "ab")
-        side.proc = self.bed.popen(side.ns, [sys.executable, "-m", "tunrelay", "run",
+        side.proc = self.bed.popen(side.ns, [*prefix, sys.executable, "-m", "tunrelay", "run",
                                               "--config", side.config_path],
                                    stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -23,8 +23,10 @@ import threading
 import time
 
 from . import transport as _transport
-from ._runner import FATAL, STOPPED
+from ._runner import FATAL, STOPPED, Outcome
+from .counters import DIRECTIONS, empty_direction
 from .config import Config
+from . import device
 from .device import Device
 from .errors import PumpError
 from .framing import max_frame
@@ -330,7 +332,6 @@ def _offload_wanted(cfg: Config) -> str | bool:
 
 
 def _tun_offloads(flags: int) -> str:
-    from . import device
     names = [name for name, bit in (("csum", device.TUN_F_CSUM), ("tso4", device.TUN_F_TSO4),
                                     ("tso6", device.TUN_F_TSO6), ("uso4", device.TUN_F_USO4),
                                     ("uso6", device.TUN_F_USO6)) if flags & bit]
@@ -338,10 +339,8 @@ def _tun_offloads(flags: int) -> str:
 
 
 def _stopped():
-    from ._runner import Outcome
     return Outcome(STOPPED)
 
 
 def _zero_counters() -> dict:
-    from .counters import DIRECTIONS, empty_direction
     return {d: empty_direction(d) for d in DIRECTIONS}

@@ -148,6 +148,10 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        except PermissionError:
+            # Privileges were dropped and the directory is root's: the next
+            # start finds the file stale (nothing answers) and removes it.
+            log.debug("control socket %s left behind: no permission to remove it", self.path)
 
 
 def query(path: str, timeout: float = _CLIENT_TIMEOUT_S) -> dict:
@@ -172,6 +176,8 @@ def query(path: str, timeout: float = _CLIENT_TIMEOUT_S) -> dict:
             chunks.append(chunk)
     except socket.timeout as exc:
         raise TunrelayError(f"the relay on {path} did not answer within {timeout} s") from exc
+    except OSError as exc:  # reset or broken pipe: the relay went away mid-answer
+        raise TunrelayError(f"the relay on {path} closed the connection: {exc.strerror}") from exc
     finally:
         sock.close()
     try:
