@@ -4,9 +4,10 @@
 #     header (20 bytes) | ciphertext | tag (16 bytes)
 #     header = type 0x01 | 3 zero bytes | session id (8) | counter (8, big-endian)
 # The header is the associated data; the nonce is 4 zero bytes and the
-# counter.  Each sender picks a random session id when it starts and
-# derives its key from the pre-shared key and that id (HKDF-SHA256), so a
-# restarted relay never reuses a (key, nonce) pair.  The receiver derives
+# counter.  Each sender makes a session id when it starts (its start time
+# in seconds, then 4 random bytes) and derives its key from the pre-shared
+# key and that id (HKDF-SHA256), so a restarted relay never reuses a
+# (key, nonce) pair, and a session older than the newest is refused.  The receiver derives
 # the key of a session it has not seen when a datagram of it arrives (a
 # few a second at most), keeps a small cache of sessions, and rejects
 # replays with a sliding window of AEAD_WINDOW counters (RFC 6479).
@@ -197,6 +198,16 @@ cdef int aead_open(Aead *a, uint8_t *datagram, size_t length) noexcept nogil:
         OPENSSL_cleanse(key, 32)
         if not aead_verify(a.trial_ctx, datagram, length):
             return DROP_BAD_TAG
+        # The session id starts with its sender's start time (seconds): a
+        # session older than the newest one seen is a recording being
+        # replayed, not a restart.  Without this, replaying a few old
+        # sessions would push the live one out of the cache and let its
+        # own datagrams be replayed into a fresh window.
+        started = get32(datagram + 4)
+        if a.newest_start and <uint64_t>started + AEAD_SESSION_SLACK < a.newest_start:
+            return DROP_REPLAY
+        if started > a.newest_start:
+            a.newest_start = started
         # A new session of the peer (it restarted): it takes the least
         # recently used slot; the trial context becomes that slot's.
         oldest = &a.sessions[0]

@@ -40,6 +40,7 @@ cdef enum:
     AEAD_WINDOW_WORDS = 33    # 32 x 64 = 2048 counters behind the newest, + 1 word of slack
     AEAD_TRIALS_PER_S = 20    # key derivations for unknown sessions per second, at most
     AEAD_INFO_MAX = 64
+    AEAD_SESSION_SLACK = 30   # seconds a new session may have started before the newest
 
 
 cdef struct AeadSession:
@@ -68,6 +69,7 @@ cdef struct Aead:
     EVP_CIPHER_CTX *trial_ctx
     double trial_tokens
     double trial_time
+    uint64_t newest_start     # start time (s) in the newest accepted session id
     uint64_t clock
     uint64_t new_sessions
 

@@ -193,7 +193,7 @@ cdef class Pump:
         if not isinstance(key, (bytes, bytearray)) or len(key) != _aead.KEY_LEN:
             raise ValueError("framing 'aead' needs key=<32 bytes>")
         self.cipher = cipher
-        cdef bytes session = os.urandom(AEAD_SESSION_LEN)
+        cdef bytes session = _aead.new_session()
         cdef bytes label = _aead.label(cipher)
         cdef bytes psk = bytes(key)
         cdef bytes salt = _aead.SALT

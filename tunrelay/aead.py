@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 import stat
+import struct
+import time
 
 from .errors import ConfigError
 
@@ -33,6 +35,13 @@ def label(cipher: str) -> bytes:
     """HKDF info prefix; the session id follows.  Naming the cipher gives
     each cipher its own keys from the same PSK."""
     return f"tunrelay aead v1 {cipher} ".encode()
+
+
+def new_session() -> bytes:
+    """A sender's session id: its start time (seconds, big-endian) and 4
+    random bytes.  The receiver refuses sessions that started well before
+    the newest it has seen (replayed recordings)."""
+    return struct.pack("!I", int(time.time()) & 0xFFFFFFFF) + os.urandom(4)
 
 
 def derive_key(psk: bytes, session: bytes, cipher: str) -> bytes:
