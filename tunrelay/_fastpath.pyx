@@ -28,7 +28,7 @@ from tunrelay.includes.crypto cimport (
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
     SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, eventfd, eventfd_read,
-    eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs,
+    eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs, tr_load_acquire,
     setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t)
 
 from tunrelay import counters as _counters
@@ -397,6 +397,64 @@ cdef class Pump:
     @property
     def learns_peer(self):
         return bool(self.st.learn_peer)
+
+    # ------------------------------------------------------------ test hooks
+
+    def _feed(self, data, *, size_t segment=0):
+        """Test and fuzz hook: run `data` through the ingress checks and
+        delivery exactly as a received message from the peer (holding
+        datagrams of `segment` bytes back to back, as UDP_GRO delivers
+        them; 0: one datagram).  Only while stopped; the TUN fd gets what
+        passes.  Returns the outcome of the delivery (0 or -1)."""
+        cdef const uint8_t[::1] view
+        cdef size_t length = len(data)
+        cdef int status
+        cdef bint known
+        cdef sockaddr_storage sender
+        if self._runner.running:
+            raise RuntimeError("_feed() needs a stopped pump")
+        if self.st.stream:
+            raise ValueError("_feed() is for datagram pumps; use _feed_stream()")
+        if length > self.st.ingress_slot:
+            raise ValueError(f"at most {self.st.ingress_slot} bytes per message")
+        if length:
+            view = memoryview(data).cast("B")
+            memcpy(self.st.ingress_slab, &view[0], length)
+        memcpy(&sender, &self.st.peer, sizeof(sockaddr_storage))
+        known = tr_load_acquire(&self.st.peer_known)
+        self.st.npkts = 0
+        with nogil:
+            status = ingress_message(self.st, self.st.ingress_slab, length, segment, False,
+                                     &sender, self.st.peer_len, &known)
+            if status == 0:
+                status = flush_packets(self.st)
+        return status
+
+    def _feed_stream(self, data):
+        """Test and fuzz hook: `data` as one recv() of a len16 stream, parsed
+        and delivered by the TCP ingress code.  Returns "ok", "bad_length"
+        (the connection would be closed) or "stopped"."""
+        cdef const uint8_t[::1] view
+        cdef size_t length = len(data)
+        cdef int status
+        if self._runner.running:
+            raise RuntimeError("_feed_stream() needs a stopped pump")
+        if not self.st.stream:
+            raise ValueError("_feed_stream() is for stream pumps")
+        if self.st.stream_have + length > self.st.stream_cap:
+            raise ValueError("more than the stream buffer holds")
+        if length:
+            view = memoryview(data).cast("B")
+            memcpy(self.st.stream_buf + self.st.stream_have, &view[0], length)
+        self.st.stream_have += length
+        self.st.npkts = 0
+        with nogil:
+            status = len16_consume(self.st.stream_buf, &self.st.stream_have,
+                                   self.st.max_frame, stream_sink, self.st)
+        if status == PARSE_BAD_LENGTH:
+            self.st.stream_have = 0  # the connection would be closed
+            return "bad_length"
+        return "stopped" if status == PARSE_SINK_STOP else "ok"
 
     @property
     def aead_session(self):

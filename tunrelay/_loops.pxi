@@ -15,7 +15,7 @@ from tunrelay.includes.system cimport (
     recv, recvmmsg, sendmmsg, sendmsg, sockaddr_in, sockaddr_in6,
     sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, SOL_UDP, UDP_GRO,
-    UDP_SEGMENT, cmsghdr, writev)
+    UDP_SEGMENT, cmsghdr, socklen_t, writev)
 
 cdef enum:  # loop results
     ST_STOPPED = 0    # the stop eventfd fired
@@ -568,14 +568,75 @@ cdef inline uint32_t gro_segment_size(msghdr *hdr, uint32_t length) noexcept nog
     return length
 
 
-cdef int ingress_datagrams(PumpState *st) noexcept nogil:
+cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segment,
+                         bint truncated, const sockaddr_storage *sender,
+                         socklen_t sender_len, bint *known) noexcept nogil:
+    """Check, open and deliver one received message: `length` bytes from
+    `sender`, holding datagrams of `segment` bytes back to back (UDP_GRO;
+    else one).  0, or -1 when the loop must end.  Kept apart from the
+    receive call so the fuzz harness drives exactly this code."""
     cdef Counters *c = &st.ingress
-    cdef int r, i, err, ready, reason
-    cdef size_t length, offset, chunk, segment
+    cdef size_t offset = 0, chunk
+    cdef size_t header = st.overhead
     cdef uint8_t *datagram
     cdef uint8_t *packet
+    cdef int reason
+    if st.check_peer or (st.learn_peer and known[0]):
+        if not same_address(sender, &st.peer):
+            c.drops[DROP_NOT_PEER] += 1
+            return 0
+    if truncated:
+        c.drops[DROP_OVERSIZE] += 1
+        return 0
+    if length == 0:
+        c.drops[DROP_TOO_SHORT if st.aead.on else
+                DROP_BAD_FRAME if header else DROP_EMPTY] += 1
+        return 0
+    if segment == 0:
+        segment = length
+    while offset < length:
+        chunk = segment if length - offset > segment else length - offset
+        datagram = buf + offset
+        offset += chunk
+        # Longer than any frame: oversize whatever a len16 header says
+        # (one byte over fits the slot; more is cut, MSG_TRUNC).
+        if chunk > header + st.max_frame:
+            c.drops[DROP_OVERSIZE] += 1
+            continue
+        packet = datagram
+        if st.aead.on:
+            reason = aead_open(&st.aead, datagram, chunk)
+            if reason != AEAD_OPEN_OK:
+                c.drops[reason] += 1
+                continue
+            packet += AEAD_HEADER_LEN
+            chunk -= AEAD_OVERHEAD
+        elif st.len16:
+            if chunk <= LEN16_HEADER or be16(datagram) != chunk - LEN16_HEADER:
+                c.drops[DROP_BAD_FRAME] += 1
+                continue
+            packet += LEN16_HEADER
+            chunk -= LEN16_HEADER
+        if st.learn_peer and not known[0]:
+            # Only a valid packet may choose the peer.
+            reason = validate_packet(packet, chunk, st.tap, st.max_frame)
+            if reason != DROP_NONE:
+                c.drops[reason] += 1
+                continue
+            memcpy(&st.peer, sender, sizeof(sockaddr_storage))
+            st.peer_len = sender_len
+            tr_store_release(&st.peer_known, 1)
+            known[0] = True
+        if deliver(st, packet, chunk) != 0:
+            return -1
+    return 0
+
+
+cdef int ingress_datagrams(PumpState *st) noexcept nogil:
+    cdef Counters *c = &st.ingress
+    cdef int r, i, err, ready
+    cdef size_t length, segment
     cdef mmsghdr *m
-    cdef size_t header = st.overhead
     cdef bint known
     st.npkts = 0
     while True:
@@ -609,55 +670,12 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
         known = tr_load_acquire(&st.peer_known)
         for i in range(r):
             m = &st.ingress_msgs[i]
-            if st.check_peer or (st.learn_peer and known):
-                if not same_address(&st.ingress_names[i], &st.peer):
-                    c.drops[DROP_NOT_PEER] += 1
-                    continue
-            if m.msg_hdr.msg_flags & MSG_TRUNC:
-                c.drops[DROP_OVERSIZE] += 1
-                continue
             length = m.msg_len
-            if length == 0:
-                c.drops[DROP_TOO_SHORT if st.aead.on else
-                        DROP_BAD_FRAME if header else DROP_EMPTY] += 1
-                continue
             segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
-            offset = 0
-            while offset < length:
-                chunk = segment if length - offset > segment else length - offset
-                datagram = st.ingress_slab + <size_t>i * st.ingress_slot + offset
-                offset += chunk
-                # Longer than any frame: oversize whatever a len16 header
-                # says (one byte over fits the slot; more is cut, MSG_TRUNC).
-                if chunk > header + st.max_frame:
-                    c.drops[DROP_OVERSIZE] += 1
-                    continue
-                packet = datagram
-                if st.aead.on:
-                    reason = aead_open(&st.aead, datagram, chunk)
-                    if reason != AEAD_OPEN_OK:
-                        c.drops[reason] += 1
-                        continue
-                    packet += AEAD_HEADER_LEN
-                    chunk -= AEAD_OVERHEAD
-                elif st.len16:
-                    if chunk <= LEN16_HEADER or be16(datagram) != chunk - LEN16_HEADER:
-                        c.drops[DROP_BAD_FRAME] += 1
-                        continue
-                    packet += LEN16_HEADER
-                    chunk -= LEN16_HEADER
-                if st.learn_peer and not known:
-                    # Only a valid packet may choose the peer.
-                    reason = validate_packet(packet, chunk, st.tap, st.max_frame)
-                    if reason != DROP_NONE:
-                        c.drops[reason] += 1
-                        continue
-                    memcpy(&st.peer, &st.ingress_names[i], sizeof(sockaddr_storage))
-                    st.peer_len = m.msg_hdr.msg_namelen
-                    tr_store_release(&st.peer_known, 1)
-                    known = True
-                if deliver(st, packet, chunk) != 0:
-                    return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+            if ingress_message(st, st.ingress_slab + <size_t>i * st.ingress_slot, length,
+                               segment, m.msg_hdr.msg_flags & MSG_TRUNC,
+                               &st.ingress_names[i], m.msg_hdr.msg_namelen, &known) != 0:
+                return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
         if flush_packets(st) != 0:
             return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
 
