@@ -29,15 +29,20 @@ _CLIENT_TIMEOUT_S = 2.0
 def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction."""
     lines = []
-    for key in ("device", "mode", "transport", "framing", "state", "peer",
-                "connections", "rejected", "uptime"):
+    for key in ("device", "mode", "queues", "transport", "framing", "engine", "offload",
+                "aead", "state", "peer", "connections", "rejected", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
             value = snapshot[key]
             if key == "uptime":
                 value = f"{value:.0f} s"
+            elif key == "offload":
+                value = ", ".join(k for k, on in value.items() if on) or "off"
+            elif key == "aead":
+                value = (f"{value['cipher']}, session {' '.join(value['sessions'])}, "
+                         f"{value['peer_sessions']} peer session(s) accepted")
             lines.append(f"{key + ':':<13}{value}")
     rows = [("", "egress", "ingress")]
-    for total in ("packets", "bytes", "batches", "syscalls"):
+    for total in ("packets", "bytes", "batches", "syscalls", "tun_io"):
         rows.append((total, *(str(snapshot[d][total]) for d in DIRECTIONS)))
     packets = [snapshot[d]["packets"] for d in DIRECTIONS]
     rows.append(("syscalls/pkt", *(
