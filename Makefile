@@ -18,6 +18,14 @@ demo: sysdeps venv
 test: sysdeps venv
 	$(PY) -m pytest
 
+## make bench: the throughput suite, tunrelay beside veth, kernel vxlan, OpenVPN
+## and wireguard-go (tunnels need root); writes benchmarks/RESULTS.md and
+## throughput.png.  Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
+bench: venv
+	@scripts/install-system-deps iperf3 openvpn wireguard-go wireguard-tools
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pytest --benchmark $(BENCH_ARGS)
+
 sysdeps:
 	@scripts/install-system-deps
 

@@ -1,0 +1,93 @@
+"""Checks of the suite's own parsing and reporting (fast, no root), so a
+changed iperf3 or ping output fails here rather than as a blank table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import measure, report
+from benchmarks.report import MicroRow, Results, TunnelRow
+
+IPERF_TCP = {"end": {"sum_sent": {"bytes": 2_067_267_584, "bits_per_second": 8.24e9},
+                     "sum_received": {"seconds": 2.01, "bytes": 2_066_481_152,
+                                      "bits_per_second": 8.22e9}}}
+IPERF_UDP = {"end": {"sum_received": {"seconds": 2.0, "bytes": 8_130_176, "packets": 231_250,
+                                      "lost_packets": 104_216, "lost_percent": 45.07}}}
+PING = """--- 10.99.0.1 ping statistics ---
+20 packets transmitted, 20 received, 0% packet loss, time 329ms
+rtt min/avg/max/mdev = 0.034/0.048/0.087/0.010 ms
+"""
+
+
+def test_iperf3_parsing() -> None:
+    assert measure.tcp_result(measure.parse_iperf3(json.dumps(IPERF_TCP))) == (8.22, 2_066_481_152)
+    pps, loss = measure.udp_result(measure.parse_iperf3(json.dumps(IPERF_UDP)))
+    assert pps == pytest.approx((231_250 - 104_216) / 2.0) and loss == 45.07
+
+
+def test_iperf3_error_is_reported() -> None:
+    # iperf3 -J exits 0 on failure, with the reason in "error".
+    with pytest.raises(measure.MeasureError, match="unable to connect"):
+        measure.parse_iperf3(json.dumps({"end": {}, "error": "unable to connect to server"}))
+    with pytest.raises(measure.MeasureError, match="no JSON"):
+        measure.parse_iperf3("iperf3: error")
+
+
+def test_ping_parsing() -> None:
+    assert measure.parse_ping_avg_us(PING) == pytest.approx(48.0)
+    with pytest.raises(measure.MeasureError):
+        measure.parse_ping_avg_us("20 packets transmitted, 0 received, 100% packet loss")
+
+
+def _results() -> Results:
+    results = Results(seconds=1, runs=1)
+    figures = {"vxlan": (10.0, 40.0, 100.0, 60.0, None), "tunrelay": (6.0, 5.0, 200.0, 90.0, 2.0),
+               "python": (0.9, 0.8, 50.0, 280.0, 13.0), "openvpn": (0.8, 0.9, 58.0, 180.0, 13.5)}
+    for kind, (tcp1, tcp4, kpps, rtt, cpu) in figures.items():
+        results.tunnels.append(TunnelRow(kind, kind, medians={
+            "tcp1_gbps": tcp1, "tcp4_gbps": tcp4, "udp64_kpps": kpps, "udp64_loss_pct": 1.0,
+            "ping_rtt_us": rtt, "cpu_s_per_gb": cpu}))
+    results.tunnels.append(TunnelRow("tunrelay q=2", "tunrelay", "skipped", "not supported"))
+    pump = {"syscalls_per_packet": 1.0, "backlog": 1.0, "user_us_per_packet": 0.1,
+            "sys_us_per_packet": 1.0}
+    results.micro.append(MicroRow("egress", 64, {"c": dict(pump, pps=1e6),
+                                                 "python": dict(pump, pps=2e5)}))
+    return results
+
+
+def test_ratios() -> None:
+    found = {r.name.split(":")[0]: r for r in report.ratios(_results())}
+    assert found["TCP 1 stream"].value == pytest.approx(0.6) and found["TCP 1 stream"].met
+    assert found["UDP 64 B pps"].value == pytest.approx(4.0)
+    assert found["ping rtt"].value == pytest.approx(1.5) and found["ping rtt"].met
+    assert found["CPU per GB"].value == pytest.approx(2.0 / 13.5)
+    assert found["pump over socketpairs, 64 B egress"].value == pytest.approx(5.0)
+    assert found["pump over socketpairs, 64 B egress"].met is False
+
+
+def test_results_md_keeps_the_hand_written_part(tmp_path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# title\nmine above\n{report.BEGIN}\nold table\n{report.END}\nmine below\n")
+    report.write_results_md(_results(), chart=False, path=path)
+    report.write_results_md(_results(), chart=False, path=path)
+    text = path.read_text()
+    assert text.startswith("# title\nmine above\n") and text.endswith(f"{report.END}\nmine below\n")
+    assert "old table" not in text and text.count(report.BEGIN) == 1
+    assert "| tunrelay q=2 | skipped |" in text
+    # Each markdown table has the same number of cells on every line.
+    tables, table = [], set()
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.add(line.count("|"))
+        elif table:
+            tables.append(table)
+            table = set()
+    assert len(tables) == 3 and all(len(widths) == 1 for widths in tables), tables
+
+
+def test_summary_text_lists_every_row() -> None:
+    text = report.summary_text(_results())
+    for label in ("vxlan", "openvpn", "tunrelay q=2", "egress"):
+        assert label in text

@@ -1,0 +1,303 @@
+"""The tunnels the suite measures, one small class per kind.
+
+Each kind joins the two namespaces of a ``Testbed`` with addresses
+10.99.0.1 (side a, the iperf3 server) and 10.99.0.2 (side b) on a tunnel
+device of MTU 1400; direct veth uses the underlay itself.  ``start(bed)``
+brings it up, ``pids()`` names the user-space processes whose CPU time is
+charged to it ([] for kernel tunnels), ``stop()`` takes it down (the test
+bed's ``close()`` removes whatever is left).
+
+A kind that cannot run here says why: ``missing()`` before start (a binary
+is not installed) or ``Unsupported`` from ``start`` (this tunrelay build
+does not know a configuration key yet).  Both are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from tunrelay.errors import TunrelayError
+from tunrelay.netns import Testbed
+from tunrelay.pair import TUNNEL_A, TUNNEL_B, RelayPair
+
+MTU = 1400
+PREFIX = 24
+TUNNEL_NET = str(ipaddress.ip_interface(f"{TUNNEL_A}/{PREFIX}").network)
+
+# ---------------------------------------------------------------- variants
+
+#: The tunrelay variants: label -> (protocol, {TOML table: [lines]}).
+#: A build that rejects a variant's key (an older one without ``offload``
+#: or ``queues``, or queues > 1 over TCP, which is one connection) exits
+#: with code 2 naming the key, and the variant is reported as skipped with
+#: the relay's own message.  The first row of each protocol uses no such
+#: key (offload "auto", 1 queue), so every build measures it.
+TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
+    "tunrelay udp": ("udp", {}),
+    "tunrelay udp offload=on q=1": ("udp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
+    "tunrelay udp offload=off q=1": ("udp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
+    "tunrelay udp offload=on q=2": ("udp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
+    "tunrelay udp offload=off q=2": ("udp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
+    "tunrelay tcp": ("tcp", {}),
+    "tunrelay tcp offload=on q=1": ("tcp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
+    "tunrelay tcp offload=off q=1": ("tcp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
+    "tunrelay tcp offload=on q=2": ("tcp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
+    "tunrelay tcp offload=off q=2": ("tcp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
+}
+
+#: The "naive Python relay" baseline: tunrelay with its pure-Python pump
+#: (select, one packet per system call).
+PYTHON_RELAY = ("udp", {"relay": ['engine = "python"']})
+
+
+class Unsupported(Exception):
+    """This build of tunrelay rejects a key the variant needs."""
+
+
+# ---------------------------------------------------------------- kinds
+
+class Tunnel:
+    """The interface; also the no-op parts."""
+
+    kind = ""              # "veth", "vxlan", "tunrelay", "python", "openvpn", "wireguard-go"
+    binaries: tuple = ()   # commands that must be installed
+    server_ip = TUNNEL_A   # side a's address, reached from side b
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def missing(self) -> str | None:
+        absent = [b for b in self.binaries if shutil.which(b) is None]
+        return f"not installed: {', '.join(absent)}" if absent else None
+
+    def start(self, bed: Testbed) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return []
+
+    def stop(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+class VethDirect(Tunnel):
+    """No tunnel: iperf3 between the underlay addresses (veth MTU 1500)."""
+
+    kind = "veth"
+
+    def start(self, bed: Testbed) -> None:
+        self.server_ip = bed.addr_a
+
+
+class KernelVxlan(Tunnel):
+    """The kernel's VXLAN over the veth, unicast to the other end."""
+
+    kind = "vxlan"
+    VNI, PORT = 42, 4789
+
+    def start(self, bed: Testbed) -> None:
+        for ns, dev, here, there, addr in ((bed.ns_a, bed.veth_a, bed.addr_a, bed.addr_b, TUNNEL_A),
+                                           (bed.ns_b, bed.veth_b, bed.addr_b, bed.addr_a, TUNNEL_B)):
+            _ip(bed, ns, "link", "add", "vxbench", "type", "vxlan", "id", str(self.VNI),
+                "local", here, "remote", there, "dstport", str(self.PORT), "dev", dev)
+            _ip(bed, ns, "link", "set", "dev", "vxbench", "mtu", str(MTU))
+            _ip(bed, ns, "addr", "add", f"{addr}/{PREFIX}", "dev", "vxbench")
+            _ip(bed, ns, "link", "set", "dev", "vxbench", "up")
+
+
+class Tunrelay(Tunnel):
+    """Two tunrelay processes (``RelayPair``); TCP: side a is the server."""
+
+    kind = "tunrelay"
+
+    def __init__(self, label: str, protocol: str, overrides: dict, kind: str = "tunrelay") -> None:
+        super().__init__(label)
+        self.kind = kind
+        self.protocol, self.overrides = protocol, overrides
+        self.pair: RelayPair | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def start(self, bed: Testbed) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="tunrelay-bench-")
+        self.pair = RelayPair(bed, protocol=self.protocol, mtu=MTU, overrides=self.overrides,
+                              workdir=self._workdir.name)
+        try:
+            self.pair.start()
+        except TunrelayError as exc:
+            rejected = self._rejected_key()
+            if rejected:
+                raise Unsupported(f"rejected by this build: {rejected}") from None
+            # "relay a exited with 1:\n<log>": the log's last line says why.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = f"{lines[0]} {lines[-1]}" if len(lines) > 1 else str(exc)
+            raise TunrelayError(f"did not start: {why}") from None
+
+    def _rejected_key(self) -> str | None:
+        """The relay's own message when it exited 2 (configuration error)
+        naming one of the variant's keys; None for any other failure."""
+        keys = {line.split("=")[0].strip() for lines in self.overrides.values() for line in lines}
+        for name, side in self.pair.sides.items():
+            if side.proc is None or side.proc.poll() != 2:
+                continue
+            for line in self.pair.log(name).splitlines():
+                if any(key in line for key in keys):
+                    # "tunrelay: /tmp/.../a.toml: [relay] offload: ..." -> from "[relay]"
+                    return line[line.find("["):].strip() if "[" in line else line.strip()
+        return None
+
+    def pids(self) -> list[int]:
+        return [side.proc.pid for side in self.pair.sides.values() if side.proc is not None]
+
+    def stop(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+
+
+class OpenVPN(Tunnel):
+    """OpenVPN 2.6 point-to-point over UDP without TLS, cipher or auth:
+    the options 2.6 still accepts (it warns that 2.7 drops them).  DCO is
+    off: it needs TLS anyway."""
+
+    kind = "openvpn"
+    binaries = ("openvpn",)
+    PORT = 1194
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.procs: list[subprocess.Popen] = []
+        self._logs: list = []
+
+    def start(self, bed: Testbed) -> None:
+        for ns, here, there, local, remote in ((bed.ns_a, bed.addr_a, bed.addr_b, TUNNEL_A, TUNNEL_B),
+                                               (bed.ns_b, bed.addr_b, bed.addr_a, TUNNEL_B, TUNNEL_A)):
+            log = tempfile.TemporaryFile()
+            self._logs.append(log)
+            self.procs.append(bed.popen(ns, [
+                "openvpn", "--dev", "ovpn0", "--dev-type", "tun", "--tun-mtu", str(MTU),
+                "--proto", "udp", "--local", here, "--remote", there, "--port", str(self.PORT),
+                "--ifconfig", local, remote, "--cipher", "none", "--auth", "none",
+                "--disable-dco", "--verb", "1",
+            ], stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(0.2)
+        for proc, log in zip(self.procs, self._logs):
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"openvpn exited with {proc.returncode}: "
+                                   f"{log.read().decode(errors='replace')[-500:]}")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _terminate(proc)
+        for log in self._logs:
+            log.close()
+
+
+class WireguardGo(Tunnel):
+    """Userspace WireGuard: one wireguard-go per side, configured with wg."""
+
+    kind = "wireguard-go"
+    binaries = ("wireguard-go", "wg")
+    PORT = 51820
+    # wireguard-go refuses to run where the kernel has WireGuard, unless told.
+    ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+    UAPI_DIR = "/var/run/wireguard"
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.procs: list[subprocess.Popen] = []
+        self._keys: tempfile.TemporaryDirectory | None = None
+
+    def start(self, bed: Testbed) -> None:
+        self._keys = tempfile.TemporaryDirectory(prefix="wg-bench-")
+        # The UAPI socket lives in /var/run/wireguard, shared by all
+        # namespaces: the device names must differ between the two sides.
+        sides = {"a": (bed.ns_a, bed.addr_a, TUNNEL_A, f"wg{bed.ns_a[2:]}"[:15]),
+                 "b": (bed.ns_b, bed.addr_b, TUNNEL_B, f"wg{bed.ns_b[2:]}"[:15])}
+        public = {}
+        for name in sides:
+            private = _wg(["genkey"])
+            public[name] = _wg(["pubkey"], private)
+            path = os.path.join(self._keys.name, name)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(private + "\n")
+        env = dict(os.environ, **self.ENV)
+        for name, (ns, here, addr, dev) in sides.items():
+            other = "b" if name == "a" else "a"
+            self.procs.append(bed.popen(ns, ["wireguard-go", "-f", dev], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_for(os.path.join(self.UAPI_DIR, f"{dev}.sock"), self.procs[-1])
+            _run(bed, ns, ["wg", "set", dev, "private-key", os.path.join(self._keys.name, name),
+                           "listen-port", str(self.PORT), "peer", public[other],
+                           "endpoint", f"{sides[other][1]}:{self.PORT}",
+                           "allowed-ips", TUNNEL_NET])
+            _ip(bed, ns, "addr", "add", f"{addr}/{PREFIX}", "dev", dev)
+            _ip(bed, ns, "link", "set", "dev", dev, "mtu", str(MTU), "up")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _terminate(proc)
+        if self._keys is not None:
+            self._keys.cleanup()
+
+
+def all_tunnels() -> list[Tunnel]:
+    """Every tunnel, in table order."""
+    tunnels: list[Tunnel] = [VethDirect("veth (no tunnel)"), KernelVxlan("kernel vxlan")]
+    tunnels += [Tunrelay(label, protocol, overrides)
+                for label, (protocol, overrides) in TUNRELAY_VARIANTS.items()]
+    tunnels.append(Tunrelay("python relay udp (naive)", *PYTHON_RELAY, kind="python"))
+    tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo("wireguard-go")]
+    return tunnels
+
+
+# ---------------------------------------------------------------- helpers
+
+def _run(bed: Testbed, ns: str, argv: list[str]) -> None:
+    done = bed.run(ns, argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"'{' '.join(argv)}' in {ns} failed: {done.stderr.strip()}")
+
+
+def _ip(bed: Testbed, ns: str, *args: str) -> None:
+    _run(bed, ns, ["ip", *args])
+
+
+def _wg(args: list[str], stdin: str | None = None) -> str:
+    return subprocess.run(["wg", *args], input=stdin, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"wireguard-go exited with {proc.returncode} before creating {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"wireguard-go did not create {path} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _terminate(proc: subprocess.Popen, timeout: float = 3.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
