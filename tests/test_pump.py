@@ -855,3 +855,24 @@ def test_both_pumps_count_alike(script):
     assert results["c"] == results["python"]
     assert results["c"]["egress"]["drops"]["oversize"] == 1
     assert results["c"]["ingress"]["packets"] == 20
+
+
+def test_python_pump_close_twice_leaves_other_fds_alone():
+    """close() then garbage collection must not close a reused fd number."""
+    import gc
+
+    from tunrelay.pypump import PyPump
+    app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    pump = PyPump(tun, sock, peer=("127.0.0.1", 9))
+    pump.close()
+    reused = os.open("/dev/null", os.O_RDONLY)   # takes a freed number
+    try:
+        del pump
+        gc.collect()
+        os.fstat(reused)                         # raises EBADF if closed again
+    finally:
+        os.close(reused)
+        for s in (app, tun, sock):
+            s.close()

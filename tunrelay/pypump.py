@@ -107,11 +107,13 @@ class PyPump:
             self._learn_peer = True
 
     def close(self) -> None:
-        for fd in (self._stop_r, self._stop_w):
-            try:
+        """Release the pump's own fds (its stop pipe and its dup of the
+        socket); never the caller's.  Safe to call twice: a second close of
+        a number the kernel has since reused would close someone else's fd."""
+        fds, self._stop_r, self._stop_w = (self._stop_r, self._stop_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
         self._sock.close()
 
     def __del__(self):
