@@ -444,3 +444,55 @@ def test_run_reports_configuration_and_runtime_errors(bed, make_pair):
     assert last.startswith("tunrelay: ") and "198.18.0.77:55555" in last, done.stderr
     assert "not an address of this host" in last, last
     assert not has_device(bed, bed.ns_a), "a failed start left its device behind"
+
+
+# ------------------------------------------------- fast-path variants
+
+def _aead_overrides(workdir: str) -> dict:
+    """Both sides: framing aead with one freshly made key file (mode 600)."""
+    from tunrelay.aead import genkey
+    key_file = os.path.join(workdir, "relay.key")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(genkey() + "\n")
+    return {"transport": ['framing = "aead"'], "security": [f'key_file = "{key_file}"'],
+            "device": ["mtu = 1364"]}
+
+
+# (protocol, overrides for both sides, overrides for side a only)
+VARIANTS = {
+    "udp-offload-off": ("udp", {"relay": ["offload = false"]}, None),
+    "udp-offload-mixed": ("udp", None, {"relay": ["offload = false"]}),
+    "tcp-offload-off": ("tcp", {"relay": ["offload = false"]}, None),
+    "tcp-offload-mixed": ("tcp", None, {"relay": ["offload = false"]}),
+    "udp-queues-2": ("udp", {"device": ["queues = 2"]}, None),
+    "udp-queues-2-offload-off": ("udp", {"device": ["queues = 2"], "relay": ["offload = false"]}, None),
+    "udp-aead": ("udp", "aead", None),
+    "udp-aead-aes-offload-off": ("udp", "aead-aes", {"relay": ["offload = false"]}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_path_variants_carry_traffic_byte_exact(bed, make_pair, tmp_path, variant):
+    """Offloads on, off and mixed (one side each way), two queues, and the
+    aead framing: the same ping and byte-exact transfer pass in each."""
+    protocol, both, side_a = VARIANTS[variant]
+    if isinstance(both, str):
+        both = _aead_overrides(str(tmp_path))
+        if variant.startswith("udp-aead-aes"):
+            both["security"].append('cipher = "aes-256-gcm"')
+    pair = make_pair(protocol=protocol, overrides=both, overrides_a=side_a)
+    pair.start()
+    assert_ping(bed, bed.ns_a, TUNNEL_B)
+    assert_ping(bed, bed.ns_a, TUNNEL6_B)
+    transfer(bed, TUNNEL_B)
+    for name in ("a", "b"):
+        snapshot = cli_stats(bed, pair, name)
+        dropped = {k: v for k, v in snapshot["ingress"]["drops"].items() if v}
+        assert not dropped, (name, dropped)
+        if "queues-2" in variant:
+            assert snapshot["queues"] == 2
+        if "aead" in variant:
+            assert snapshot["aead"]["peer_sessions"] >= 1
+    for name in ("a", "b"):
+        assert pair.stop(name) == 0, pair.log(name)
