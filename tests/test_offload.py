@@ -665,8 +665,12 @@ def test_offloads_reported(rig):
     assert pump.offloads == {"vnet_hdr": True, "gso": True, "gro": True}
     _, tcp = rig.tcp()
     assert rig.pump(tun_end, tcp).offloads == {"vnet_hdr": True, "gso": False, "gro": False}
+    # Without TUN offloads a UDP pump still sends equal-sized runs with GSO,
+    # unless told not to.
     plain = rig.pump(tun_end, udp, peer=("127.0.0.1", 9), offload=False)
-    assert plain.offloads == {"vnet_hdr": False, "gso": False, "gro": False}
+    assert plain.offloads == {"vnet_hdr": False, "gso": True, "gro": False}
+    no_gso = rig.pump(tun_end, udp, peer=("127.0.0.1", 9), offload=False, gso=False)
+    assert no_gso.offloads == {"vnet_hdr": False, "gso": False, "gro": False}
     with pytest.raises(ValueError):
         rig.pump(tun_end, udp, mode="tap")
 

@@ -115,6 +115,8 @@ cdef struct PumpState:
     uint8_t *egress_slab
     iovec *egress_iov
     mmsghdr *egress_msgs
+    unsigned int *egress_counts   # datagrams per message (GSO runs)
+    uint8_t *egress_cmsg          # a UDP_SEGMENT cmsg per message
     # ingress: socket -> TUN
     uint8_t *ingress_slab
     iovec *ingress_iov
@@ -151,6 +153,7 @@ cdef class Pump:
     cdef readonly int mtu
     cdef readonly int batch
     cdef readonly bint offload
+    cdef bint _gso
     cdef readonly str cipher
 
     cdef int _inspect_socket(self, object peer) except -1

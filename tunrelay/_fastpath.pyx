@@ -27,7 +27,7 @@ from tunrelay.includes.crypto cimport (
 
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
-    SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, eventfd, eventfd_read,
+    SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, UDP_SEGMENT, eventfd, eventfd_read,
     eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs, tr_load_acquire,
     setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t)
 
@@ -84,7 +84,7 @@ cdef class Pump:
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
-                  key=None, cipher="chacha20-poly1305"):
+                  key=None, cipher="chacha20-poly1305", bint gso=True):
         self.st = <PumpState *>calloc(1, sizeof(PumpState))
         if self.st == NULL:
             raise MemoryError()
@@ -102,6 +102,7 @@ cdef class Pump:
             raise ValueError("offload needs mode 'tun': TAP frames are not segmented here")
         self.offload = offload
         self.st.offload = offload
+        self._gso = gso
         self.st.tap = mode == "tap"
         self.st.batch = batch
         self.st.max_frame = _max_frame(mode, mtu)
@@ -121,13 +122,16 @@ cdef class Pump:
         self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.egress_counts = <unsigned int *>calloc(batch, sizeof(unsigned int))
+        self.st.egress_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
         self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
         self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
         if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
                 or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
                 or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
-                or self.st.ingress_names == NULL or self.st.stream_buf == NULL):
+                or self.st.ingress_names == NULL or self.st.stream_buf == NULL
+                or self.st.egress_counts == NULL or self.st.egress_cmsg == NULL):
             raise MemoryError()
         # Offload scratch: segment headers and their messages, GRO cmsgs,
         # the coalescer's packet list and iovecs (a few hundred KiB).
@@ -237,6 +241,8 @@ cdef class Pump:
         free(self.st.egress_iov)
         free(self.st.ingress_iov)
         free(self.st.egress_msgs)
+        free(self.st.egress_counts)
+        free(self.st.egress_cmsg)
         free(self.st.ingress_msgs)
         free(self.st.ingress_names)
         free(self.st.stream_buf)
@@ -288,15 +294,21 @@ cdef class Pump:
         self._set_udp_offloads()
 
     def _set_udp_offloads(self):
-        """With offloads: send with UDP_SEGMENT (given up on the first EIO)
-        and receive with UDP_GRO where the kernel has it."""
-        cdef int one = 1
+        """On a UDP socket: send runs of equal-sized datagrams with
+        UDP_SEGMENT (unless gso=False; given up on the first EIO); with
+        offloads also receive with UDP_GRO, where the kernel has them."""
+        cdef int one = 1, size = 0
+        cdef socklen_t length = sizeof(size)
         cdef unsigned int i
         self.st.gso = False
         self.st.gro = False
-        if not self.st.offload or self.st.stream:
+        if self.st.stream:
             return
-        self.st.gso = True
+        if self._gso and _sockopt(self.st.sock_fd, SO_DOMAIN) in (AF_INET, AF_INET6):
+            # getsockopt(UDP_SEGMENT) answers where the kernel has UDP GSO.
+            self.st.gso = getsockopt(self.st.sock_fd, SOL_UDP, UDP_SEGMENT, &size, &length) == 0
+        if not self.st.offload:
+            return
         self.st.gro = setsockopt(self.st.sock_fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0
         for i in range(self.st.batch):
             self.st.ingress_msgs[i].msg_hdr.msg_control = (

@@ -138,12 +138,20 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     return ST_STOPPED
 
 
-cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
-    """Send n slots with as few sendmmsg calls as the kernel allows."""
+cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
+                      mmsghdr *msgs, unsigned int *counts, uint8_t *cmsg) noexcept nogil:
+    """Send n datagrams, each `per` consecutive iovecs of `iov`, with as few
+    sendmmsg calls as the kernel allows.  With UDP GSO, runs of equal-sized
+    datagrams (the last may be shorter) go as one UDP_SEGMENT message: the
+    stack is walked once per run instead of once per datagram, and the
+    kernel cuts the run back into the same datagrams.  `msgs`, `counts`
+    and `cmsg` are scratch for up to n messages."""
     cdef Counters *c = &st.egress
-    cdef unsigned int sent = 0, i
+    cdef size_t done = 0, k, nmsg, count, size, next_size, j, q, i
     cdef int r, err, ready
-    cdef size_t header = st.overhead
+    cdef mmsghdr *m
+    cdef cmsghdr *cm
+    cdef uint16_t gso_size
     cdef void *name = NULL
     cdef unsigned int namelen = 0
     if st.check_peer or st.learn_peer:
@@ -152,18 +160,57 @@ cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
             return ST_STOPPED
         name = &st.peer
         namelen = st.peer_len
-    for i in range(n):
-        st.egress_msgs[i].msg_hdr.msg_name = name
-        st.egress_msgs[i].msg_hdr.msg_namelen = namelen
-    while sent < n:
-        r = sendmmsg(st.sock_fd, st.egress_msgs + sent, n - sent, MSG_DONTWAIT)
+    while done < n:
+        nmsg = 0
+        k = done
+        while k < n:
+            size = 0
+            for i in range(per):
+                size += iov[k * per + i].iov_len
+            count = 1
+            if st.gso:
+                while k + count < n and count < MAX_GSO_SEGMENTS \
+                        and (count + 1) * size <= MAX_GSO_BYTES:
+                    next_size = 0
+                    for i in range(per):
+                        next_size += iov[(k + count) * per + i].iov_len
+                    if next_size > size:
+                        break
+                    count += 1
+                    if next_size < size:
+                        break
+            m = &msgs[nmsg]
+            m.msg_hdr.msg_name = name
+            m.msg_hdr.msg_namelen = namelen
+            m.msg_hdr.msg_iov = &iov[k * per]
+            m.msg_hdr.msg_iovlen = per * count
+            m.msg_hdr.msg_flags = 0
+            if count > 1:
+                cm = <cmsghdr *>(cmsg + nmsg * st.cmsg_space)
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                cm.cmsg_level = SOL_UDP
+                cm.cmsg_type = UDP_SEGMENT
+                gso_size = <uint16_t>size
+                memcpy(CMSG_DATA(cm), &gso_size, sizeof(uint16_t))
+                m.msg_hdr.msg_control = cm
+                m.msg_hdr.msg_controllen = st.cmsg_space
+            else:
+                m.msg_hdr.msg_control = NULL
+                m.msg_hdr.msg_controllen = 0
+            counts[nmsg] = <unsigned int>count
+            nmsg += 1
+            k += count
+        r = sendmmsg(st.sock_fd, msgs, <unsigned int>nmsg, MSG_DONTWAIT)
         c.syscalls += 1
         if r > 0:
             c.batches += 1
-            for i in range(sent, sent + <unsigned int>r):
-                c.packets += 1
-                c.bytes += st.egress_iov[i].iov_len - header
-            sent += <unsigned int>r
+            for j in range(<size_t>r):
+                for q in range(done, done + counts[j]):
+                    c.packets += 1
+                    for i in range(per):
+                        c.bytes += iov[q * per + i].iov_len
+                    c.bytes -= st.overhead
+                done += counts[j]
             continue
         err = errno
         if err == EINTR:
@@ -175,17 +222,30 @@ cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
             if ready > 0:
                 continue
             err = errno
-        # The first unsent datagram was refused (ECONNREFUSED from an ICMP
+        if counts[0] > 1 and (err == EIO or err == EINVAL):
+            # The route's device cannot do UDP GSO: send datagrams one by
+            # one (sendmmsg) from now on.
+            st.gso = False
+            c.errors[ERR_GSO] += 1
+            c.last_errno = err
+            continue
+        # The first unsent message was refused (ECONNREFUSED from an ICMP
         # error, ENETUNREACH, EMSGSIZE, ENOBUFS...): count it, skip it, go on.
         c.errors[ERR_WRITE] += 1
         c.last_errno = err
         if device_gone(err):
             st.exit_errno = err
-            c.drops[DROP_SEND_ERROR] += n - sent
+            c.drops[DROP_SEND_ERROR] += n - done
             return ST_FATAL
-        c.drops[DROP_SEND_ERROR] += 1
-        sent += 1
+        c.drops[DROP_SEND_ERROR] += counts[0]
+        done += counts[0]
     return ST_STOPPED
+
+
+cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
+    """Send the n packets read into the egress slots."""
+    return send_packets(st, st.egress_iov, n, 1, st.egress_msgs, st.egress_counts,
+                        st.egress_cmsg)
 
 
 cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
@@ -294,21 +354,16 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
 
 
 cdef int send_segments(PumpState *st) noexcept nogil:
-    """Send st.segs: over UDP, each super-packet's equal-sized segments as
-    one UDP_SEGMENT (GSO) message, all messages in one sendmmsg; over TCP,
-    one sendmsg of all their iovecs.  Empties the pool."""
+    """Send st.segs (sealing each with aead): over UDP as datagrams of
+    three iovecs each (header copy, payload in place, tag), equal-sized
+    runs as UDP GSO messages; over TCP one sendmsg of all their iovecs.
+    Empties the pool."""
     cdef Counters *c = &st.egress
-    cdef size_t framing = st.overhead
-    cdef size_t k, done = 0, nmsg, count, size, next_size, j, s
-    cdef int r, err, ready, status
-    cdef mmsghdr *m
-    cdef cmsghdr *cm
-    cdef uint16_t gso_size
-    cdef void *name = NULL
-    cdef unsigned int namelen = 0
-    cdef size_t nseg = st.nseg
+    cdef size_t k
+    cdef int status
     cdef Segment *g
     cdef size_t tag = AEAD_TAG_LEN if st.aead.on else 0
+    cdef size_t nseg = st.nseg
     st.nseg = 0
     for k in range(nseg):
         g = &st.segs[k]
@@ -325,89 +380,9 @@ cdef int send_segments(PumpState *st) noexcept nogil:
         st.seg_iov[3 * k + 2].iov_base = g.tail
         st.seg_iov[3 * k + 2].iov_len = tag
     if st.stream:
-        status = write_stream(st, st.seg_iov, 3 * nseg, 3, framing)
+        status = write_stream(st, st.seg_iov, 3 * nseg, 3, st.overhead)
         return ST_CLOSED if status == ST_CLOSED else ST_STOPPED
-    if st.check_peer or st.learn_peer:
-        if not tr_load_acquire(&st.peer_known):
-            c.drops[DROP_NO_PEER] += nseg
-            return ST_STOPPED
-        name = &st.peer
-        namelen = st.peer_len
-    while done < nseg:
-        nmsg = 0
-        k = done
-        while k < nseg:
-            size = st.segs[k].head_len + st.segs[k].data_len + tag
-            count = 1
-            if st.gso:
-                # One GSO message: segments of one super-packet, all of the
-                # first one's size but the last, which may be shorter.
-                while k + count < nseg and count < MAX_GSO_SEGMENTS \
-                        and st.segs[k + count].group == st.segs[k].group \
-                        and (count + 1) * size <= MAX_GSO_BYTES:
-                    next_size = st.segs[k + count].head_len + st.segs[k + count].data_len + tag
-                    if next_size > size:
-                        break
-                    count += 1
-                    if next_size < size:
-                        break
-            m = &st.seg_msgs[nmsg]
-            m.msg_hdr.msg_name = name
-            m.msg_hdr.msg_namelen = namelen
-            m.msg_hdr.msg_iov = &st.seg_iov[3 * k]
-            m.msg_hdr.msg_iovlen = 3 * count
-            m.msg_hdr.msg_flags = 0
-            if count > 1:
-                cm = <cmsghdr *>(st.seg_cmsg + nmsg * st.cmsg_space)
-                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-                cm.cmsg_level = SOL_UDP
-                cm.cmsg_type = UDP_SEGMENT
-                gso_size = <uint16_t>size
-                memcpy(CMSG_DATA(cm), &gso_size, sizeof(uint16_t))
-                m.msg_hdr.msg_control = cm
-                m.msg_hdr.msg_controllen = st.cmsg_space
-            else:
-                m.msg_hdr.msg_control = NULL
-                m.msg_hdr.msg_controllen = 0
-            st.msg_segs[nmsg] = <unsigned int>count
-            nmsg += 1
-            k += count
-        r = sendmmsg(st.sock_fd, st.seg_msgs, <unsigned int>nmsg, MSG_DONTWAIT)
-        c.syscalls += 1
-        if r > 0:
-            c.batches += 1
-            for j in range(<size_t>r):
-                for s in range(done, done + st.msg_segs[j]):
-                    c.packets += 1
-                    c.bytes += st.segs[s].head_len + st.segs[s].data_len + tag - framing
-                done += st.msg_segs[j]
-            continue
-        err = errno
-        if err == EINTR:
-            continue
-        if err == EAGAIN:
-            ready = wait_ready(st, c, st.sock_fd, POLLOUT)
-            if ready == 0:
-                return ST_STOPPED
-            if ready > 0:
-                continue
-            err = errno
-        if st.msg_segs[0] > 1 and (err == EIO or err == EINVAL):
-            # The route's device cannot do UDP GSO: send segments one by one
-            # (sendmmsg) from now on.
-            st.gso = False
-            c.errors[ERR_GSO] += 1
-            c.last_errno = err
-            continue
-        c.errors[ERR_WRITE] += 1
-        c.last_errno = err
-        if device_gone(err):
-            st.exit_errno = err
-            c.drops[DROP_SEND_ERROR] += nseg - done
-            return ST_FATAL
-        c.drops[DROP_SEND_ERROR] += st.msg_segs[0]
-        done += st.msg_segs[0]
-    return ST_STOPPED
+    return send_packets(st, st.seg_iov, nseg, 3, st.seg_msgs, st.msg_segs, st.seg_cmsg)
 
 
 cdef int egress_loop(PumpState *st) noexcept nogil:

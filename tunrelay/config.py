@@ -45,6 +45,12 @@ CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
 # default MTU shrinks by as much, so the datagrams on the wire are no larger
 # than raw framing's at its default of 1400.
 AEAD_DEFAULT_MTU = 1400 - 36
+# Each queue's pump is an aead session of its own, and all queues send from
+# one address, so the peer's receiving pump must hold every one of them in
+# its session cache (AEAD_SESSIONS in _fastpath.pxd); more would thrash it:
+# each datagram of an evicted session costs a rate-limited key derivation
+# (most are dropped as unknown_session) and restarts its replay window.
+AEAD_MAX_QUEUES = 4
 ENGINES = ("fast", "python")
 
 
@@ -319,6 +325,11 @@ def _with_aead(cfg: Config, tables: dict) -> Config:
         raise tables["transport"].error("framing", 'aead needs protocol = "udp"')
     if cfg.relay.engine != "fast":
         raise tables["relay"].error("engine", 'framing = "aead" needs engine = "fast"')
+    if cfg.device.queues > AEAD_MAX_QUEUES:
+        raise tables["device"].error(
+            "queues", f'{cfg.device.queues} queues with framing = "aead": at most '
+            f"{AEAD_MAX_QUEUES} (each queue is an aead session, and the peer keeps "
+            f"{AEAD_MAX_QUEUES} sessions)")
     if not cfg.security.key_file:
         raise tables["security"].error(
             "key_file", 'framing = "aead" needs a key file (make one: tunrelay genkey > relay.key; '

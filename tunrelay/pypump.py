@@ -45,7 +45,11 @@ class PyPump:
     """See ``tunrelay._fastpath.Pump``: same constructor, methods, counters."""
 
     def __init__(self, tun_fd, sock_fd, *, framing=None, mode="tun", mtu=1400,
-                 batch=64, peer=None) -> None:
+                 batch=64, peer=None, offload=False, gso=True) -> None:
+        # Same signature as the compiled Pump; this pump sends one datagram
+        # per call (gso has no effect) and has no TUN offloads.
+        if offload:
+            raise ValueError("the Python pump has no TUN offloads: use the compiled Pump")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 68 <= mtu <= 65535:

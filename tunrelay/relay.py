@@ -212,6 +212,8 @@ class Relay:
 
     def _make_pumps(self, socks: list[socket.socket]) -> None:
         options = {"offload": True} if self.device.vnet_hdr else {}
+        if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
+            options["gso"] = False  # offload = false: no UDP GSO either
         if self.cfg.transport.framing == "aead":
             options.update(key=self.cfg.security.key, cipher=self.cfg.security.cipher)
         for fd, sock in zip(self.device.fds, socks):
