@@ -103,17 +103,19 @@ def ratios(results: Results) -> list[Ratio]:
     rows = results.measured()
     out = []
 
-    def compare(name: str, metric: str, against: str, target: float, target_text: str,
-                lower_is_better: bool = False) -> None:
-        """tunrelay's best row for ``metric`` over the ``against`` row."""
-        ours = _best(rows, "tunrelay", metric, lowest=lower_is_better)
-        theirs = _one(rows, against, metric)
+    def compare(name: str, metric: str, against: str, target: float | None, target_text: str,
+                lower_is_better: bool = False, ours_kind: str = "tunrelay") -> None:
+        """tunrelay's best row (of ``ours_kind``) for ``metric`` over the
+        ``against`` row (the best of that kind when it is a tunrelay kind)."""
+        ours = _best(rows, ours_kind, metric, lowest=lower_is_better)
+        theirs = (_best(rows, against, metric, lowest=lower_is_better)
+                  if against.startswith("tunrelay") else _one(rows, against, metric))
         if ours is None or theirs is None or not theirs.value(metric):
             missing = "tunrelay" if ours is None else against
             out.append(Ratio(name, None, target_text, None, f"no {missing} figure in this run"))
             return
         value = ours.value(metric) / theirs.value(metric)
-        met = value <= target if lower_is_better else value >= target
+        met = None if target is None else value <= target if lower_is_better else value >= target
         out.append(Ratio(name, value, target_text, met, f"{ours.label} vs {theirs.label}"))
 
     compare("TCP 1 stream: tunrelay best / kernel vxlan", "tcp1_gbps", "vxlan",
@@ -123,6 +125,10 @@ def ratios(results: Results) -> list[Ratio]:
             lower_is_better=True)
     compare("CPU per GB: tunrelay best / OpenVPN", "cpu_s_per_gb", "openvpn", 0.25, "≤ 0.25",
             lower_is_better=True)
+    compare("TCP 1 stream: tunrelay aead best / wireguard-go", "tcp1_gbps", "wireguard-go",
+            3.0, "≥ 3 (issue 4)", ours_kind="tunrelay-aead")
+    compare("TCP 1 stream: tunrelay aead best / tunrelay raw best", "tcp1_gbps", "tunrelay",
+            None, "cost of encryption", ours_kind="tunrelay-aead")
     for row in results.micro:
         if row.size == 64:
             value = row.ratio

@@ -37,17 +37,23 @@ TUNNEL_NET = str(ipaddress.ip_interface(f"{TUNNEL_A}/{PREFIX}").network)
 #: with code 2 naming the key, and the variant is reported as skipped with
 #: the relay's own message.  The first row of each protocol uses no such
 #: key (offload "auto", 1 queue), so every build measures it.
+# The defaults are offload = "auto" (on here) and queues = 1: the
+# "offload=on q=1" rows are what a user gets unconfigured.
+_AEAD = {"transport": ['framing = "aead"'], "device": ["mtu = 1400"],
+         "security": ['key_file = "{key_file}"']}
+
 TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
-    "tunrelay udp": ("udp", {}),
     "tunrelay udp offload=on q=1": ("udp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
     "tunrelay udp offload=off q=1": ("udp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
     "tunrelay udp offload=on q=2": ("udp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
     "tunrelay udp offload=off q=2": ("udp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
-    "tunrelay tcp": ("tcp", {}),
     "tunrelay tcp offload=on q=1": ("tcp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
     "tunrelay tcp offload=off q=1": ("tcp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
     "tunrelay tcp offload=on q=2": ("tcp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
     "tunrelay tcp offload=off q=2": ("tcp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
+    "tunrelay udp aead chacha20-poly1305": ("udp", _AEAD),
+    "tunrelay udp aead aes-256-gcm": (
+        "udp", {**_AEAD, "security": _AEAD["security"] + ['cipher = "aes-256-gcm"']}),
 }
 
 #: The "naive Python relay" baseline: tunrelay with its pure-Python pump
@@ -64,7 +70,7 @@ class Unsupported(Exception):
 class Tunnel:
     """The interface; also the no-op parts."""
 
-    kind = ""              # "veth", "vxlan", "tunrelay", "python", "openvpn", "wireguard-go"
+    kind = ""  # "veth", "vxlan", "tunrelay", "tunrelay-aead", "python", "openvpn", "wireguard-go"
     binaries: tuple = ()   # commands that must be installed
     server_ip = TUNNEL_A   # side a's address, reached from side b
 
@@ -127,7 +133,17 @@ class Tunrelay(Tunnel):
 
     def start(self, bed: Testbed) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="tunrelay-bench-")
-        self.pair = RelayPair(bed, protocol=self.protocol, mtu=MTU, overrides=self.overrides,
+        overrides = self.overrides
+        if any("{key_file}" in line for lines in overrides.values() for line in lines):
+            # aead: one fresh pre-shared key for both ends, owner-only.
+            from tunrelay.aead import genkey
+            key_file = os.path.join(self._workdir.name, "relay.key")
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(genkey() + "\n")
+            overrides = {table: [line.replace("{key_file}", key_file) for line in lines]
+                         for table, lines in overrides.items()}
+        self.pair = RelayPair(bed, protocol=self.protocol, mtu=MTU, overrides=overrides,
                               workdir=self._workdir.name)
         try:
             self.pair.start()
@@ -259,7 +275,8 @@ class WireguardGo(Tunnel):
 def all_tunnels() -> list[Tunnel]:
     """Every tunnel, in table order."""
     tunnels: list[Tunnel] = [VethDirect("veth (no tunnel)"), KernelVxlan("kernel vxlan")]
-    tunnels += [Tunrelay(label, protocol, overrides)
+    tunnels += [Tunrelay(label, protocol, overrides,
+                         kind="tunrelay-aead" if "aead" in label else "tunrelay")
                 for label, (protocol, overrides) in TUNRELAY_VARIANTS.items()]
     tunnels.append(Tunrelay("python relay udp (naive)", *PYTHON_RELAY, kind="python"))
     tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo("wireguard-go")]
