@@ -37,6 +37,16 @@ def _normalise(address, family: int):
     return socket.inet_ntop(family, packed), port
 
 
+def _read_failed(c: dict, exc: OSError) -> None:
+    """A read/recv that failed with more than EAGAIN/EINTR: counted; the
+    device (or fd) being gone ends the loop."""
+    c["syscalls"] += 1
+    c["errors"]["read"] += 1
+    c["last_errno"] = exc.errno
+    if exc.errno in _DEVICE_GONE:
+        raise exc
+
+
 class _Stop(Exception):
     """The stop signal fired while a loop was waiting."""
 
@@ -179,11 +189,7 @@ class PyPump:
                 except InterruptedError:
                     continue
                 except OSError as exc:
-                    c["syscalls"] += 1
-                    c["errors"]["read"] += 1
-                    c["last_errno"] = exc.errno
-                    if exc.errno in _DEVICE_GONE:
-                        raise
+                    _read_failed(c, exc)
                     break
                 c["syscalls"] += 1
                 if not packet:
@@ -257,11 +263,7 @@ class PyPump:
                 c["syscalls"] += 1
                 continue
             except OSError as exc:
-                c["syscalls"] += 1
-                c["errors"]["read"] += 1
-                c["last_errno"] = exc.errno
-                if exc.errno in _DEVICE_GONE:
-                    raise
+                _read_failed(c, exc)
                 continue
             c["syscalls"] += 1
             c["batches"] += 1
