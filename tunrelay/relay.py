@@ -29,7 +29,6 @@ from .config import Config
 from . import device
 from .device import Device
 from .errors import PumpError
-from .framing import max_frame
 from .stats import ControlServer, format_line
 
 log = logging.getLogger("tunrelay.relay")
