@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""atheris harness: the len16 stream parser of the compiled pump.
+
+Each input picks a stream pump (TUN or TAP, MTU, offloads on or off for
+TUN; its socket is one end of a TCP connection on 127.0.0.1) and a byte
+stream, cut into chunks at fuzzed points: the rest of the input as it is,
+or built len16 frames (TCP runs, IP packets, plain bytes) some of whose
+length headers are zero, over the limit or off by a little.  Each chunk is
+one recv(): it goes through ``Pump._feed_stream`` (``len16_consume`` and
+delivery, the coalescer with offloads) and through
+``framing.Len16Parser``, the Python reference.  Per chunk, raised as an
+exception when violated:
+
+* both report a bad length at the same chunk (then the stream ends: the
+  connection would be closed), and only then;
+* what reaches the TUN stand-in is exactly the frames the reference cuts
+  that ``framing.validate`` accepts, in order (with offloads: as
+  fuzz_ingress.py checks coalesced writes);
+* every invalid frame is counted under the reference's reason; delivered +
+  dropped = frames cut; no counter ever decreases.
+
+Run: python tests/fuzz/fuzz_len16.py [libFuzzer flags] [corpus dirs]
+(see README.md in this directory).
+"""
+
+import sys
+from pathlib import Path
+
+import atheris
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+
+with atheris.instrument_imports(include=["tunrelay", "fuzz_common"]):
+    import tunrelay.framing  # noqa: F401  (instrumented: the reference)
+    import fuzz_common
+
+RIG = None
+
+
+def TestOneInput(data: bytes) -> None:
+    global RIG
+    if RIG is None:
+        RIG = fuzz_common.Rig()
+    fuzz_common.run_stream(RIG, fuzz_common.FDPSource(atheris.FuzzedDataProvider(data)))
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
