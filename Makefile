@@ -8,15 +8,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
 
-.PHONY: demo test bench sysdeps venv clean
+.PHONY: demo test soak bench sysdeps venv clean
 
 ## make demo: two network namespaces joined by a tunnel; ping and measure (root)
 demo: sysdeps venv
 	$(VENV)/bin/tunrelay demo
 
-## make test: unit tests, and the integration tests when run as root
+## make test: unit tests, and the integration tests when run as root.  The
+## slow tests run too, on a short budget (the soak loads the tunnel for 20 s).
 test: sysdeps venv
-	$(PY) -m pytest
+	TUNRELAY_SOAK_SECONDS=$${TUNRELAY_SOAK_SECONDS:-20} $(PY) -m pytest
+
+## make soak: the slow tests at full length (the soak: 60 s under load)
+soak: sysdeps venv
+	$(PY) -m pytest -m slow
 
 ## make bench: the throughput suite, tunrelay beside veth, kernel vxlan, OpenVPN
 ## and wireguard-go (tunnels need root); writes benchmarks/RESULTS.md and
