@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ethernet_frame, ip_packet, ipv4_packet, load_fastpath
+from pumprig import WAIT, Rig, counted, drops, wait_for
 
 from tunrelay import aead
 from tunrelay.config import load, loads
@@ -41,9 +42,6 @@ from tunrelay.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 CIPHERS = aead.CIPHERS
 MTU = 1400
-TIMEOUT = 5.0          # one test-side socket operation
-WAIT = 15.0            # counters to reach a value, a pump to stop
-BUFFER = 4 << 20
 
 HEADER, TAG, OVERHEAD = 20, 16, 36
 WINDOW = 2048          # counters behind the newest that are still accepted: 2047
@@ -277,22 +275,10 @@ def tcp_super_packet(payload: bytes, mss: int, seq: int = 1000) -> bytes:
 
 # ================================================================ rig
 
-def wait_for(predicate, what: str, show=None) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = f" (got {show()})" if show else ""
-            pytest.fail(f"gave up after {WAIT} s waiting for {what}{seen}")
-        time.sleep(0.002)
 
 
-def drops(pump, direction: str = "ingress") -> dict:
-    return {k: v for k, v in pump.stats()[direction]["drops"].items() if v}
 
 
-def counted(pump, direction: str = "ingress") -> int:
-    c = pump.stats()[direction]
-    return c["packets"] + sum(c["drops"].values())
 
 
 def settle(pump, direction: str, total: int) -> None:
@@ -304,7 +290,7 @@ def settle(pump, direction: str, total: int) -> None:
 class Side:
     """One pump and the test's end of its TUN stand-in."""
 
-    def __init__(self, rig: "Rig", sock: socket.socket, key: bytes, cipher: str,
+    def __init__(self, rig: "AeadRig", sock: socket.socket, key: bytes, cipher: str,
                  peer, offload: bool, start: bool = True, mode: str = "tun") -> None:
         self.tun, pump_end = rig.tun()
         self.sock = sock
@@ -348,51 +334,21 @@ class Side:
         pytest.fail(f"an unexpected {len(data)}-byte write reached the TUN")
 
 
-class Rig:
-    """Sockets and pumps of one test; close() stops the pumps, then closes fds."""
+class AeadRig(Rig):
+    """The shared rig with compiled pumps, and aead sides made in one call."""
 
     def __init__(self) -> None:
-        self.pumps: list = []
-        self.sockets: list[socket.socket] = []
-
-    def keep(self, sock: socket.socket) -> socket.socket:
-        self.sockets.append(sock)
-        return sock
-
-    def tun(self):
-        test_end, pump_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        test_end.settimeout(TIMEOUT)
-        return self.keep(test_end), self.keep(pump_end)
-
-    def udp(self, family=socket.AF_INET, *, timeout=TIMEOUT) -> socket.socket:
-        sock = self.keep(socket.socket(family, socket.SOCK_DGRAM))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
-        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        sock.settimeout(timeout)
-        return sock
-
-    def pump(self, tun_end, sock, **options):
-        options.setdefault("mtu", MTU)
-        pump = load_fastpath().Pump(tun_end, sock, **options)
-        self.pumps.append(pump)
-        return pump
+        super().__init__(load_fastpath().Pump, mtu=MTU)
 
     def side(self, key: bytes, cipher: str = "chacha20-poly1305", *, peer, sock=None,
              offload: bool = False, start: bool = True, mode: str = "tun") -> Side:
         return Side(self, sock or self.udp(timeout=None), key, cipher, peer, offload, start,
                     mode)
 
-    def close(self) -> None:
-        stuck = [pump for pump in self.pumps if pump.stop(WAIT) is None]
-        if stuck:
-            pytest.fail(f"{len(stuck)} pump(s) did not stop within {WAIT} s")
-        for sock in self.sockets:
-            sock.close()
-
 
 @pytest.fixture
 def rig():
-    rig = Rig()
+    rig = AeadRig()
     yield rig
     rig.close()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import select
 import socket
 import struct
 import subprocess
@@ -33,65 +32,25 @@ from conftest import ipv4_packet, ipv6_packet, ip_packet, load_fastpath
 from test_faults import (assert_alive, assert_ping, bed, drops, make_pair, nstat, ping,  # noqa: F401
                          python, relay_state, wait_for)
 
+from pumprig import BUFFER, WAIT, Rig, assert_quiet, recv_exactly, recv_n
+from pumprig import drops as pump_drops
+from pumprig import errors as pump_errors
+from pumprig import wait_for as pump_wait_for
+
 from tunrelay.framing import len16_encode
 from tunrelay.pair import PORT, TUNNEL_A, TUNNEL_B
 
 MTU = 1400
-TIMEOUT = 5.0       # one test-side socket operation
-WAIT = 15.0         # counters to reach a value, a pump to end
 STOP_BOUND = 2.0    # stop() must return within this, however hostile the peer
-LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 FAMILIES = [pytest.param(socket.AF_INET, id="ipv4"), pytest.param(socket.AF_INET6, id="ipv6")]
 TRANSPORTS = ["udp", "tcp"]
 
 
 # ================================================================ rig
 
-class Rig:
-    """Sockets and pumps of one test; close() stops the pumps first, then
-    closes the fds (never one a pump thread may still be blocked on)."""
-
-    def __init__(self, pump_class) -> None:
-        self.pump_class = pump_class
-        self.pumps: list = []
-        self.sockets: list[socket.socket] = []
-
-    def keep(self, sock: socket.socket) -> socket.socket:
-        self.sockets.append(sock)
-        return sock
-
-    def tun(self):
-        """(test end, pump end) of the TUN stand-in."""
-        test_end, pump_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (test_end, pump_end):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        test_end.settimeout(TIMEOUT)
-        return self.keep(test_end), self.keep(pump_end)
-
-    def udp(self, family=socket.AF_INET, *, host=None, port=0, timeout=TIMEOUT) -> socket.socket:
-        sock = self.keep(socket.socket(family, socket.SOCK_DGRAM))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((host or LOOPBACK[family], port))
-        sock.settimeout(timeout)
-        return sock
-
-    def tcp(self):
-        """(test end, pump end) of a TCP connection on 127.0.0.1."""
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            listener.settimeout(TIMEOUT)
-            test_end = self.keep(socket.create_connection(listener.getsockname(), TIMEOUT))
-            pump_end, _ = listener.accept()
-        self.keep(pump_end).setblocking(True)
-        test_end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return test_end, pump_end
-
-    def pump(self, tun_end, sock, **options):
-        options.setdefault("mtu", MTU)
-        pump = self.pump_class(tun_end, sock, **options)
-        self.pumps.append(pump)
-        return pump
+class HostileRig(Rig):
+    """The shared rig, with room in the stand-in for bursts, and the peer's
+    side of either transport as one function."""
 
     def transport(self, transport: str, **options):
         """(tun test end, send(datagram), pump) with the peer's side as one
@@ -107,39 +66,20 @@ class Rig:
         pump = self.pump(tun_end, sock, **options)
         return tun, lambda data: peer.sendall(len16_encode(data)), pump
 
-    def close(self) -> None:
-        stuck = [pump for pump in self.pumps if pump.stop(WAIT) is None]
-        if stuck:
-            pytest.fail(f"{len(stuck)} pump(s) did not stop within {WAIT} s")
-        for sock in self.sockets:
-            sock.close()
-
 
 @pytest.fixture
 def rig(pump_class):
-    rig = Rig(pump_class)
+    rig = HostileRig(pump_class, tun_buffer=BUFFER, mtu=MTU)
     yield rig
     rig.close()
 
 
 # ================================================================ helpers
 
-def pump_wait_for(predicate, what: str, show=None):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = f" (got {show()})" if show else ""
-            pytest.fail(f"gave up after {WAIT} s waiting for {what}{seen}")
-        time.sleep(0.005)
 
 
-def pump_drops(pump, direction: str = "ingress") -> dict:
-    """The non-zero drop counters of a direction."""
-    return {k: v for k, v in pump.stats()[direction]["drops"].items() if v}
 
 
-def pump_errors(pump, direction: str) -> dict:
-    return {k: v for k, v in pump.stats()[direction]["errors"].items() if v}
 
 
 def wait_drops(pump, expected: dict, direction: str = "ingress") -> None:
@@ -147,22 +87,10 @@ def wait_drops(pump, expected: dict, direction: str = "ingress") -> None:
                   f"{direction} drops {expected}", lambda: pump_drops(pump, direction))
 
 
-def recv_n(sock: socket.socket, n: int) -> list[bytes]:
-    return [sock.recv(1 << 17) for _ in range(n)]
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"the stream ended after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
-def assert_quiet(sock: socket.socket) -> None:
-    readable, _, _ = select.select([sock], [], [], 0.05)
-    assert not readable, f"unexpected data: {sock.recv(1 << 17)[:40]!r}"
 
 
 def with_total(packet: bytes, total: int) -> bytes:
@@ -586,7 +514,7 @@ def test_offload_forged_checksums_are_not_coalesced(transport, version):
     sent, groups = forged_script(version)
     forged = [p for p in sent if not l4_valid(p)]
     assert len(forged) == 9
-    rig = Rig(Pump)
+    rig = HostileRig(Pump, tun_buffer=BUFFER, mtu=MTU)
     try:
         tun, tun_end = rig.tun()
         if transport == "udp":

@@ -23,7 +23,6 @@ before closing any fd.
 from __future__ import annotations
 
 import math
-import select
 import socket
 import struct
 import time
@@ -33,13 +32,11 @@ import pytest
 from conftest import load_fastpath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pumprig import BUFFER, Rig, assert_quiet, drops, errors, recv_exactly, recv_n, wait_for
 
 from tunrelay.framing import validate
 
 MTU = 1500
-TIMEOUT = 5.0          # one test-side socket operation
-WAIT = 15.0            # counters to reach a value, a pump to stop
-BUFFER = 4 << 20
 
 VNET_HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_LEN = VNET_HDR.size
@@ -57,7 +54,6 @@ V6_ADDRS = (bytes.fromhex("fd000000000000000000000000000001"),
             bytes.fromhex("fd000000000000000000000000000002"))
 #: NOP, NOP, timestamps: what a Linux TCP segment carries (12 bytes, thl 32).
 TIMESTAMPS = b"\x01\x01\x08\x0a" + struct.pack("!II", 0x01020304, 0x0A0B0C0D)
-LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 VERSIONS = [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")]
 
 
@@ -489,53 +485,12 @@ class Flow:
 
 # ================================================================ rig
 
-class Rig:
-    """Sockets and compiled pumps of one test; close() stops the pumps
-    first, then closes the fds."""
+class OffloadRig(Rig):
+    """The shared rig with compiled pumps, offloads on by default, room in
+    the stand-in for 64 KiB super-packets, and ready-made pump set-ups."""
 
     def __init__(self) -> None:
-        self.Pump = load_fastpath().Pump
-        self.pumps: list = []
-        self.sockets: list[socket.socket] = []
-
-    def keep(self, sock: socket.socket) -> socket.socket:
-        self.sockets.append(sock)
-        return sock
-
-    def tun(self):
-        """(test end, pump end) of the TUN stand-in, with room for a few
-        64 KiB super-packets queued before a pump starts."""
-        test_end, pump_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (test_end, pump_end):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
-        test_end.settimeout(TIMEOUT)
-        return self.keep(test_end), self.keep(pump_end)
-
-    def udp(self, family=socket.AF_INET, *, timeout=TIMEOUT) -> socket.socket:
-        sock = self.keep(socket.socket(family, socket.SOCK_DGRAM))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
-        sock.bind((LOOPBACK[family], 0))
-        sock.settimeout(timeout)
-        return sock
-
-    def tcp(self):
-        """(test end, pump end) of a TCP connection on 127.0.0.1."""
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            listener.settimeout(TIMEOUT)
-            test_end = self.keep(socket.create_connection(listener.getsockname(), TIMEOUT))
-            pump_end, _ = listener.accept()
-        self.keep(pump_end).setblocking(True)
-        test_end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return test_end, pump_end
-
-    def pump(self, tun_end, sock, **options):
-        options.setdefault("mtu", MTU)
-        options.setdefault("offload", True)
-        pump = self.Pump(tun_end, sock, **options)
-        self.pumps.append(pump)
-        return pump
+        super().__init__(load_fastpath().Pump, tun_buffer=BUFFER, mtu=MTU, offload=True)
 
     def udp_pump(self, family=socket.AF_INET, **options):
         """tun test end, peer socket, pump socket, pump (not started)."""
@@ -550,40 +505,20 @@ class Rig:
         peer, sock = self.tcp()
         return tun, peer, self.pump(tun_end, sock, **options)
 
-    def close(self) -> None:
-        stuck = [pump for pump in self.pumps if pump.stop(WAIT) is None]
-        if stuck:
-            pytest.fail(f"{len(stuck)} pump(s) did not stop within {WAIT} s")
-        for sock in self.sockets:
-            sock.close()
-        self.pumps.clear()
-        self.sockets.clear()
-
 
 @pytest.fixture
 def rig():
-    rig = Rig()
+    rig = OffloadRig()
     yield rig
     rig.close()
 
 
 # ================================================================ helpers
 
-def wait_for(predicate, what: str, show=None) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = f" (got {show()})" if show else ""
-            pytest.fail(f"gave up after {WAIT} s waiting for {what}{seen}")
-        time.sleep(0.002)
 
 
-def drops(pump, direction: str) -> dict:
-    return {k: v for k, v in pump.stats()[direction]["drops"].items() if v}
 
 
-def errors(pump, direction: str) -> dict:
-    return {k: v for k, v in pump.stats()[direction]["errors"].items() if v}
 
 
 def wait_packets(pump, direction: str, n: int) -> dict:
@@ -592,18 +527,8 @@ def wait_packets(pump, direction: str, n: int) -> dict:
     return pump.stats()[direction]
 
 
-def recv_n(sock: socket.socket, n: int) -> list[bytes]:
-    return [sock.recv(1 << 17) for _ in range(n)]
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"stream ended after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
 
 
 def parse_len16(stream: bytes) -> list[bytes]:
@@ -620,9 +545,6 @@ def len16(packet: bytes) -> bytes:
     return len(packet).to_bytes(2, "big") + packet
 
 
-def assert_quiet(sock: socket.socket, wait: float = 0.05) -> None:
-    readable, _, _ = select.select([sock], [], [], wait)
-    assert not readable, f"unexpected data: {sock.recv(1 << 17)[:40]!r}"
 
 
 def write_tun(tun: socket.socket, header: bytes, packet: bytes = b"") -> None:
@@ -1370,7 +1292,7 @@ def super_packets(draw):
 @given(super_packets())
 def test_property_egress_segmentation(case):
     transport, (header, packet) = case
-    rig = Rig()
+    rig = OffloadRig()
     try:
         expected = ref_segment(header, packet)
         if transport == "udp":
@@ -1465,7 +1387,7 @@ def segment_scripts(draw):
 @PROPERTY
 @given(segment_scripts())
 def test_property_ingress_coalescing(packets):
-    rig = Rig()
+    rig = OffloadRig()
     try:
         pump, got = ingress_udp(rig, packets)
         check_ingress(packets, got)

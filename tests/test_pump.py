@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import threading
 import time
@@ -24,16 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import (PUMP_KINDS, ethernet_frame, ip_packet, ipv4_packet, ipv6_packet,
                       load_pump_class)
+from pumprig import (TIMEOUT, WAIT, Rig, assert_quiet, counted, drops, errors,
+                     recv_exactly, recv_n, wait_for)
 
 from tunrelay.framing import len16_encode
 
 MTU = 1400
-TIMEOUT = 5.0       # one test-side socket operation
-WAIT = 15.0         # counters to reach a value, a pump to end
 STOP_BOUND = 2.0    # stop() must return within this, idle or busy
 BIG_DATAGRAM = 65507  # the largest UDP payload over IPv4: "64 KiB"
 
-LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 FAMILIES = [pytest.param(socket.AF_INET, id="ipv4"),
             pytest.param(socket.AF_INET6, id="ipv6")]
 #: Counters that depend on how a pump batches, not on what it moved.
@@ -44,88 +42,20 @@ def is_compiled(pump_class) -> bool:
     return pump_class.__module__ == "tunrelay._fastpath"
 
 
-class Rig:
-    """Sockets and pumps of one test; close() stops the pumps first, then
-    closes the fds (never an fd a pump thread may still be blocked on)."""
-
-    def __init__(self, pump_class) -> None:
-        self.pump_class = pump_class
-        self.pumps: list = []
-        self.sockets: list[socket.socket] = []
-
-    def keep(self, sock: socket.socket) -> socket.socket:
-        self.sockets.append(sock)
-        return sock
-
-    def tun(self):
-        """(test end, pump end) of the TUN stand-in."""
-        test_end, pump_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        test_end.settimeout(TIMEOUT)
-        return self.keep(test_end), self.keep(pump_end)
-
-    def udp(self, family=socket.AF_INET, *, timeout=TIMEOUT) -> socket.socket:
-        """A UDP socket bound on loopback; ``timeout=None`` for a pump's own."""
-        sock = self.keep(socket.socket(family, socket.SOCK_DGRAM))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((LOOPBACK[family], 0))
-        sock.settimeout(timeout)
-        return sock
-
-    def tcp(self):
-        """(test end, pump end) of a TCP connection on 127.0.0.1."""
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            listener.settimeout(TIMEOUT)
-            test_end = self.keep(socket.create_connection(listener.getsockname(), TIMEOUT))
-            pump_end, _ = listener.accept()
-        self.keep(pump_end).setblocking(True)
-        test_end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return test_end, pump_end
-
-    def pump(self, tun_end, sock, **options):
-        options.setdefault("mtu", MTU)
-        pump = self.pump_class(tun_end, sock, **options)
-        self.pumps.append(pump)
-        return pump
-
-    def close(self) -> None:
-        stuck = [pump for pump in self.pumps if pump.stop(WAIT) is None]
-        if stuck:
-            # Leave the fds open: a loop may still be blocked on them.
-            pytest.fail(f"{len(stuck)} pump(s) did not stop within {WAIT} s")
-        for sock in self.sockets:
-            sock.close()
-
-
 @pytest.fixture
 def rig(pump_class):
-    rig = Rig(pump_class)
+    rig = Rig(pump_class, mtu=MTU)
     yield rig
     rig.close()
 
 
 # ---------------------------------------------------------------- helpers
 
-def wait_for(predicate, what: str, show=None):
-    """Poll predicate until true; fail after WAIT s, with show() if given."""
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            seen = f" (got {show()})" if show else ""
-            pytest.fail(f"gave up after {WAIT} s waiting for {what}{seen}")
-        time.sleep(0.005)
-
-
 def wait_drops(pump, direction: str, expected: dict) -> None:
     wait_for(lambda: drops(pump, direction) == expected, f"{direction} drops {expected}",
              lambda: drops(pump, direction))
 
 
-def counted(pump, direction: str) -> int:
-    """Packets a direction has dealt with: moved or dropped."""
-    c = pump.stats()[direction]
-    return c["packets"] + sum(c["drops"].values())
 
 
 def wait_counted(pump, direction: str, n: int) -> None:
@@ -133,33 +63,14 @@ def wait_counted(pump, direction: str, n: int) -> None:
              lambda: pump.stats()[direction])
 
 
-def drops(pump, direction: str) -> dict:
-    """The non-zero drop counters of a direction."""
-    return {k: v for k, v in pump.stats()[direction]["drops"].items() if v}
 
 
-def errors(pump, direction: str) -> dict:
-    return {k: v for k, v in pump.stats()[direction]["errors"].items() if v}
 
 
-def recv_n(sock: socket.socket, n: int) -> list[bytes]:
-    return [sock.recv(1 << 17) for _ in range(n)]
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"stream ended after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
 
 
-def assert_quiet(sock: socket.socket) -> None:
-    """Nothing (more) is waiting on sock."""
-    readable, _, _ = select.select([sock], [], [], 0.05)
-    assert not readable, f"unexpected data: {sock.recv(1 << 17)[:40]!r}"
 
 
 def queue(tun: socket.socket, packets) -> None:
