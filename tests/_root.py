@@ -8,10 +8,18 @@ failure: a silently skipped integration suite would look green.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
 from tunrelay.netns import Testbed
+from tunrelay.pair import RelayPair
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def require_root() -> None:
@@ -30,3 +38,58 @@ def testbed():
     require_root()
     with Testbed() as tb:
         yield tb
+
+
+@pytest.fixture
+def bed(monkeypatch):
+    """A fresh test bed per test, removed afterwards even when the test fails."""
+    require_root()
+    # The relays run as `python -m tunrelay` in the namespaces: make sure they
+    # import this checkout, however pytest itself was started.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    with Testbed() as tb:
+        yield tb
+
+
+@pytest.fixture
+def make_pair(bed):
+    """``make_pair(**RelayPair kwargs)``; every pair is stopped at teardown
+    (before the test bed goes) and its logs printed (shown on failure)."""
+    # A short directory: the control sockets' paths must fit sun_path.
+    workdir = tempfile.mkdtemp(prefix="trt-")
+    pairs: list[RelayPair] = []
+
+    def make(**kw) -> RelayPair:
+        sub = os.path.join(workdir, str(len(pairs)))
+        os.mkdir(sub)
+        pair = RelayPair(bed, workdir=sub, **kw)
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        pair.close()
+        for name in pair.sides:
+            print(f"----- relay {name} log -----\n{pair.log(name)}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate()`` until it returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def python(bed: Testbed, ns: str, script: str, *args: str,
+           timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a helper script inside ``ns``; it must succeed."""
+    done = bed.run(ns, [sys.executable, "-c", script, *args], capture_output=True, text=True,
+                   timeout=timeout)
+    assert done.returncode == 0, f"helper failed in {ns}:\n{done.stdout}\n{done.stderr}"
+    return done

@@ -16,64 +16,25 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
-from _root import require_root
+from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
 from conftest import PUMP_KINDS, ip_packet, load_pump_class
 
 from tunrelay.errors import TunrelayError
 from tunrelay.netns import Testbed
 from tunrelay.pair import DEVICE, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IPERF_PORT = 5202
 SIGTERM_BOUND_S = 2.0   # issue 4: a clean exit within 2 s, under full load
 EXIT_BOUND_S = 5.0      # the device deleted: exit 1 within this
 CPU_BOUND_S = 0.5       # ... having used at most this much CPU meanwhile (no spin)
-
-
-# ----------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def bed(monkeypatch):
-    """A fresh test bed per test, removed afterwards even when the test fails."""
-    require_root()
-    # The relays run as `python -m tunrelay` in the namespaces: make sure they
-    # import this checkout, however pytest itself was started.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    with Testbed() as tb:
-        yield tb
-
-
-@pytest.fixture
-def make_pair(bed):
-    """``make_pair(**RelayPair kwargs)``; every pair is stopped at teardown
-    (before the test bed goes) and its logs printed (shown on failure)."""
-    workdir = tempfile.mkdtemp(prefix="trft-")  # short: sun_path
-    pairs: list[RelayPair] = []
-
-    def make(**kw) -> RelayPair:
-        sub = os.path.join(workdir, str(len(pairs)))
-        os.mkdir(sub)
-        pair = RelayPair(bed, workdir=sub, **kw)
-        pairs.append(pair)
-        return pair
-
-    yield make
-    for pair in pairs:
-        pair.close()
-        for name in pair.sides:
-            print(f"----- relay {name} log -----\n{pair.log(name)}")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- helpers
@@ -114,23 +75,8 @@ def assert_no_echo(bed: Testbed, ns: str, address: str) -> None:
     assert done.returncode != 0, f"{address} answered through a broken tunnel:\n{done.stdout}"
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate()`` until it returns something truthy; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
-def python(bed: Testbed, ns: str, script: str, *args: str,
-           timeout: float = 30) -> subprocess.CompletedProcess:
-    done = bed.run(ns, [sys.executable, "-c", script, *args], capture_output=True, text=True,
-                   timeout=timeout)
-    assert done.returncode == 0, f"helper failed in {ns}:\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def drops(snapshot: dict, direction: str = "ingress") -> dict:

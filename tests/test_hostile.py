@@ -29,8 +29,8 @@ from collections import Counter
 
 import pytest
 from conftest import ipv4_packet, ipv6_packet, ip_packet, load_fastpath
-from test_faults import (assert_alive, assert_ping, bed, drops, make_pair, nstat, ping,  # noqa: F401
-                         python, relay_state, wait_for)
+from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
+from test_faults import assert_alive, assert_ping, drops, nstat, ping, relay_state
 
 from pumprig import BUFFER, WAIT, Rig, assert_quiet, recv_exactly, recv_n
 from pumprig import drops as pump_drops

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
-from _root import require_root
+from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
 
 from tunrelay.netns import Testbed
 from tunrelay.pair import (DEVICE, PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B,
@@ -26,46 +24,8 @@ from tunrelay.pair import (DEVICE, PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_
 
 pytestmark = pytest.mark.root
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSFER_BYTES = 8 * 1024 * 1024
 TRANSFER_PORT = 5201
-
-
-# ----------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def bed(monkeypatch):
-    """A fresh test bed per test, removed afterwards even when the test fails."""
-    require_root()
-    # The relays run as `python -m tunrelay` in the namespaces: make sure they
-    # import this checkout, however pytest itself was started.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    with Testbed() as tb:
-        yield tb
-
-
-@pytest.fixture
-def make_pair(bed):
-    """``make_pair(**RelayPair kwargs)``; every pair is stopped at teardown
-    (before the test bed goes) and its logs printed (shown on failure)."""
-    # A short directory: the control sockets' paths must fit sun_path.
-    workdir = tempfile.mkdtemp(prefix="trit-")
-    pairs: list[RelayPair] = []
-
-    def make(**kw) -> RelayPair:
-        sub = os.path.join(workdir, str(len(pairs)))
-        os.mkdir(sub)
-        pair = RelayPair(bed, workdir=sub, **kw)
-        pairs.append(pair)
-        return pair
-
-    yield make
-    for pair in pairs:
-        pair.close()
-        for name in pair.sides:
-            print(f"----- relay {name} log -----\n{pair.log(name)}")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- helpers
@@ -106,15 +66,6 @@ def assert_ping(bed: Testbed, ns: str, address: str, count: int = 5) -> None:
         f"no reply to icmp_seq {sorted(missing)}:\n{done.stdout}{done.stderr}"
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate()`` until it returns something truthy; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def has_device(bed: Testbed, ns: str) -> bool:
@@ -131,13 +82,6 @@ def cli_stats(bed: Testbed, pair: RelayPair, name: str) -> dict:
     return json.loads(done.stdout)
 
 
-def python(bed: Testbed, ns: str, script: str, *args: str,
-           timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run a helper script inside ``ns``; it must succeed."""
-    done = bed.run(ns, [sys.executable, "-c", script, *args], capture_output=True, text=True,
-                   timeout=timeout)
-    assert done.returncode == 0, f"helper failed in {ns}:\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def drops(snapshot: dict, direction: str = "ingress") -> dict:
