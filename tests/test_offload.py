@@ -837,9 +837,11 @@ def test_egress_order_across_a_batch(rig):
     assert egress["batches"] <= 2
 
 
-def test_egress_gso_refused_falls_back(rig):
+def test_egress_gso_refused_falls_back_for_that_send_then_probes_again(rig):
     """SO_NO_CHECK makes the kernel refuse UDP_SEGMENT (EINVAL): the pump
-    counts one gso_fallback, turns GSO off, and sends segment by segment."""
+    counts one gso_fallback and sends the rest of that batch segment by
+    segment.  GSO is off only for a while (GSO_RETRY_S): the next batch
+    after it tries GSO again, and once the kernel takes it, GSO is back."""
     tun, peer, sock, pump = rig.udp_pump()
     sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_NO_CHECK", 11), 1)
     reads = [tso(4, pattern(20000), 1000, flags=ACK | PSH), uso(4, pattern(3000), 1000)]
@@ -853,8 +855,23 @@ def test_egress_gso_refused_falls_back(rig):
     assert egress["packets"] == len(expected)
     assert errors(pump, "egress") == {"gso_fallback": 1}
     assert drops(pump, "egress") == {}
-    assert pump.offloads["gso"] is False
+    assert pump.offloads["gso"] is False          # suspended, not given up
     assert pump.offloads["gro"] is True
+    # Still refused after the pause: probed again (a second fallback), and
+    # every segment still arrives.
+    wait_for(lambda: pump.offloads["gso"], "GSO to be retried", lambda: pump.offloads)
+    write_tun(tun, *reads[1])
+    assert recv_n(peer, len(ref_segment(*reads[1]))) == ref_segment(*reads[1])
+    wait_packets(pump, "egress", len(expected) + len(ref_segment(*reads[1])))
+    assert errors(pump, "egress") == {"gso_fallback": 2}
+    # The route takes GSO again: after the pause it is used, no new fallback.
+    sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_NO_CHECK", 11), 0)
+    wait_for(lambda: pump.offloads["gso"], "GSO to be retried", lambda: pump.offloads)
+    write_tun(tun, *reads[0])
+    assert recv_n(peer, len(ref_segment(*reads[0]))) == ref_segment(*reads[0])
+    assert errors(pump, "egress") == {"gso_fallback": 2}
+    assert pump.offloads["gso"] is True
+    assert drops(pump, "egress") == {}
 
 
 # ---------------------------------------------------------------- egress: hostile headers

@@ -29,7 +29,7 @@ from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
     SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, UDP_SEGMENT, eventfd, eventfd_read,
     eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs, tr_load_acquire,
-    setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t)
+    setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t, tr_monotonic)
 
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
@@ -84,7 +84,7 @@ cdef class Pump:
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
-                  key=None, cipher="chacha20-poly1305", bint gso=True):
+                  key=None, cipher="chacha20-poly1305", role="a", bint gso=True):
         self.st = <PumpState *>calloc(1, sizeof(PumpState))
         if self.st == NULL:
             raise MemoryError()
@@ -127,10 +127,14 @@ cdef class Pump:
         self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
         self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
+        # The longest record a len16 length can describe, with its length.
+        self.st.tail_cap = LEN16_HEADER + LEN16_LIMIT
+        self.st.stream_tail = <uint8_t *>malloc(self.st.tail_cap)
         if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
                 or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
                 or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
                 or self.st.ingress_names == NULL or self.st.stream_buf == NULL
+                or self.st.stream_tail == NULL
                 or self.st.egress_counts == NULL or self.st.egress_cmsg == NULL):
             raise MemoryError()
         # Offload scratch: segment headers and their messages, GRO cmsgs,
@@ -176,64 +180,35 @@ cdef class Pump:
         self._runner = LoopRunner(self._run_direction, self._signal_stop,
                                   self._reset_stop, name="pump")
         if framing == "aead":
-            self._setup_aead(key, cipher)
+            self._setup_aead(key, cipher, role)
         elif key is not None:
             raise ValueError("key is for framing 'aead'")
         self._attach(sock_fd, framing, peer)
 
-    def _setup_aead(self, key, str cipher):
-        """The PSK, this sender's random session and its key, and one EVP
-        context per receiving session slot (keys set as sessions appear)."""
-        cdef Aead *a = &self.st.aead
-        cdef const EVP_CIPHER *evp
-        cdef int i
-        cdef bytes k
-        if cipher == "chacha20-poly1305":
-            evp = EVP_chacha20_poly1305()
-        elif cipher == "aes-256-gcm":
-            evp = EVP_aes_256_gcm()
+    def _setup_aead(self, key, str cipher, str role):
+        """key: a Keyring (shared by the relay's queues), or the 32-byte
+        PSK (then this pump gets a Keyring of its own, with `role`)."""
+        cdef Keyring keyring
+        if isinstance(key, Keyring):
+            keyring = key
+        elif isinstance(key, (bytes, bytearray)) and len(key) == _aead.KEY_LEN:
+            keyring = Keyring(bytes(key), cipher, role)
         else:
-            raise ValueError(f"cipher must be one of {_aead.CIPHERS}, got {cipher!r}")
-        if not isinstance(key, (bytes, bytearray)) or len(key) != _aead.KEY_LEN:
-            raise ValueError("framing 'aead' needs key=<32 bytes>")
-        self.cipher = cipher
-        cdef bytes session = _aead.new_session()
-        cdef bytes label = _aead.label(cipher)
-        cdef bytes psk = bytes(key)
-        cdef bytes salt = _aead.SALT
-        memcpy(a.psk, <const char *>psk, 32)
-        memcpy(a.salt, <const char *>salt, len(salt))
-        a.salt_len = len(_aead.SALT)
-        memcpy(a.label, <const char *>label, len(label))
-        a.label_len = len(label)
-        memcpy(a.send_session, <const char *>session, AEAD_SESSION_LEN)
-        k = _aead.derive_key(bytes(key), session, cipher)
-        a.send_ctx = EVP_CIPHER_CTX_new()
-        a.trial_ctx = EVP_CIPHER_CTX_new()
-        if a.send_ctx == NULL or a.trial_ctx == NULL:
-            raise MemoryError()
-        if EVP_EncryptInit_ex(a.send_ctx, evp, NULL, <const unsigned char *>k, NULL) != 1 \
-                or EVP_DecryptInit_ex(a.trial_ctx, evp, NULL, NULL, NULL) != 1:
-            raise OSError(0, f"OpenSSL refused {cipher}")
-        for i in range(AEAD_SESSIONS):
-            a.sessions[i].ctx = EVP_CIPHER_CTX_new()
-            if a.sessions[i].ctx == NULL:
-                raise MemoryError()
-            if EVP_DecryptInit_ex(a.sessions[i].ctx, evp, NULL, NULL, NULL) != 1:
-                raise OSError(0, f"OpenSSL refused {cipher}")
-        a.trial_tokens = AEAD_TRIALS_PER_S
-        a.trial_time = time.monotonic()
+            raise ValueError("framing 'aead' needs key=<32 bytes> or key=<Keyring>")
+        self.keyring = keyring
+        self.cipher = keyring.cipher
+        cdef Aead *a = &self.st.aead
+        a.shared = keyring.shared()
+        opener_init(&a.opener, a.shared.evp)
+        sender_init(&a.send, a.shared, keyring.new_session())
         a.on = True
 
     def __dealloc__(self):
         cdef int i
         if self.st == NULL:
             return
-        OPENSSL_cleanse(self.st.aead.psk, 32)
-        EVP_CIPHER_CTX_free(self.st.aead.send_ctx)   # NULL is fine
-        EVP_CIPHER_CTX_free(self.st.aead.trial_ctx)
-        for i in range(AEAD_SESSIONS):
-            EVP_CIPHER_CTX_free(self.st.aead.sessions[i].ctx)
+        EVP_CIPHER_CTX_free(self.st.aead.send.ctx)   # NULL is fine
+        opener_free(&self.st.aead.opener)
         if self.st.stop_fd >= 0:
             close(self.st.stop_fd)
         free(self.st.egress_slab)
@@ -246,6 +221,7 @@ cdef class Pump:
         free(self.st.ingress_msgs)
         free(self.st.ingress_names)
         free(self.st.stream_buf)
+        free(self.st.stream_tail)
         free(self.st.out_iov)
         free(self.st.segs)
         free(self.st.seg_heads)
@@ -275,21 +251,28 @@ cdef class Pump:
             framing = "len16" if stream else "raw"
         if framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
-        if stream and framing != "len16":
-            raise ValueError(f"a stream socket needs framing 'len16', got {framing!r}: "
-                             "only len16 marks packet boundaries in a byte stream")
-        if (framing == "aead") != bool(self.st.aead.on):
+        if stream and framing not in ("len16", "aead"):
+            raise ValueError(f"a stream socket needs framing 'len16' or 'aead', got {framing!r}: "
+                             "only length-prefixed records mark packet boundaries in a byte stream")
+        aead = framing == "aead"
+        if aead != bool(self.st.aead.on):
             raise ValueError("framing 'aead' is chosen when the pump is made (with its key)")
         self._sock_ref = sock_fd
         self.framing = framing
         self.st.sock_fd = fd
         self.st.stream = stream
-        self.st.len16 = framing == "len16"
-        self.st.front = (LEN16_HEADER if framing == "len16" else
-                         AEAD_HEADER_LEN if framing == "aead" else 0)
-        self.st.overhead = (LEN16_HEADER if framing == "len16" else
-                            AEAD_OVERHEAD if framing == "aead" else 0)
+        # A len16 length in front: every TCP record; UDP datagrams with len16.
+        self.st.len16 = stream or framing == "len16"
+        self.st.front = ((LEN16_HEADER if self.st.len16 else 0)
+                         + (AEAD_HEADER_LEN if aead else 0))
+        self.st.overhead = ((LEN16_HEADER if self.st.len16 else 0)
+                            + (AEAD_OVERHEAD if aead else 0))
+        if self.st.len16 and self.st.max_frame + self.st.overhead - LEN16_HEADER > LEN16_LIMIT:
+            raise ValueError(f"mtu {self.mtu}: a len16 record holds at most {LEN16_LIMIT} bytes, "
+                             f"and a packet of this device with its framing needs "
+                             f"{self.st.max_frame + self.st.overhead - LEN16_HEADER}")
         self.st.stream_have = 0
+        self.st.tail_len = 0   # a new connection: the old one's half record is not owed to it
         self._inspect_socket(peer)
         self._set_udp_offloads()
 
@@ -327,6 +310,15 @@ cdef class Pump:
         if self.st.stream:
             if peer is not None:
                 raise ValueError("peer is for datagram sockets; a TCP socket is already connected")
+            return 0
+        if self.st.aead.on:
+            # Datagrams from anywhere are tried: the peer is whoever
+            # authenticates, and its endpoint roams with it (the Keyring's).
+            # A configured peer is only where to send first.
+            if peer is not None and self.keyring.endpoint is None:
+                self.keyring.set_endpoint(_sockopt(self.st.sock_fd, SO_DOMAIN), peer)
+            self.st.aead.endpoint_seen = 0
+            self.st.peer_known = 0
             return 0
         if peer is not None:
             family = _sockopt(self.st.sock_fd, SO_DOMAIN)
@@ -399,7 +391,10 @@ cdef class Pump:
 
     @property
     def peer(self):
-        """The UDP peer as (host, port), given or learned; None otherwise."""
+        """The UDP peer as (host, port), given or learned (aead: where it is
+        now, roaming); None otherwise."""
+        if self.st.aead.on and not self.st.stream:
+            return self.keyring.endpoint
         if self.st.stream or not tr_load_acquire(&self.st.peer_known):
             return None
         if not (self.st.check_peer or self.st.learn_peer):
@@ -435,9 +430,12 @@ cdef class Pump:
         memcpy(&sender, &self.st.peer, sizeof(sockaddr_storage))
         known = tr_load_acquire(&self.st.peer_known)
         self.st.npkts = 0
+        # aead: no sender at all, so a fed datagram never moves the peer's
+        # endpoint (it came from no address).
+        cdef const sockaddr_storage *from_ = NULL if self.st.aead.on else &sender
         with nogil:
             status = ingress_message(self.st, self.st.ingress_slab, length, segment, False,
-                                     &sender, self.st.peer_len, &known)
+                                     from_, self.st.peer_len, &known)
             if status == 0:
                 status = flush_packets(self.st)
         return status
@@ -462,7 +460,8 @@ cdef class Pump:
         self.st.npkts = 0
         with nogil:
             status = len16_consume(self.st.stream_buf, &self.st.stream_have,
-                                   self.st.max_frame, stream_sink, self.st)
+                                   self.st.max_frame + self.st.overhead - LEN16_HEADER,
+                                   stream_sink, self.st)
         if status == PARSE_BAD_LENGTH:
             self.st.stream_have = 0  # the connection would be closed
             return "bad_length"
@@ -471,17 +470,27 @@ cdef class Pump:
     @property
     def aead_session(self):
         """This sender's aead session id (hex), or None."""
-        return bytes(self.st.aead.send_session[:AEAD_SESSION_LEN]).hex() if self.st.aead.on else None
+        return bytes(self.st.aead.send.session[:AEAD_SESSION_LEN]).hex() if self.st.aead.on else None
 
     @property
     def aead_peer_sessions(self):
-        """How many peer sessions were accepted (a peer restart adds one)."""
-        return self.st.aead.new_sessions
+        """How many peer sessions were accepted (a peer restart adds one);
+        counted by the Keyring, so queues sharing one report the same."""
+        return self.keyring.counts()["sessions"] if self.st.aead.on else 0
+
+    def _set_send_counter(self, uint64_t counter):
+        """Test hook: the next nonce of this pump's sending session (to
+        reach the end of the counter space without 2^64 packets)."""
+        if not self.st.aead.on:
+            raise ValueError("_set_send_counter() is for aead pumps")
+        self.st.aead.send.counter = counter
 
     @property
     def offloads(self):
-        """What the offload path uses now: {"vnet_hdr", "gso", "gro"}."""
-        return {"vnet_hdr": bool(self.st.offload), "gso": bool(self.st.gso),
+        """What the offload path uses now: {"vnet_hdr", "gso", "gro"} ("gso"
+        is False for GSO_RETRY_S after the kernel refused a GSO send)."""
+        return {"vnet_hdr": bool(self.st.offload),
+                "gso": bool(self.st.gso) and tr_monotonic() >= self.st.gso_retry_at,
                 "gro": bool(self.st.gro)}
 
     def __enter__(self):
@@ -500,9 +509,13 @@ cdef int _sockopt(int fd, int option) except -1:
 
 
 cdef socklen_t _fill_sockaddr(sockaddr_storage *out, int family, peer) except 0:
-    """(host, port) -> sockaddr for a socket of `family`.  An IPv4 peer on an
-    IPv6 socket becomes ::ffff:a.b.c.d, as the kernel reports it."""
+    """(host, port[, flowinfo, scope_id]) -> sockaddr for a socket of
+    `family`.  An IPv4 peer on an IPv6 socket becomes ::ffff:a.b.c.d, as the
+    kernel reports it.  A link-local IPv6 peer needs its scope (the 4-tuple
+    getaddrinfo gives, or "fe80::1%eth0"): without it the kernel cannot
+    tell which link to use."""
     host, port = peer[0], int(peer[1])
+    scope = int(peer[3]) if len(peer) > 3 else 0
     cdef sockaddr_in *v4 = <sockaddr_in *>out
     cdef sockaddr_in6 *v6 = <sockaddr_in6 *>out
     memset(out, 0, sizeof(sockaddr_storage))
@@ -517,22 +530,31 @@ cdef socklen_t _fill_sockaddr(sockaddr_storage *out, int family, peer) except 0:
     if family == AF_INET6:
         if ":" not in host:
             host = "::ffff:" + host
+        if "%" in host:
+            host, _, name = host.partition("%")
+            scope = int(name) if name.isdigit() else socket.if_nametoindex(name)
         packed = socket.inet_pton(socket.AF_INET6, host)
         v6.sin6_family = AF_INET6
         v6.sin6_port = htons(port)
+        v6.sin6_scope_id = scope
         memcpy(&v6.sin6_addr, <const char *>packed, 16)
         return sizeof(sockaddr_in6)
     raise ValueError(f"a peer address needs an AF_INET or AF_INET6 socket, got family {family}")
 
 
 cdef object _sockaddr_tuple(sockaddr_storage *address):
+    """(host, port); an IPv6 address with a scope (link-local) as
+    (host, port, 0, scope_id), the form socket and getaddrinfo use."""
     cdef sockaddr_in *v4 = <sockaddr_in *>address
     cdef sockaddr_in6 *v6 = <sockaddr_in6 *>address
     if address.ss_family == AF_INET:
         raw = PyBytes_FromStringAndSize(<char *>&v4.sin_addr, 4)
         return socket.inet_ntop(socket.AF_INET, raw), ntohs(v4.sin_port)
     raw = PyBytes_FromStringAndSize(<char *>&v6.sin6_addr, 16)
-    return socket.inet_ntop(socket.AF_INET6, raw), ntohs(v6.sin6_port)
+    host = socket.inet_ntop(socket.AF_INET6, raw)
+    if v6.sin6_scope_id:
+        return host, ntohs(v6.sin6_port), 0, v6.sin6_scope_id
+    return host, ntohs(v6.sin6_port)
 
 
 # ---------------------------------------------------------------- test hooks

@@ -6,7 +6,7 @@
 
 from libc.errno cimport errno, EAGAIN, EBADF, EBADFD, EINTR, EINVAL, EIO
 from libc.stdint cimport uint8_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from posix.unistd cimport read, write
 
 from tunrelay.includes.system cimport (
@@ -15,7 +15,7 @@ from tunrelay.includes.system cimport (
     recv, recvmmsg, sendmmsg, sendmsg, sockaddr_in, sockaddr_in6,
     sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, SOL_UDP, UDP_GRO,
-    UDP_SEGMENT, cmsghdr, socklen_t, writev)
+    UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, writev)
 
 cdef enum:  # loop results
     ST_STOPPED = 0    # the stop eventfd fired
@@ -26,7 +26,10 @@ cdef enum:  # loop results
 cdef enum:
     # Room in front of each slot, so a framing header is written in place
     # instead of copying the packet.
-    HEADROOM = 32  # >= the largest front framing (aead header, 20 bytes)
+    HEADROOM = 32  # >= the largest front framing (len16 + aead header, 26 bytes)
+    # After UDP GSO was refused (EIO, EINVAL: a route whose MTU or device
+    # cannot take it): no GSO for this long, then try again.
+    GSO_RETRY_S = 1
 
 
 cdef int wait_ready(PumpState *st, Counters *c, int fd, short events) noexcept nogil:
@@ -124,15 +127,16 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
         if <size_t>r > st.max_frame:
             c.drops[DROP_OVERSIZE] += 1
             continue
-        st.egress_iov[n].iov_base = packet - header
-        st.egress_iov[n].iov_len = <size_t>r + st.overhead
-        if st.len16:
-            put16(packet - LEN16_HEADER, <uint32_t>r)
-        elif st.aead.on and aead_seal(&st.aead, packet - AEAD_HEADER_LEN, packet, <size_t>r,
-                                      NULL, 0, packet + r) != 0:
+        if st.aead.on and aead_seal(st.aead.shared, &st.aead.send, AEAD_TYPE_DATA,
+                                    packet - AEAD_HEADER_LEN, packet, <size_t>r,
+                                    NULL, 0, packet + r) != 0:
             c.errors[ERR_WRITE] += 1
             c.drops[DROP_SEND_ERROR] += 1
             continue
+        if st.len16:
+            put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
+        st.egress_iov[n].iov_base = packet - header
+        st.egress_iov[n].iov_len = <size_t>r + st.overhead
         n += 1
     count[0] = n
     return ST_STOPPED
@@ -154,12 +158,25 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
     cdef uint16_t gso_size
     cdef void *name = NULL
     cdef unsigned int namelen = 0
-    if st.check_peer or st.learn_peer:
+    cdef bint gso = st.gso
+    if st.aead.on:
+        # Wherever the peer's newest authenticated datagram came from.
+        if not aead_endpoint(st):
+            c.drops[DROP_NO_PEER] += n
+            return ST_STOPPED
+        name = &st.peer
+        namelen = st.peer_len
+    elif st.check_peer or st.learn_peer:
         if not tr_load_acquire(&st.peer_known):
             c.drops[DROP_NO_PEER] += n
             return ST_STOPPED
         name = &st.peer
         namelen = st.peer_len
+    if gso and st.gso_retry_at != 0:
+        if tr_monotonic() < st.gso_retry_at:
+            gso = False
+        else:
+            st.gso_retry_at = 0  # try GSO again
     while done < n:
         nmsg = 0
         k = done
@@ -168,7 +185,7 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
             for i in range(per):
                 size += iov[k * per + i].iov_len
             count = 1
-            if st.gso:
+            if gso:
                 while k + count < n and count < MAX_GSO_SEGMENTS \
                         and (count + 1) * size <= MAX_GSO_BYTES:
                     next_size = 0
@@ -218,14 +235,18 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
         if err == EAGAIN:
             ready = wait_ready(st, c, st.sock_fd, POLLOUT)
             if ready == 0:
+                c.drops[DROP_STOPPED] += n - done
                 return ST_STOPPED
             if ready > 0:
                 continue
             err = errno
         if counts[0] > 1 and (err == EIO or err == EINVAL):
-            # The route's device cannot do UDP GSO: send datagrams one by
-            # one (sendmmsg) from now on.
-            st.gso = False
+            # The route cannot take this GSO send now (EINVAL: a datagram
+            # larger than the path MTU, which plain sends fragment; EIO: a
+            # device without checksum offload).  Send the rest of these one
+            # by one, and no GSO for GSO_RETRY_S: the route may change back.
+            gso = False
+            st.gso_retry_at = tr_monotonic() + GSO_RETRY_S
             c.errors[ERR_GSO] += 1
             c.last_errno = err
             continue
@@ -258,6 +279,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
     cdef size_t first = 0
     cdef ssize_t r
     cdef int err, ready
+    cdef bint cut = False   # iov[first] is partly written
     memset(&msg, 0, sizeof(msg))
     while first < niov:
         msg.msg_iov = iov + first
@@ -271,6 +293,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
             if err == EAGAIN:
                 ready = wait_ready(st, c, st.sock_fd, POLLOUT)
                 if ready == 0:
+                    keep_tail(st, iov, first, niov, per_packet, cut)
                     return ST_STOPPED
                 if ready > 0:
                     continue
@@ -287,12 +310,75 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
         while first < niov and <size_t>r >= iov[first].iov_len:
             r -= iov[first].iov_len
             first += 1
+            cut = False
             if first % per_packet == 0:
                 c.packets += 1
                 c.bytes -= framing
         if r > 0:
             iov[first].iov_base = <uint8_t *>iov[first].iov_base + r
             iov[first].iov_len -= r
+            cut = True
+    return ST_STOPPED
+
+
+cdef void keep_tail(PumpState *st, iovec *iov, size_t first, size_t niov,
+                    unsigned int per_packet, bint cut) noexcept nogil:
+    """A stop came while the socket was full.  A record already partly on
+    the wire is kept (its unsent bytes, in st.stream_tail) and finished
+    first when the pump starts again on this connection: the peer never
+    sees half a record followed by the start of another.  The records not
+    begun are dropped, counted as "stopped"."""
+    cdef size_t end = first, length = 0, i
+    if cut or first % per_packet:
+        end = (first // per_packet + 1) * per_packet
+        for i in range(first, end):
+            length += iov[i].iov_len
+        if length <= st.tail_cap:  # always: a record is at most a len16 length + 65535
+            length = 0
+            for i in range(first, end):
+                memcpy(st.stream_tail + length, iov[i].iov_base, iov[i].iov_len)
+                length += iov[i].iov_len
+            st.tail_len = length
+    st.egress.drops[DROP_STOPPED] += (niov - end) // per_packet
+
+
+cdef int send_tail(PumpState *st) noexcept nogil:
+    """Finish the record a stop interrupted (keep_tail).  ST_STOPPED, with
+    st.tail_len 0 when it is out (else stop fired again), or ST_CLOSED."""
+    cdef Counters *c = &st.egress
+    cdef size_t sent = 0
+    cdef ssize_t r
+    cdef int err, ready
+    while sent < st.tail_len:
+        r = send(st.sock_fd, st.stream_tail + sent, st.tail_len - sent,
+                 MSG_DONTWAIT | MSG_NOSIGNAL)
+        c.syscalls += 1
+        if r >= 0:
+            sent += <size_t>r
+            c.bytes += <size_t>r
+            continue
+        err = errno
+        if err == EINTR:
+            continue
+        if err == EAGAIN:
+            ready = wait_ready(st, c, st.sock_fd, POLLOUT)
+            if ready > 0:
+                continue
+            if ready == 0:
+                memmove(st.stream_tail, st.stream_tail + sent, st.tail_len - sent)
+                st.tail_len -= sent
+                return ST_STOPPED
+            err = errno
+        c.errors[ERR_DISCONNECT] += 1
+        c.last_errno = err
+        c.drops[DROP_DISCONNECTED] += 1
+        st.exit_errno = err
+        st.tail_len = 0
+        return ST_CLOSED
+    st.tail_len = 0
+    c.packets += 1
+    c.bytes -= st.overhead
+    c.batches += 1
     return ST_STOPPED
 
 
@@ -332,6 +418,11 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
         if r <= VNET_HDR_LEN:
             c.drops[DROP_BAD_OFFLOAD] += 1
             continue
+        if <size_t>r > VNET_HDR_LEN + IP_LENGTH_MAX:
+            # Longer than any IP packet: never trust the kernel (or a
+            # stand-in fd) to have kept to the read size we meant.
+            c.drops[DROP_OVERSIZE] += 1
+            continue
         # Copied out: the framing header is written over its tail.
         memcpy(&h, slot, VNET_HDR_LEN)
         if <size_t>r - VNET_HDR_LEN > st.max_frame and \
@@ -359,36 +450,48 @@ cdef int send_segments(PumpState *st) noexcept nogil:
     runs as UDP GSO messages; over TCP one sendmsg of all their iovecs.
     Empties the pool."""
     cdef Counters *c = &st.egress
-    cdef size_t k
+    cdef size_t k, j
     cdef int status
     cdef Segment *g
     cdef size_t tag = AEAD_TAG_LEN if st.aead.on else 0
+    cdef size_t aead_at = st.front - AEAD_HEADER_LEN if st.aead.on else 0
     cdef size_t nseg = st.nseg
+    cdef size_t n = 0
     st.nseg = 0
-    for k in range(nseg):
-        g = &st.segs[k]
-        if st.aead.on and aead_seal(&st.aead, g.head, g.head + AEAD_HEADER_LEN,
-                                    g.head_len - AEAD_HEADER_LEN, g.data, g.data_len,
-                                    g.tail) != 0:
-            g.head_len = 0  # cannot happen short of 2^64 packets; never send plaintext
-            g.data_len = 0
+    for j in range(nseg):
+        g = &st.segs[j]
+        if st.aead.on and aead_seal(st.aead.shared, &st.aead.send, AEAD_TYPE_DATA,
+                                    g.head + aead_at, g.head + st.front,
+                                    g.head_len - st.front, g.data, g.data_len, g.tail) != 0:
+            # Cannot happen short of 2^64 packets; the segment is left out
+            # (never plaintext, never a stale tag), counted.
+            c.errors[ERR_WRITE] += 1
             c.drops[DROP_SEND_ERROR] += 1
+            continue
+        k = n
+        n += 1
         st.seg_iov[3 * k].iov_base = g.head
         st.seg_iov[3 * k].iov_len = g.head_len
         st.seg_iov[3 * k + 1].iov_base = g.data
         st.seg_iov[3 * k + 1].iov_len = g.data_len
         st.seg_iov[3 * k + 2].iov_base = g.tail
         st.seg_iov[3 * k + 2].iov_len = tag
+    if n == 0:
+        return ST_STOPPED
     if st.stream:
-        status = write_stream(st, st.seg_iov, 3 * nseg, 3, st.overhead)
+        status = write_stream(st, st.seg_iov, 3 * n, 3, st.overhead)
         return ST_CLOSED if status == ST_CLOSED else ST_STOPPED
-    return send_packets(st, st.seg_iov, nseg, 3, st.seg_msgs, st.msg_segs, st.seg_cmsg)
+    return send_packets(st, st.seg_iov, n, 3, st.seg_msgs, st.msg_segs, st.seg_cmsg)
 
 
 cdef int egress_loop(PumpState *st) noexcept nogil:
     cdef unsigned int n
     cdef int status, ready, sent
     cdef size_t framing = st.overhead
+    if st.tail_len:
+        status = send_tail(st)
+        if status != ST_STOPPED or st.tail_len:
+            return status
     while True:
         ready = wait_ready(st, &st.egress, st.tun_fd, POLLIN)
         if ready == 0:
@@ -480,10 +583,20 @@ cdef int flush_packets(PumpState *st) noexcept nogil:
 
 cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:
     cdef PumpState *st = <PumpState *>ctx
+    cdef int reason
     if frame == NULL:
         # End of this read's frames: before len16_consume() moves the
         # unfinished tail over them, write what the coalescer holds.
         return flush_packets(st)
+    if st.aead.on:
+        # Each record is sealed like a datagram; a bad one is dropped
+        # alone (the length kept the stream in step).
+        reason = aead_open(st.aead.shared, &st.aead.opener, AEAD_TYPE_DATA,
+                           <uint8_t *>frame, length, NULL, 0)
+        if reason != AEAD_OPEN_OK:
+            st.ingress.drops[reason] += 1
+            return 0
+        return deliver(st, <uint8_t *>frame + AEAD_HEADER_LEN, length - AEAD_OVERHEAD)
     return deliver(st, <uint8_t *>frame, length)
 
 
@@ -516,8 +629,8 @@ cdef int ingress_stream(PumpState *st) noexcept nogil:
             return ST_FATAL if device_gone(err) else ST_CLOSED
         c.batches += 1
         st.stream_have += <size_t>r
-        status = len16_consume(st.stream_buf, &st.stream_have, st.max_frame,
-                               stream_sink, st)
+        status = len16_consume(st.stream_buf, &st.stream_have,
+                               st.max_frame + st.overhead - LEN16_HEADER, stream_sink, st)
         if status == PARSE_BAD_LENGTH:
             # The stream is out of sync or hostile: nothing after this
             # point can be trusted, so the connection is closed.
@@ -580,7 +693,8 @@ cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segm
             continue
         packet = datagram
         if st.aead.on:
-            reason = aead_open(&st.aead, datagram, chunk)
+            reason = aead_open(st.aead.shared, &st.aead.opener, AEAD_TYPE_DATA, datagram, chunk,
+                               sender, sender_len)
             if reason != AEAD_OPEN_OK:
                 c.drops[reason] += 1
                 continue

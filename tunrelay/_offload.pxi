@@ -22,7 +22,7 @@ from tunrelay.includes.system cimport (
 cdef enum:
     # A copied header: len16 (2) + IPv4 with options (60) + TCP with
     # options (60), rounded up.
-    SEG_HEAD_MAX = 192  # + aead: its header (20) in front and its tag (16) at the end
+    SEG_HEAD_MAX = 192  # + aead: its header (24) in front and its tag (16) at the end
     # Segments one batch can hold before it must be sent: enough for a
     # 64 KiB super-packet at the smallest MSS Linux sends (48 bytes).
     SEG_POOL = 2048
@@ -126,7 +126,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.tail = pkt + length  # the slot has tail room for a tag
         s.group = group
         if st.len16:
-            put16(s.head, <uint32_t>length)
+            put16(s.head, <uint32_t>(length + st.overhead - LEN16_HEADER))
         st.nseg += 1
         return SEGMENT_OK
 
@@ -175,7 +175,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s = &st.segs[st.nseg]
         head = st.seg_heads + st.nseg * SEG_HEAD_MAX
         if st.len16:
-            put16(head, <uint32_t>(hdrs + seg_len))
+            put16(head, <uint32_t>(hdrs + seg_len + st.overhead - LEN16_HEADER))
         ip = head + framing
         memcpy(ip, pkt, hdrs)
         if v4:

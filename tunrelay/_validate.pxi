@@ -22,7 +22,10 @@ cdef enum:  # drop reasons
     DROP_TOO_SHORT = 12
     DROP_BAD_TAG = 13
     DROP_REPLAY = 14
-    DROP_UNKNOWN_SESSION = 15
+    DROP_STALE_SESSION = 15
+    DROP_REFLECTED = 16
+    DROP_AEAD_VERSION = 17
+    DROP_STOPPED = 18
 
 # Indexes into Counters.errors, in the order of counters.ERROR_KINDS.
 cdef enum:  # error kinds
@@ -34,6 +37,7 @@ cdef enum:  # error kinds
 cdef enum:
     ETHERNET_HEADER = 14
     LEN16_HEADER = 2
+    LEN16_LIMIT = 0xFFFF  # the largest length a len16 header carries
 
 
 cdef inline unsigned int be16(const uint8_t *p) noexcept nogil:

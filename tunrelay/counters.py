@@ -27,15 +27,18 @@ DROP_REASONS = (
     "too_short",     # aead: shorter than its header and tag
     "bad_tag",       # aead: does not authenticate (forged, corrupted, wrong key)
     "replay",        # aead: a counter seen before, or older than the replay window
-    "unknown_session",  # aead: a new session id while key derivations are rate-limited
+    "stale_session",  # aead: authentic, but of a session older than the peer's newest (a recording)
+    "reflected",     # aead: carries this relay's own role: its own datagram sent back (or both ends one role)
+    "aead_version",  # aead: another wire version (an older tunrelay at the other end)
+    "stopped",       # egress: read from the device, then the pump was stopped before it was sent
 )
 
 #: Which reasons can happen in which direction (the rest stay zero).
 DIRECTION_DROPS = {
-    "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload"),
+    "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload", "stopped"),
     "ingress": ("not_peer", "empty", "oversize", "bad_version", "truncated",
                 "bad_length", "bad_frame", "tun_write", "too_short", "bad_tag", "replay",
-                "unknown_session"),
+                "stale_session", "reflected", "aead_version"),
 }
 
 #: Errors that are not tied to one packet.

@@ -27,14 +27,28 @@ def _fileno(obj) -> int:
 
 
 def _normalise(address, family: int):
-    """(host, port[, flow, scope]) -> (host, port) as this socket reports it."""
+    """(host, port[, flow, scope]) -> the address as this socket reports a
+    sender: (host, port), or (host, port, 0, scope) for a scoped IPv6 one
+    (link-local), as the compiled pump does."""
     host, port = address[0], int(address[1])
+    scope = int(address[3]) if len(address) > 3 else 0
     if not 0 < port < 65536:  # as the compiled pump: port 0 cannot be sent to
         raise ValueError(f"peer port must be 1..65535, got {port}")
     if family == socket.AF_INET6 and ":" not in host:
         host = "::ffff:" + host
+    if "%" in host:
+        host, _, name = host.partition("%")
+        scope = int(name) if name.isdigit() else socket.if_nametoindex(name)
     packed = socket.inet_pton(family, host)
-    return socket.inet_ntop(family, packed), port
+    host = socket.inet_ntop(family, packed)
+    return (host, port, 0, scope) if scope else (host, port)
+
+
+def _sender(address, family: int):
+    """recvfrom's address in the form _normalise gives."""
+    if family == socket.AF_INET6 and address[3]:
+        return address[0].partition("%")[0], address[1], 0, address[3]
+    return address[:2]
 
 
 def _read_failed(c: dict, exc: OSError) -> None:
@@ -105,6 +119,10 @@ class PyPump:
             raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
         self.framing = framing
         self._parser = Len16Parser(self._limit)
+        # TCP egress: the unsent rest of a record a stop interrupted; sent
+        # first when the pump starts again on this connection, dropped with
+        # the connection (see the compiled pump's keep_tail).
+        self._tail: tuple[bytes, int] | None = None
         self._check_peer = self._learn_peer = False
         self._peer = None
         if self._stream:
@@ -178,6 +196,9 @@ class PyPump:
         return Outcome(FATAL, direction)
 
     def _egress(self, c: dict) -> None:
+        if self._tail is not None:
+            (rest, length), self._tail = self._tail, None
+            self._write_stream(c, memoryview(rest), length)
         while True:
             self._wait(c, self._tun)
             for _ in range(self.batch):
@@ -203,25 +224,8 @@ class PyPump:
     def _send(self, c: dict, packet: bytes) -> None:
         data = len16_encode(packet) if self.framing == "len16" else packet
         if self._stream:
-            # Not sendall(): a peer that stops reading would block it for
-            # good and stop() could never end the loop.
-            view = memoryview(data)
-            while view:
-                try:
-                    sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                except (BlockingIOError, InterruptedError):
-                    c["syscalls"] += 1
-                    self._wait(c, self._sock.fileno(), writable=True)
-                    continue
-                except OSError as exc:
-                    c["syscalls"] += 1
-                    c["errors"]["disconnect"] += 1
-                    c["drops"]["disconnected"] += 1
-                    c["last_errno"] = exc.errno
-                    raise _Closed(CLOSED, exc.errno or 0) from exc
-                c["syscalls"] += 1
-                view = view[sent:]
-            c["batches"] += 1
+            self._write_stream(c, memoryview(data), len(packet))
+            return
         else:
             with self._peer_lock:
                 peer = self._peer
@@ -236,7 +240,11 @@ class PyPump:
                         self._sock.sendto(data, peer)
                 except (BlockingIOError, InterruptedError):
                     c["syscalls"] += 1
-                    self._wait(c, self._sock.fileno(), writable=True)
+                    try:
+                        self._wait(c, self._sock.fileno(), writable=True)
+                    except _Stop:
+                        c["drops"]["stopped"] += 1
+                        raise
                     continue
                 except OSError as exc:
                     c["syscalls"] += 1
@@ -249,6 +257,38 @@ class PyPump:
             c["batches"] += 1
         c["packets"] += 1
         c["bytes"] += len(packet)
+
+    def _write_stream(self, c: dict, view: memoryview, packet_length: int) -> None:
+        """Write one record.  Not sendall(): a peer that stops reading would
+        block it for good and stop() could never end the loop.  A stop that
+        comes when part of the record is out keeps the rest for the next
+        start on this connection (never half a record, then another)."""
+        whole = len(view)
+        while view:
+            try:
+                sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                c["syscalls"] += 1
+                try:
+                    self._wait(c, self._sock.fileno(), writable=True)
+                except _Stop:
+                    if len(view) < whole:
+                        self._tail = (bytes(view), packet_length)
+                    else:
+                        c["drops"]["stopped"] += 1
+                    raise
+                continue
+            except OSError as exc:
+                c["syscalls"] += 1
+                c["errors"]["disconnect"] += 1
+                c["drops"]["disconnected"] += 1
+                c["last_errno"] = exc.errno
+                raise _Closed(CLOSED, exc.errno or 0) from exc
+            c["syscalls"] += 1
+            view = view[sent:]
+        c["batches"] += 1
+        c["packets"] += 1
+        c["bytes"] += packet_length
 
     def _ingress(self, c: dict) -> None:
         sock = self._sock
@@ -268,7 +308,7 @@ class PyPump:
             c["syscalls"] += 1
             c["batches"] += 1
             if sender is not None and not isinstance(sender, str):
-                sender = sender[:2]
+                sender = _sender(sender, self._sock.family)
             with self._peer_lock:
                 peer = self._peer
             if self._check_peer or (self._learn_peer and peer is not None):

@@ -55,6 +55,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
     int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
 
@@ -130,6 +131,22 @@ cdef extern from "tr_inline.h" nogil:
     int tr_load_acquire(const int *p)
     void tr_store_release(int *p, int v)
     void tr_set_errno(int e)
+    unsigned int tr_seq_read_begin(const unsigned int *seq)
+    bint tr_seq_read_retry(const unsigned int *seq, unsigned int start)
+    void tr_seq_write_begin(unsigned int *seq)
+    void tr_seq_write_end(unsigned int *seq)
+    double tr_monotonic()
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
 
 
 cdef extern from "tr_csum.h" nogil:

@@ -3,6 +3,7 @@
 #define TUNRELAY_TR_INLINE_H
 
 #include <errno.h>
+#include <time.h>
 
 /* The learned UDP peer is written by the ingress loop and read by the
  * egress loop: publish it with release/acquire so the address bytes are
@@ -15,6 +16,43 @@ static inline int tr_load_acquire(const int *p)
 static inline void tr_store_release(int *p, int v)
 {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+/* A sequence lock for the aead peer endpoint: one writer at a time (the
+ * Keyring's mutex), readers that never block it.  The count is odd while a
+ * write is under way; a reader retries if it changed under it. */
+static inline unsigned int tr_seq_read_begin(const unsigned int *seq)
+{
+    unsigned int s;
+    while ((s = __atomic_load_n(seq, __ATOMIC_ACQUIRE)) & 1)
+        ;
+    return s;
+}
+
+static inline int tr_seq_read_retry(const unsigned int *seq, unsigned int start)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(seq, __ATOMIC_RELAXED) != start;
+}
+
+static inline void tr_seq_write_begin(unsigned int *seq)
+{
+    __atomic_store_n(seq, *seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void tr_seq_write_end(unsigned int *seq)
+{
+    __atomic_store_n(seq, *seq + 1, __ATOMIC_RELEASE);
+}
+
+/* Monotonic seconds, for the rare timed decisions of the loops (re-probing
+ * UDP GSO after a refusal). */
+static inline double tr_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* Cython treats an assignment to errno as a new local variable. */
