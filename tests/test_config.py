@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tunrelay.config
+from tunrelay import aead
 from tunrelay.config import (
     Config,
     DeviceConfig,
@@ -72,6 +73,12 @@ engine = "python"
 interval = 2.5
 socket = "/tmp/tunrelay-test.sock"
 """
+
+
+# aead over TCP: the key file is relative to the config file.
+AEAD_TCP_CLIENT = ('[transport]\nprotocol = "tcp"\npeer = "192.0.2.7:55555"\nframing = "aead"\n'
+                   '[security]\nkey_file = "relay.key"\n')
+AEAD_TCP_SERVER = '[transport]\nprotocol = "tcp"\nframing = "aead"\n[security]\nkey_file = "relay.key"\n'
 
 
 def test_empty_file_is_a_udp_relay_that_learns_its_peer(tmp_path):
@@ -148,6 +155,79 @@ def test_tcp_client_with_a_local_bind_address(tmp_path):
 
 def test_len16_over_udp_is_allowed(tmp_path):
     assert load_text(tmp_path, '[transport]\nframing = "len16"\n').transport.framing == "len16"
+
+
+def key_file(directory: Path, name: str = "relay.key") -> Path:
+    """An owner-only key file as `tunrelay genkey` would fill it."""
+    path = directory / name
+    path.write_text(aead.genkey() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_aead_default_mtu_follows_the_wire_overhead(tmp_path):
+    key_file(tmp_path)
+    cfg = load_text(tmp_path, AEAD_TCP_SERVER)
+    assert cfg.device.mtu == tunrelay.config.AEAD_DEFAULT_MTU == 1400 - aead.OVERHEAD
+
+
+@pytest.mark.parametrize("text, role", [
+    (AEAD_TCP_CLIENT, "a"),
+    (AEAD_TCP_CLIENT + 'role = "a"\n', "a"),
+    (AEAD_TCP_SERVER, "b"),
+    (AEAD_TCP_SERVER + 'role = "b"\n', "b"),
+])
+def test_aead_over_tcp_derives_the_role_client_a_server_b(tmp_path, text, role):
+    key_file(tmp_path)
+    cfg = load_text(tmp_path, text)
+    assert cfg.transport.protocol == "tcp" and cfg.transport.framing == "aead"
+    assert cfg.security.role == role
+    assert len(cfg.security.key) == 32
+
+
+@pytest.mark.parametrize("role", ["a", "b"])
+def test_aead_over_udp_keeps_the_given_role(tmp_path, role):
+    key_file(tmp_path)
+    cfg = load_text(tmp_path, '[transport]\nframing = "aead"\npeer = "192.0.2.7:1"\n'
+                              f'[security]\nkey_file = "relay.key"\nrole = "{role}"\n')
+    assert cfg.security.role == role
+
+
+def test_role_is_empty_without_aead(tmp_path):
+    assert load_text(tmp_path, "").security.role == ""
+    assert load_text(tmp_path, '[transport]\nprotocol = "tcp"\n').security.role == ""
+
+
+def test_learn_defaults_to_once_and_never_needs_a_peer(tmp_path):
+    assert load_text(tmp_path, "").transport.learn == "once"
+    assert TransportConfig().learn == "once"
+    cfg = load_text(tmp_path, '[transport]\nlearn = "never"\npeer = "192.0.2.7:1"\n')
+    assert cfg.transport.learn == "never"
+    cfg = load_text(tmp_path, '[transport]\nlearn = "once"\nframing = "len16"\n')
+    assert cfg.transport.learn == "once" and cfg.transport.peer is None
+
+
+def test_allow_on_a_tcp_server(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\n'
+                              'allow = ["192.0.2.0/24", "2001:db8::/32", "10.1.2.3/32"]\n')
+    assert cfg.transport.allow == (ip_network("192.0.2.0/24"), ip_network("2001:db8::/32"),
+                                   ip_network("10.1.2.3/32"))
+    assert load_text(tmp_path, '[transport]\nprotocol = "tcp"\n').transport.allow == ()
+
+
+def test_allow_on_an_aead_tcp_server(tmp_path):
+    key_file(tmp_path)
+    cfg = load_text(tmp_path, AEAD_TCP_SERVER.replace('framing = "aead"\n',
+                                                      'framing = "aead"\nallow = ["::/0"]\n'))
+    assert cfg.transport.allow == (ip_network("::/0"),)
+
+
+def test_link_local_endpoints_keep_their_interface(tmp_path):
+    cfg = load_text(tmp_path, '[transport]\nlisten = "[fe80::2%eth0]:0"\npeer = "[fe80::1%eth0]:55555"\n')
+    assert cfg.transport.peer == Endpoint("fe80::1%eth0", 55555)
+    assert cfg.transport.listen == Endpoint("fe80::2%eth0", 0)
+    assert str(cfg.transport.peer) == "[fe80::1%eth0]:55555"
+    assert load_text(tmp_path, '[transport]\npeer = "[fe80::1%2]:1"\n').transport.peer.host == "fe80::1%2"
 
 
 def test_transport_config_built_in_code_has_the_file_defaults():
@@ -253,7 +333,40 @@ BAD = [
     ("[transport]\nlisten = 55555\n", "transport.listen", ["expected a string 'host:port'", "got an integer 55555"]),
     ('[transport]\nframing = "chacha"\n', "transport.framing", ['expected "raw", "len16" or "aead"', '"chacha"']),
     ('[transport]\nframing = "aead"\n', "security.key_file", ['needs a key file', "tunrelay genkey"]),
-    ('[transport]\nprotocol = "tcp"\nframing = "aead"\n', "transport.framing", ['aead needs protocol = "udp"']),
+    # [security] role (aead; the key file is not read before the role is checked)
+    ('[transport]\nframing = "aead"\n[security]\nkey_file = "relay.key"\n', "security.role",
+     ['framing = "aead" over UDP needs role = "a" on one end and "b" on the other',
+      "each end needs its own direction", "reflected back"]),
+    (AEAD_TCP_CLIENT + 'role = "b"\n', "security.role",
+     ['expected "a" for a TCP client (peer set), got "b"', 'the client is "a" and the server "b"']),
+    (AEAD_TCP_SERVER + 'role = "a"\n', "security.role",
+     ['expected "b" for a TCP server (no peer), got "a"']),
+    ('[security]\nrole = "c"\n', "security.role", ['expected "a" or "b"', 'got a string "c"']),
+    ('[security]\nrole = 1\n', "security.role", ['expected "a" or "b"', "got an integer 1"]),
+    ('[security]\nrole = "a"\n', "security.role", ['applies to framing = "aead" only', 'got framing = "raw"']),
+    ('[security]\nrol = "a"\n', "security.rol", ["unknown key", "did you mean 'role'?"]),
+    # [transport] learn
+    ('[transport]\nlearn = "always"\n', "transport.learn", ['expected "once" or "never"', '"always"']),
+    ('[transport]\nlearn = "never"\n', "transport.learn",
+     ['expected a [transport] peer with learn = "never"', "nowhere to send"]),
+    ('[transport]\nlearn = "once"\nframing = "aead"\npeer = "192.0.2.7:1"\n', "transport.learn",
+     ['does not apply to framing = "aead"', "roaming", "remove learn"]),
+    ('[transport]\nprotocol = "tcp"\nlearn = "once"\n', "transport.learn",
+     ['applies to protocol = "udp" only']),
+    # [transport] allow
+    ('[transport]\nallow = ["10.0.0.0/8"]\n', "transport.allow",
+     ['applies to a TCP server only (protocol = "tcp" without peer)', 'got protocol = "udp"']),
+    ('[transport]\nprotocol = "tcp"\npeer = "192.0.2.7:1"\nallow = ["10.0.0.0/8"]\n', "transport.allow",
+     ["applies to a TCP server only", "got a TCP client (peer 192.0.2.7:1)"]),
+    ('[transport]\nprotocol = "tcp"\nallow = ["10.0.0.1/24"]\n', "transport.allow",
+     ["expected a network", "host bits set", "did you mean '10.0.0.0/24'?"]),
+    ('[transport]\nprotocol = "tcp"\nallow = ["10.0.0.1"]\n', "transport.allow", ["(CIDR)", "got '10.0.0.1'"]),
+    ('[transport]\nprotocol = "tcp"\nallow = "10.0.0.0/8"\n', "transport.allow",
+     ["expected an array of strings", "got a string"]),
+    ('[transport]\nprotocol = "tcp"\nallow = []\n', "transport.allow",
+     ["expected at least one network", "empty array", "leave allow out"]),
+    ('[transport]\nprotocol = "tcp"\nallow = ["::/0", "::/0"]\n', "transport.allow",
+     ["expected each entry once", "'::/0' twice"]),
     ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
     ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
     ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
@@ -278,6 +391,16 @@ BAD = [
     ('[transport]\npeer = "10.0.1:55555"\n', "transport.peer", ["expected an IP address or a hostname", "'10.0.1'"]),
     ('[transport]\npeer = "-bad-:55555"\n', "transport.peer", ["expected an IP address or a hostname", "'-bad-'"]),
     ('[transport]\npeer = "0.0.0.0:55555"\n', "transport.peer", ["expected a reachable address", "0.0.0.0:55555"]),
+    ('[transport]\npeer = "[fe80::1]:55555"\n', "transport.peer",
+     ["expected a link-local address with its interface", "like '[fe80::1%eth0]:55555'"]),
+    ('[transport]\nlisten = "[fe80::2]:0"\npeer = "[fe80::1%eth0]:1"\n', "transport.listen",
+     ["expected a link-local address with its interface", "'[fe80::2]:0'"]),
+    ('[transport]\npeer = "[2001:db8::1%eth0]:55555"\n', "transport.peer",
+     ["expected a scope (%interface) only on a link-local address (fe80::/10)"]),
+    ('[transport]\npeer = "[fe80::1%e th0]:55555"\n', "transport.peer",
+     ["expected an interface name or index after '%'", "'e th0'"]),
+    ('[transport]\npeer = "[fe80::1%interface0123456]:55555"\n', "transport.peer",
+     ["expected an interface name or index after '%'", "'interface0123456'"]),
     # [device] values
     ('[device]\nname = "tunnel0123456789"\n', "device.name", ["expected at most 15 bytes", "got 16 bytes"]),
     ('[device]\nname = "ééééééééé"\n', "device.name", ["expected at most 15 bytes", "got 18 bytes"]),
@@ -409,6 +532,7 @@ def test_parse_endpoint(text, host, port, family):
 @pytest.mark.parametrize("text", [
     "", "1.2.3.4", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4:-1", "1.2.3.4:+5", "1.2.3.4: 5", "1.2.3.4:٥",
     "::1", "::1:5", "2001:db8::1", "[::1]", "[::1]5", "[::1", "[1.2.3.4]:5", "[host]:5",
+    "[fe80::1]:5", "[fe80::1%]:5", "[::1%lo]:5", "fe80::1%eth0:5",
     ":5", "1.2.3:5", "-host:5", "host-:5", "ho st:5", "a..b:5", "a:b:c", "256.1.1.1:5",
 ])
 def test_parse_endpoint_rejects(text):
@@ -434,11 +558,18 @@ GOOD = [
     '[transport]\nprotocol = "tcp"\npeer = "relay-b.example.org:55555"\n',
     '[transport]\nprotocol = "tcp"\nlisten = "10.0.0.2:0"\npeer = "192.0.2.7:55555"\n',
     '[device]\nname = "tun%d"\naddress = "10.10.0.1/24"\nowner = 0\n[stats]\ninterval = 10\n',
+    '[transport]\npeer = "192.0.2.7:1"\nlearn = "never"\n',
+    '[transport]\nprotocol = "tcp"\nallow = ["192.0.2.0/24", "2001:db8::/32"]\n',
+    '[transport]\nlisten = "[fe80::2%eth0]:0"\npeer = "[fe80::1%eth0]:55555"\n',
+    AEAD_TCP_CLIENT,
+    AEAD_TCP_SERVER + 'role = "b"\n',
+    '[transport]\nframing = "aead"\npeer = "192.0.2.7:1"\n[security]\nkey_file = "relay.key"\nrole = "b"\n',
 ]
 
 
 @pytest.mark.parametrize("text", GOOD)
 def test_to_toml_round_trip(tmp_path, text):
+    key_file(tmp_path)  # for the aead ones
     cfg = load_text(tmp_path, text)
     assert loads(to_toml(cfg), cfg.path) == cfg
     # ... and through a file, as the demo writes it.

@@ -68,7 +68,8 @@ def cmd_check(args) -> int:
     role = ("udp" if t.protocol == "udp" else
             "tcp server" if t.is_server else "tcp client")
     print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
-          f"mtu {cfg.device.mtu}, {role}, framing {t.framing}, "
+          f"mtu {cfg.device.mtu}, {role}, framing {t.framing}"
+          f"{f' (role {cfg.security.role})' if t.framing == 'aead' else ''}, "
           f"listen {t.listen or '-'}, peer {t.peer or '(learned)' if t.protocol == 'udp' else t.peer or '-'}")
     return EXIT_OK
 

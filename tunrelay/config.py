@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .aead import OVERHEAD as AEAD_OVERHEAD
+from .aead import ROLES
 from .errors import ConfigError
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
@@ -41,17 +43,20 @@ DEVICE_MODES = ("tun", "tap")
 PROTOCOLS = ("udp", "tcp")
 FRAMINGS = ("raw", "len16", "aead")
 CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
-# With aead each packet carries 36 more bytes (header 20, tag 16): the
-# default MTU shrinks by as much, so the datagrams on the wire are no larger
-# than raw framing's at its default of 1400.
-AEAD_DEFAULT_MTU = 1400 - 36
-# Each queue's pump is an aead session of its own, and all queues send from
-# one address, so the peer's receiving pump must hold every one of them in
-# its session cache (AEAD_SESSIONS in _fastpath.pxd); more would thrash it:
-# each datagram of an evicted session costs a rate-limited key derivation
-# (most are dropped as unknown_session) and restarts its replay window.
+# With aead each packet carries AEAD_OVERHEAD more bytes (header and tag):
+# the default MTU shrinks by as much, so the datagrams on the wire are no
+# larger than raw framing's at its default of 1400.
+AEAD_DEFAULT_MTU = 1400 - AEAD_OVERHEAD
+# Each queue's pump is an aead session of its own, and the peer's table of
+# sessions (AEAD_SLOTS = 8 in _fastpath.pxd) must hold all of them, plus the
+# hello session and a restart's overlap; a session pushed out of a full
+# table is refused from then on (its recordings must not get a new window).
 AEAD_MAX_QUEUES = 4
 ENGINES = ("fast", "python")
+# How a UDP relay without a configured peer (raw/len16) picks one: "once"
+# takes the source of the first valid datagram until restart; "never" does
+# not learn (a peer must be configured).  aead roams instead (see _learn).
+LEARN = ("once", "never")
 
 
 # --------------------------------------------------------------------------
@@ -65,8 +70,9 @@ _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A host and a port.  ``host`` is an IP literal (IPv6 without brackets)
-    or a hostname, which is resolved when the socket is opened, not here."""
+    """A host and a port.  ``host`` is an IP literal (IPv6 without brackets,
+    a link-local one with its interface: ``fe80::1%eth0``) or a hostname,
+    which is resolved when the socket is opened, not here."""
 
     host: str
     port: int
@@ -104,7 +110,26 @@ def _split_bracketed(text: str) -> tuple[str, str]:
     ip = _ip_or_none(host)
     if ip is None or ip.version != 6:
         raise ValueError(f"expected an IPv6 address between the brackets, got {host!r} in {text!r}")
+    _check_scope(ip, text, rest[1:])
     return str(ip), rest[1:]
+
+
+def _check_scope(ip: ipaddress.IPv6Address, text: str, port_text: str) -> None:
+    """fe80::/10 exists on every link, so a link-local address means nothing
+    without its interface (the kernel refuses it: EINVAL); and a scope on
+    any other address would be ignored, so it is a mistake either way."""
+    if ip.is_link_local and ip.scope_id is None:
+        raise ValueError(f"expected a link-local address with its interface, like "
+                         f"'[{ip}%eth0]:{port_text}', got {text!r} (which link is fe80::/10 on?)")
+    if ip.scope_id is None:
+        return
+    if not ip.is_link_local:
+        raise ValueError(f"expected a scope (%interface) only on a link-local address (fe80::/10), "
+                         f"got {text!r}")
+    scope = ip.scope_id
+    if _utf8_size(scope) > IFNAMSIZ - 1 or any(c in "/:" or c.isspace() or not c.isprintable()
+                                                for c in scope):
+        raise ValueError(f"expected an interface name or index after '%', got {scope!r} in {text!r}")
 
 
 def _split_plain(text: str) -> tuple[str, str]:
@@ -181,12 +206,18 @@ class TransportConfig:
     filled in on construction, so a ``TransportConfig`` built in code has the
     same defaults as one read from a file.  Only a TCP client keeps
     ``listen`` None (it then binds nothing before connecting).
+
+    ``learn`` matters to a UDP relay with framing raw or len16 and no peer
+    (aead follows its authenticated peer instead); ``allow`` only to a TCP
+    server, which refuses (RST) connections from anywhere else.
     """
 
     protocol: str = "udp"
     listen: Endpoint | None = None
     peer: Endpoint | None = None
     framing: str = ""
+    learn: str = "once"
+    allow: tuple = ()  # of ipaddress.IPv4Network / IPv6Network; () = any address
 
     def __post_init__(self) -> None:
         if not self.framing:
@@ -233,6 +264,9 @@ class SecurityConfig:
     key_file: str = ""
     cipher: str = "chacha20-poly1305"
     key: bytes = field(default=b"", repr=False, compare=False)
+    # "a" or "b": the direction this end seals with (it opens the other's).
+    # After loading, the effective role with aead (derived over TCP), else "".
+    role: str = ""
     # Drop to this uid/gid once the device and sockets are open (None: stay).
     user: int | None = None
     group: int | None = None
@@ -309,20 +343,19 @@ def _read_security(table: _Table) -> SecurityConfig:
     return SecurityConfig(
         key_file=_string(table, "key_file", ""),
         cipher=_choice(table, "cipher", CIPHERS, SecurityConfig.cipher),
+        role=_choice(table, "role", ROLES, ROLES[0]) if "role" in table.data else "",
         user=user,
         group=group,
     )
 
 
 def _with_aead(cfg: Config, tables: dict) -> Config:
-    """framing = "aead": UDP only, the compiled engine, a readable key file
+    """framing = "aead": a role, the compiled engine, a readable key file
     (checked now, so `tunrelay check` catches it), and the smaller default
     MTU unless one is given."""
     from dataclasses import replace
 
     from .aead import load_key
-    if cfg.transport.protocol != "udp":
-        raise tables["transport"].error("framing", 'aead needs protocol = "udp"')
     if cfg.relay.engine != "fast":
         raise tables["relay"].error("engine", 'framing = "aead" needs engine = "fast"')
     if cfg.device.queues > AEAD_MAX_QUEUES:
@@ -334,6 +367,7 @@ def _with_aead(cfg: Config, tables: dict) -> Config:
         raise tables["security"].error(
             "key_file", 'framing = "aead" needs a key file (make one: tunrelay genkey > relay.key; '
             "chmod 600 relay.key)")
+    role = _aead_role(cfg, tables["security"])
     path = cfg.security.key_file
     if not os.path.isabs(path) and cfg.path not in ("<string>", ""):
         path = os.path.join(os.path.dirname(os.path.abspath(cfg.path)), path)
@@ -341,11 +375,38 @@ def _with_aead(cfg: Config, tables: dict) -> Config:
     device = cfg.device
     if "mtu" not in tables["device"].data:
         device = replace(device, mtu=AEAD_DEFAULT_MTU)
-    return replace(cfg, device=device, security=replace(cfg.security, key=key))
+    return replace(cfg, device=device, security=replace(cfg.security, key=key, role=role))
+
+
+def _aead_role(cfg: Config, table: _Table) -> str:
+    """Both ends share the key, so each seals with the key of its own
+    direction and opens with the other's: its own datagrams reflected back
+    to it then never authenticate.  Over TCP the ends are already told
+    apart (the client is "a", the server "b"); over UDP they are not."""
+    given = cfg.security.role
+    if cfg.transport.protocol == "udp":
+        if not given:
+            raise table.error(
+                "role", 'framing = "aead" over UDP needs role = "a" on one end and "b" on the '
+                "other: both ends share the key, so each end needs its own direction (a relay "
+                "then never accepts its own datagrams reflected back)")
+        return given
+    server = cfg.transport.is_server
+    derived = ROLES[1] if server else ROLES[0]
+    if given and given != derived:
+        end = "server (no peer)" if server else "client (peer set)"
+        raise table.error(
+            "role", f'expected "{derived}" for a TCP {end}, got "{given}": over TCP the client '
+            f'is "{ROLES[0]}" and the server "{ROLES[1]}" (or leave role out)')
+    return derived
 
 
 def _check_across_tables(cfg: Config, tables: dict) -> None:
     """Settings that are each valid but not together."""
+    if cfg.security.role and cfg.transport.framing != "aead":
+        raise tables["security"].error(
+            "role", f'applies to framing = "aead" only (it picks the key of each direction), '
+            f'got framing = "{cfg.transport.framing}"; remove role')
     if cfg.device.queues > 1:
         # One SO_REUSEPORT UDP socket per queue; every queue must know where
         # to send from the start (a learned peer is seen by one queue only).
@@ -371,9 +432,9 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
 # The keys each table accepts, as written in the file.
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
-    "transport": ("protocol", "listen", "peer", "framing"),
+    "transport": ("protocol", "listen", "peer", "framing", "learn", "allow"),
     "relay": ("batch", "engine", "offload"),
-    "security": ("key_file", "cipher", "user", "group"),
+    "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket"),
 }
 
@@ -562,13 +623,14 @@ def _interface(table: _Table, text: str) -> ipaddress.IPv4Interface | ipaddress.
                                      f"'10.0.0.1/24', got {text!r}") from None
 
 
-def _network(table: _Table, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A route must be a network: "10.0.0.1/24" is more likely a pasted
-    address than the network it lies in, so name that network instead of
-    guessing (the strict=False answer)."""
+def _network(table: _Table, text: str,
+             key: str = "routes") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A route (or an allow entry) must be a network: "10.0.0.1/24" is more
+    likely a pasted address than the network it lies in, so name that
+    network instead of guessing (the strict=False answer)."""
     expected = "a network with a prefix length (CIDR) like '192.168.50.0/24'"
     if "/" not in text:
-        raise table.error("routes", f"expected {expected}, got {text!r}")
+        raise table.error(key, f"expected {expected}, got {text!r}")
     try:
         return ipaddress.ip_network(text)
     except ValueError:
@@ -576,9 +638,9 @@ def _network(table: _Table, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6
     try:
         meant = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise table.error("routes", f"expected {expected}, got {text!r}") from None
-    raise table.error("routes", f"expected {expected}, got {text!r} which has host bits set; "
-                                f"did you mean '{meant}'?")
+        raise table.error(key, f"expected {expected}, got {text!r}") from None
+    raise table.error(key, f"expected {expected}, got {text!r} which has host bits set; "
+                           f"did you mean '{meant}'?")
 
 
 def _check_ipv6_mtu(table: _Table, mtu: int, prefixes: tuple) -> None:
@@ -634,7 +696,45 @@ def _read_transport(table: _Table) -> TransportConfig:
             and listen.family != peer.family:
         raise table.error("listen", f"expected the same address family as peer {peer}, got {listen}: "
                                     f"a socket of one family cannot reach an address of the other")
-    return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing)
+    return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing,
+                           learn=_learn(table, protocol, peer, framing),
+                           allow=_allow(table, protocol, peer))
+
+
+def _learn(table: _Table, protocol: str, peer: Endpoint | None, framing: str) -> str:
+    """How a UDP relay without a peer finds one; an aead relay needs no
+    choice: it follows the source of the newest authenticated datagram."""
+    learn = _choice(table, "learn", LEARN, TransportConfig.learn)
+    if "learn" not in table.data:
+        return learn
+    if protocol != "udp":
+        raise table.error("learn", 'applies to protocol = "udp" only (a TCP peer is the '
+                                   "connection); remove learn")
+    if framing == "aead":
+        raise table.error("learn", 'does not apply to framing = "aead": an aead relay follows its '
+                                   "peer to the source of its newest authenticated datagram "
+                                   "(roaming); remove learn")
+    if learn == "never" and peer is None:
+        raise table.error("learn", 'expected a [transport] peer with learn = "never": without '
+                                   "one the relay would have nowhere to send")
+    return learn
+
+
+def _allow(table: _Table, protocol: str, peer: Endpoint | None) -> tuple:
+    """The networks a TCP server accepts connections from."""
+    if "allow" not in table.data:
+        return ()
+    if protocol != "tcp" or peer is not None:
+        found = f'protocol = "{protocol}"' if protocol != "tcp" else f"a TCP client (peer {peer})"
+        raise table.error("allow", f'applies to a TCP server only (protocol = "tcp" without peer), '
+                                   f"got {found}; remove allow")
+    networks = _no_duplicates(table, "allow", [
+        _network(table, text, "allow") for text in _string_list(table, "allow", single_ok=False)])
+    if not networks:
+        raise table.error("allow", "expected at least one network like '192.0.2.0/24', got an "
+                                   "empty array (which would refuse everyone); leave allow out "
+                                   "to accept any address")
+    return networks
 
 
 def _endpoint(table: _Table, key: str, min_port: int) -> Endpoint | None:
@@ -702,17 +802,22 @@ def _socket_path(table: _Table) -> str:
 def to_toml(cfg: Config) -> str:
     """Every setting written out explicitly, so ``loads(to_toml(c), c.path)
     == c``; a key whose value is None (no owner, no TCP bind address) is left
-    out, which reads back as None."""
+    out, which reads back as None.  So are the keys the loader refuses where
+    they do not apply (learn but over UDP without aead, allow but on a TCP
+    server, role but with aead): their defaults read back the same."""
     d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
     tables = {
         "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
                    "routes": d.routes, "persist": d.persist, "owner": d.owner,
                    "group": d.group, "queues": d.queues},
         "transport": {"protocol": t.protocol, "listen": t.listen, "peer": t.peer,
-                      "framing": t.framing},
+                      "framing": t.framing,
+                      "learn": t.learn if t.protocol == "udp" and t.framing != "aead" else None,
+                      "allow": t.allow or None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
         "stats": {"interval": s.interval, "socket": s.socket},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
+                     "role": cfg.security.role or None,
                      "user": cfg.security.user, "group": cfg.security.group},
     }
     lines = []
