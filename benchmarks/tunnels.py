@@ -54,6 +54,7 @@ TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
     "tunrelay udp aead chacha20-poly1305": ("udp", _AEAD),
     "tunrelay udp aead aes-256-gcm": (
         "udp", {**_AEAD, "security": _AEAD["security"] + ['cipher = "aes-256-gcm"']}),
+    "tunrelay tcp aead chacha20-poly1305": ("tcp", _AEAD),
 }
 
 #: The "naive Python relay" baseline: tunrelay with its pure-Python pump

@@ -399,8 +399,7 @@ def _aead_overrides(workdir: str) -> dict:
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(genkey() + "\n")
-    return {"transport": ['framing = "aead"'], "security": [f'key_file = "{key_file}"'],
-            "device": ["mtu = 1364"]}
+    return {"transport": ['framing = "aead"'], "security": [f'key_file = "{key_file}"']}
 
 
 # (protocol, overrides for both sides, overrides for side a only)
@@ -413,6 +412,9 @@ VARIANTS = {
     "udp-queues-2-offload-off": ("udp", {"device": ["queues = 2"], "relay": ["offload = false"]}, None),
     "udp-aead": ("udp", "aead", None),
     "udp-aead-aes-offload-off": ("udp", "aead-aes", {"relay": ["offload = false"]}),
+    "udp-aead-queues-2": ("udp", "aead-q2", None),
+    "tcp-aead": ("tcp", "aead", None),
+    "tcp-aead-offload-mixed": ("tcp", "aead", {"relay": ["offload = false"]}),
 }
 
 
@@ -425,6 +427,8 @@ def test_fast_path_variants_carry_traffic_byte_exact(bed, make_pair, tmp_path, v
         both = _aead_overrides(str(tmp_path))
         if variant.startswith("udp-aead-aes"):
             both["security"].append('cipher = "aes-256-gcm"')
+        if variant.endswith("queues-2"):
+            both["device"] = ["queues = 2"]
     pair = make_pair(protocol=protocol, overrides=both, overrides_a=side_a)
     pair.start()
     assert_ping(bed, bed.ns_a, TUNNEL_B)
@@ -438,5 +442,27 @@ def test_fast_path_variants_carry_traffic_byte_exact(bed, make_pair, tmp_path, v
             assert snapshot["queues"] == 2
         if "aead" in variant:
             assert snapshot["aead"]["peer_sessions"] >= 1
+    for name in ("a", "b"):
+        assert pair.stop(name) == 0, pair.log(name)
+
+
+@pytest.mark.parametrize("engine", ["fast", "python"])
+def test_link_local_ipv6_peers_keep_their_scope(bed, make_pair, engine):
+    """Underlay peers given as "[fe80::..%veth]:port" (finding 12 of issue
+    7): the scope (the interface) reaches the socket calls, and the tunnel
+    carries ping and a byte-exact transfer.  Without the scope, sendto()
+    fails with EINVAL and nothing crosses."""
+    for ns, dev, address in ((bed.ns_a, bed.veth_a, "fe80::a"), (bed.ns_b, bed.veth_b, "fe80::b")):
+        bed.run(ns, ["ip", "addr", "add", f"{address}/64", "dev", dev, "nodad"], check=True)
+    pair = make_pair(
+        overrides={"relay": [f'engine = "{engine}"']},
+        overrides_a={"transport": [f'listen = "[::]:{PORT}"',
+                                   f'peer = "[fe80::b%{bed.veth_a}]:{PORT}"']},
+        overrides_b={"transport": [f'listen = "[::]:{PORT}"',
+                                   f'peer = "[fe80::a%{bed.veth_b}]:{PORT}"']})
+    pair.start()
+    assert_ping(bed, bed.ns_a, TUNNEL_B)
+    transfer(bed, TUNNEL_B)
+    assert pair.stats("a")["peer"] == f"[fe80::b%{bed.veth_a}]:{PORT}"
     for name in ("a", "b"):
         assert pair.stop(name) == 0, pair.log(name)

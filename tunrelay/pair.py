@@ -82,6 +82,12 @@ class RelayPair:
             tables["transport"] += [f'listen = "{here}:{PORT}"']
         else:
             tables["transport"] += [f'peer = "{there}:{PORT}"']
+        aead = any(line.replace(" ", "") == 'framing="aead"' for line in overrides.get("transport", []))
+        if aead and self.protocol == "udp":
+            # Both ends share the key; each needs its own direction, as an
+            # operator would write it: side a is role "a", side b role "b".
+            # (Over TCP the client and server roles decide.)
+            tables["security"] = [f'role = "{name}"']
         for table, lines in overrides.items():
             keys = {line.split("=")[0].strip() for line in lines}
             tables[table] = [l for l in tables.get(table, []) if l.split("=")[0].strip() not in keys]

@@ -10,7 +10,10 @@ Supervision (``run()``, in the caller's thread):
 - TCP client: connect (with capped exponential backoff), pump until the
   connection ends, reconnect.  The device stays up throughout.
 - TCP server: accept one peer, pump until it goes, accept the next.
-  Further connections while a peer is live are refused and counted.
+  Further connections while a peer is live are refused and counted.  With
+  aead, connections are accepted side by side and the one whose hello
+  authenticates is kept; a newly proven connection replaces the live one
+  (the real peer reconnecting after its old connection died silently).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 import time
 
 from . import transport as _transport
+from . import aead as _aead
 from ._runner import FATAL, STOPPED, Outcome
 from .counters import DIRECTIONS, empty_direction
 from .config import Config
@@ -33,8 +37,26 @@ from .stats import ControlServer, format_line
 
 log = logging.getLogger("tunrelay.relay")
 
+#: Why a TCP connection's pump ended without an error: a newer connection
+#: proved itself (aead), and replaces it.
+REPLACED = "replaced"
+
 #: How often the supervisor looks up from waiting (stop, housekeeping).
 SUPERVISE_SLICE_S = 0.2
+#: Drops that mean "look at the other end", logged when they grow, at most
+#: once a minute each: the other end speaks another aead wire version, or
+#: sends our own role (both ends configured alike, or our datagrams sent
+#: back to us).
+_NOTICE_EVERY_S = 60.0
+_NOTICES = {
+    "aead_version": "aead: %d datagram(s) of another aead wire version: the other end runs "
+                    "an older (or newer) tunrelay; both ends need the same version",
+    "reflected": "aead: %d datagram(s) carrying this relay's own role %r: both ends are "
+                 "configured with the same [security] role, or our own datagrams are being "
+                 "sent back to us",
+    "stale_session": "aead: %d datagram(s) of a peer session older than its newest: a "
+                     "recording being replayed, or the peer's clock went back",
+}
 
 
 def pump_class(engine: str):
@@ -69,6 +91,15 @@ class Relay:
         self._started = time.monotonic()
         self._learned = None
         self._device_lost = False
+        #: aead: the keys and peer sessions all pumps share (made in open()).
+        self.keyring = None
+        self._endpoint = None
+        self._noticed: dict[str, tuple[int, float]] = {}
+        self._newcomer: socket.socket | None = None  # a proven connection waiting to take over
+        # aead TCP server: (start, counter) of the hellos of the live and of
+        # the last proven connection; a newcomer must be newer to take over.
+        self._live_order: tuple[int, int] | None = None
+        self._proven_order: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ control
 
@@ -104,15 +135,37 @@ class Relay:
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
             "state": self._state,
             "peer": peer,
-            "aead": ({"cipher": self.cfg.security.cipher,
+            "aead": ({"cipher": self.cfg.security.cipher, "role": self.keyring.role,
                       "sessions": [p.aead_session for p in self.pumps],
-                      "peer_sessions": sum(p.aead_peer_sessions for p in self.pumps)}
-                     if self.cfg.transport.framing == "aead" and self.pumps else None),
+                      "peer_sessions": self.keyring.counts()["sessions"],
+                      "evicted": self.keyring.counts()["evicted"],
+                      "roams": self.keyring.counts()["roams"]}
+                     if self.keyring is not None else None),
+            "peer_mode": self._peer_mode(),
             "connections": self._connections if tcfg.protocol == "tcp" else None,
             "rejected": self._rejected if tcfg.is_server else None,
+            "refused": (dict(self._server.counts) if self._server is not None
+                        else self._client_counts()),
             "uptime": time.monotonic() - self._started,
             **self.stats(),
         }
+
+    def _peer_mode(self) -> str:
+        """How the peer is chosen, for `tunrelay stats`."""
+        tcfg = self.cfg.transport
+        if tcfg.protocol == "tcp":
+            return "tcp server" if tcfg.is_server else "tcp client"
+        if tcfg.framing == "aead":
+            return "roaming: follows the newest authenticated datagram"
+        if tcfg.peer is not None:
+            return "configured, fixed"
+        if tcfg.learn == "never":
+            return "never learned"
+        return "learned once, fixed until restart"
+
+    def _client_counts(self) -> dict | None:
+        counts = getattr(self._client, "counts", None)
+        return dict(counts) if counts is not None else None
 
     # ------------------------------------------------------------ running
 
@@ -123,6 +176,10 @@ class Relay:
         try:
             self.device.open()
             tcfg = self.cfg.transport
+            if tcfg.framing == "aead":
+                from ._fastpath import Keyring
+                self.keyring = Keyring(self.cfg.security.key, self.cfg.security.cipher,
+                                       self.cfg.security.role)
             if tcfg.protocol == "udp":
                 self._udp, self._peer = _transport.open_udp_queues(tcfg, len(self.device.fds))
                 where = _transport.format_sockaddr(self._udp[0].getsockname())
@@ -197,32 +254,70 @@ class Relay:
         if self._udp:
             self._state = "running"
             return self._udp
-        if self._server is not None:
+        if self._server is not None and self._newcomer is not None:
+            self._conn, self._newcomer = self._newcomer, None
+            self._live_order = self._proven_order
+        elif self._server is not None:
             self._state = "listening"
-            self._conn = self._server.accept(self._stop)
+            self._conn = self._server.accept(self._stop, **self._proof())
+            self._live_order = self._proven_order
         else:
             self._state = "connecting"
-            self._conn = self._client.connect(self._stop)
+            self._conn = self._client.connect(self._stop, **self._hello())
         if self._conn is None:
             return None
         self._connections += 1
         self._state = "connected"
         return [self._conn]
 
+    def _proof(self) -> dict:
+        """TCP server with aead: how a connection proves itself (its first
+        record is a hello that authenticates) and the hello it gets back."""
+        if self.keyring is None:
+            return {}
+        return {"verify": self._verify_record, "reply": self._hello_record}
+
+    def _hello(self) -> dict:
+        """TCP client with aead: the hello it sends, and how the server's is checked."""
+        if self.keyring is None:
+            return {}
+        return {"hello": self._hello_record, "verify": self._verify_record}
+
+    def _hello_record(self) -> bytes:
+        hello = self.keyring.hello()
+        return len(hello).to_bytes(2, "big") + hello
+
+    def _verify_record(self, record: bytes) -> bool:
+        """A TCP hello record that authenticates, is no replay and, while a
+        connection is live, is newer than the live one's: a hello recorded
+        earlier (one can verify once after a restart of ours, when our
+        replay window is new) cannot take the slot from the real peer."""
+        if not (len(record) == _aead.HELLO_RECORD_LEN
+                and int.from_bytes(record[:2], "big") == _aead.OVERHEAD
+                and self.keyring.verify_hello(record[2:])):
+            return False
+        order = _hello_order(record[2:])
+        if self._conn is not None and self._live_order is not None and order <= self._live_order:
+            log.warning("tcp: a hello older than the live connection's was refused "
+                        "(a recording, replayed)")
+            return False
+        self._proven_order = order
+        return True
+
     def _make_pumps(self, socks: list[socket.socket]) -> None:
         options = {"offload": True} if self.device.vnet_hdr else {}
         if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
             options["gso"] = False  # offload = false: no UDP GSO either
-        if self.cfg.transport.framing == "aead":
-            options.update(key=self.cfg.security.key, cipher=self.cfg.security.cipher)
+        if self.keyring is not None:
+            options.update(key=self.keyring)
         for fd, sock in zip(self.device.fds, socks):
             self.pumps.append(self._pump_class(
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch,
                 peer=self._peer if self._udp else None, **options))
-        if self.cfg.transport.framing == "aead":
-            log.info("aead: %s, session %s", self.cfg.security.cipher,
+        if self.keyring is not None:
+            log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))
         if self.device.vnet_hdr:
             log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
@@ -249,27 +344,62 @@ class Relay:
                 # that ended on its own.
                 ended = [pump.stop() for pump in self.pumps]
                 return next((o for o in [outcome, *ended] if o and o.reason != STOPPED), ended[0])
-            self._housekeeping()
+            if self._housekeeping():
+                for pump in self.pumps:
+                    pump.stop()
+                return Outcome(REPLACED, message="a newly proven connection replaces it")
             if next_log is not None and time.monotonic() >= next_log:
                 log.info("stats: %s", format_line(self.stats()))
                 next_log += interval
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self) -> bool:
+        """Between waits: refuse or prove TCP newcomers, log what changed.
+        True when a newly proven TCP connection should replace the live one."""
         if self._server is not None:
-            refused = self._server.reject_pending()
-            if refused:
-                self._rejected += refused
-                log.warning("tcp: refused %d connection(s): a peer is already connected", refused)
+            newcomer = self._server.poll(**self._proof())
+            self._rejected = self._server.counts.get("refused_busy", 0)
+            if newcomer is not None:
+                self._newcomer = newcomer
+                return True
         if self._udp and self._learned is None and self.pumps[0].learns_peer:
             peer = self.pumps[0].peer
             if peer is not None:
                 self._learned = peer
                 log.info("udp: learned peer %s", _transport.format_sockaddr(peer))
+        if self.keyring is not None and self._udp:
+            endpoint = self.keyring.endpoint
+            if endpoint != self._endpoint:
+                if self._endpoint is None:
+                    log.info("aead: peer at %s", _transport.format_sockaddr(endpoint))
+                else:
+                    log.info("aead: peer moved from %s to %s (roaming)",
+                             _transport.format_sockaddr(self._endpoint),
+                             _transport.format_sockaddr(endpoint))
+                self._endpoint = endpoint
+        if self.keyring is not None:
+            self._notice_drops()
+        return False
+
+    def _notice_drops(self) -> None:
+        """Log the drops that point at a misconfigured or older other end
+        (at most once a minute each, with how many since the last line)."""
+        drops = self.stats()["ingress"]["drops"]
+        now = time.monotonic()
+        for reason, message in _NOTICES.items():
+            count = drops.get(reason, 0)
+            logged, when = self._noticed.get(reason, (0, -_NOTICE_EVERY_S))
+            if count > logged and now - when >= _NOTICE_EVERY_S:
+                args = (count - logged, self.keyring.role) if reason == "reflected" else (count - logged,)
+                log.warning(message, *args)
+                self._noticed[reason] = (count, now)
 
     def _drop_connection(self, outcome) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        if outcome.reason == REPLACED:
+            log.info("tcp: a newly proven connection replaces the live one")
+            return
         log.warning("tcp: connection lost (%s)%s", outcome,
                     "; reconnecting" if self._client is not None else "; waiting for the peer")
 
@@ -281,10 +411,10 @@ class Relay:
         if self._control is not None:
             self._control.close()
             self._control = None
-        for sock in [self._conn, *self._udp]:
+        for sock in [self._conn, self._newcomer, *self._udp]:
             if sock is not None:
                 sock.close()
-        self._conn, self._udp = None, []
+        self._conn, self._newcomer, self._udp = None, None, []
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -304,6 +434,11 @@ class Relay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _hello_order(hello: bytes) -> tuple[int, int]:
+    """How new a hello is: its session's start time, then its counter."""
+    return int.from_bytes(hello[4:8], "big"), int.from_bytes(hello[16:24], "big")
 
 
 def sum_counters(snapshots: list[dict]) -> dict:

@@ -30,7 +30,8 @@ def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction."""
     lines = []
     for key in ("device", "mode", "queues", "transport", "framing", "engine", "offload",
-                "aead", "state", "peer", "connections", "rejected", "uptime"):
+                "aead", "state", "peer", "peer_mode", "connections", "rejected", "refused",
+                "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
             value = snapshot[key]
             if key == "uptime":
@@ -38,8 +39,14 @@ def format_table(snapshot: dict) -> str:
             elif key == "offload":
                 value = ", ".join(k for k, on in value.items() if on) or "off"
             elif key == "aead":
-                value = (f"{value['cipher']}, session {' '.join(value['sessions'])}, "
-                         f"{value['peer_sessions']} peer session(s) accepted")
+                value = (f"{value['cipher']}, role {value['role']}, session "
+                         f"{' '.join(value['sessions'])}, {value['peer_sessions']} peer "
+                         f"session(s) accepted, {value['evicted']} evicted, "
+                         f"{value['roams']} endpoint move(s)")
+            elif key == "refused":
+                value = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in value.items()) or "none"
+            elif key == "peer_mode":
+                key = "peer chosen"
             lines.append(f"{key + ':':<13}{value}")
     rows = [("", "egress", "ingress")]
     for total in ("packets", "bytes", "batches", "syscalls", "tun_io"):
