@@ -30,6 +30,7 @@ with the test bed, also when a test fails.
 from __future__ import annotations
 
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -611,4 +612,28 @@ def test_an_aead_peer_that_changes_address_keeps_its_tunnel(bed, make_pair, tmp_
     python(bed, bed.ns_b, send_udp, forged.hex())
     wait_for(lambda: pair.stats("a")["ingress"]["drops"]["bad_tag"] >= 5, 15, "5 bad_tag drops")
     assert pair.stats("a")["peer"] == f"{STRANGER_3}:{PORT}"
+    assert_ping(bed, bed.ns_a, TUNNEL_B)
+
+
+def test_a_reconnecting_client_replaces_its_silently_dead_connection(bed, make_pair, tmp_path):
+    """aead over TCP: the client's host loses its link and its address, the
+    client dies (its FIN never arrives: the address it was sent from is
+    gone), then comes back from a new address.  The server still holds the
+    old, half-open connection; the new one proves itself and replaces it at
+    once, instead of waiting for keepalive to notice the old one is dead."""
+    pair = make_pair(protocol="tcp", overrides=tcp_aead_overrides(tmp_path))
+    pair.start()
+    assert_ping(bed, bed.ns_b, TUNNEL_A)
+    bed.run(bed.ns_b, ["sysctl", "-qw", f"net.ipv4.conf.{bed.veth_b}.promote_secondaries=1"],
+            check=True)
+    bed.link_set(bed.ns_b, bed.veth_b, False)
+    pair.stop("b", signal.SIGKILL)
+    bed.run(bed.ns_b, ["ip", "addr", "add", f"{STRANGER_3}/24", "dev", bed.veth_b], check=True)
+    bed.run(bed.ns_b, ["ip", "addr", "del", f"{bed.addr_b}/24", "dev", bed.veth_b], check=True)
+    bed.link_set(bed.ns_b, bed.veth_b, True)
+    assert pair.stats("a")["state"] == "connected"     # the old connection looks alive
+    pair.start_side("b")
+    wait_ping(bed, bed.ns_b, TUNNEL_A, timeout=TUNNEL_TIMEOUT_S)
+    assert "a newly proven connection replaces the live one" in pair.log("a")
+    assert pair.stats("a")["connections"] == 2
     assert_ping(bed, bed.ns_a, TUNNEL_B)
