@@ -27,7 +27,7 @@ soak: sysdeps venv
 ## and wireguard-go (tunnels need root); writes benchmarks/RESULTS.md and
 ## throughput.png.  Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
 bench: venv
-	@scripts/install-system-deps iperf3 openvpn wireguard-go wireguard-tools
+	@scripts/install-system-deps iperf3 openvpn wireguard-go@backports wireguard-tools
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m pytest --benchmark $(BENCH_ARGS)
 
