@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import socket
 import sys
 from ipaddress import ip_interface, ip_network
@@ -623,7 +624,32 @@ def test_config_imports_only_the_standard_library_and_errors():
             continue
         for module in modules:
             top = module.split(".")[0]
-            # tunrelay.aead (key files) is itself standard library only.
-            allowed = (module in ("tunrelay.errors", "tunrelay.aead")
+            # tunrelay.aead (key files) and tunrelay.framing (frame sizes)
+            # are themselves standard library only.
+            allowed = (module in ("tunrelay.errors", "tunrelay.aead", "tunrelay.framing")
                        or top in sys.stdlib_module_names or top == "__future__")
             assert allowed, f"config.py imports {module}"
+
+
+@pytest.mark.parametrize("text, most", [
+    ('[device]\nmode = "tap"\nmtu = 65535\n[transport]\nprotocol = "tcp"\n', 65517),
+    ('[device]\nmode = "tap"\nmtu = 65535\n[transport]\nframing = "len16"\n', 65517),
+])
+def test_an_mtu_too_large_for_a_len16_record_is_refused(text, most):
+    with pytest.raises(ConfigError, match=f"at most {most}") as info:
+        loads(text)
+    assert info.value.key == "device.mtu"
+    loads(text.replace("65535", str(most)))
+
+
+def test_an_aead_tcp_mtu_must_leave_room_for_header_and_tag(tmp_path):
+    key = tmp_path / "relay.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("A" * 43 + "=\n")
+    text = (f'[device]\nmtu = {{}}\n[transport]\nprotocol = "tcp"\nframing = "aead"\n'
+            f'[security]\nkey_file = "{key}"\n')
+    with pytest.raises(ConfigError, match="at most 65495") as info:
+        loads(text.format(65535))
+    assert info.value.key == "device.mtu"
+    assert loads(text.format(65495)).device.mtu == 65495

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .aead import OVERHEAD as AEAD_OVERHEAD
 from .aead import ROLES
 from .errors import ConfigError
+from .framing import LEN16_LIMIT, max_frame
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
 IFNAMSIZ = 16  # linux/if.h, counting the NUL
@@ -327,7 +328,23 @@ def loads(text: str, path: str = "<string>") -> Config:
     _check_across_tables(cfg, tables)
     if cfg.transport.framing == "aead":
         cfg = _with_aead(cfg, tables)
+    _check_record_fits(cfg, tables)
     return cfg
+
+
+def _check_record_fits(cfg: Config, tables: dict) -> None:
+    """A len16 length (TCP, or UDP with framing len16) counts at most 65535
+    bytes: the device's largest frame, with aead's header and tag, must fit
+    (the pump refuses it otherwise)."""
+    t = cfg.transport
+    if t.protocol != "tcp" and t.framing != "len16":
+        return
+    record = max_frame(cfg.device.mode, cfg.device.mtu) + (AEAD_OVERHEAD if t.framing == "aead" else 0)
+    if record > LEN16_LIMIT:
+        most = cfg.device.mtu - (record - LEN16_LIMIT)
+        raise tables["device"].error(
+            "mtu", f"expected at most {most} here: a len16 record holds {LEN16_LIMIT} bytes, and "
+            f"a {cfg.device.mode} frame of mtu {cfg.device.mtu} with its framing needs {record}")
 
 
 def _read_security(table: _Table) -> SecurityConfig:
