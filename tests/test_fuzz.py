@@ -12,6 +12,9 @@ compiled pump against the Python references (issue 4, section 2).
   source of choices (tests/fuzz/fuzz_common.py).
 * The seed corpus is what tests/fuzz/make_corpus.py writes, and decodes
   as planned.
+* The harness' aead model (wire version 2) on a scripted peer, each
+  verdict the design gives written out, over UDP and TCP: the model is
+  pinned to the design, not only to the pump.
 
 A long campaign: tests/fuzz/README.md.
 """
@@ -102,7 +105,8 @@ def test_seed_corpus_is_current(harness, name):
         cfg = fc.decode_ingress_config(src)
         fc.decode_ingress(src, cfg, fc.AeadState(cfg.cipher) if cfg.framing == "aead" else None)
     else:
-        fc.decode_stream(src, fc.decode_stream_config(src))
+        cfg = fc.decode_stream_config(src)
+        fc.decode_stream(src, cfg, fc.AeadState(cfg.cipher) if cfg.framing == "aead" else None)
     assert src.log == planned
 
 
@@ -202,6 +206,95 @@ def test_ingress_harness_properties(rig, data):
 def test_len16_harness_properties(rig, data):
     """fuzz_len16.py's decoders and checks, hypothesis choosing."""
     fc.run_stream(rig, fc.HypSource(data.draw))
+
+
+@pytest.mark.parametrize("kind", ["datagram", "stream"])
+def test_aead_model_follows_the_design(kind):
+    """The aead model (and the pump, checked against it at every step) on
+    a scripted peer, with the verdict the wire version 2 design gives each
+    datagram (UDP) or record (TCP) written out: the order of the header
+    checks, reflection, the window before the tag, every unknown session
+    tried, stale starts, LRU retirement and the 16 remembered, a restart
+    evicting the older sessions."""
+    load_fastpath()
+    rig = fc.Rig()
+    try:
+        cfg = fc.Config(kind, "tun", 1400, "aead", False, "chacha20-poly1305")
+        entry = rig.entry(cfg)          # the harness' session 0, counter 0: accepted
+        aead = entry.aead
+        packet = fc.ip_packet(4, 60)
+        parser = fc.Len16Parser(cfg.record_limit)
+        if kind == "stream":
+            entry.pump.attach(rig.tcp)
+
+        def verdict(datagram):
+            if kind == "datagram":
+                ex = fc.feed_datagram(rig, entry, datagram, 0)
+            else:
+                ex = fc.feed_stream_chunk(rig, entry, parser, len16_encode(datagram))[0]
+            assert ex.fed == 1
+            return "ok" if ex.accepted == [packet] else "".join(ex.drops)
+
+        def changed(datagram, at, value):
+            out = bytearray(datagram)
+            out[at] = value
+            return bytes(out)
+
+        start = aead.start
+        s = [aead.session(start, i) for i in range(32)]
+        first = aead.seal(s[0], 1, packet)
+        assert verdict(first) == "ok"
+        assert verdict(first) == "replay"
+        assert verdict(changed(first, 40, first[40] ^ 1)) == "replay"   # the window before the tag
+        second = aead.seal(s[0], 2, packet)
+        assert verdict(changed(second, 40, second[40] ^ 1)) == "bad_tag"
+        assert verdict(aead.seal(s[0], 3, packet, role="b")) == "reflected"
+        assert verdict(changed(second, 1, 1)) == "reflected"
+        assert verdict(changed(second, 1, 2)) == "bad_frame"
+        assert verdict(changed(second, 0, 3)) == "bad_frame"              # a hello's type
+        assert verdict(changed(second, 0, 1)) == "aead_version"
+        assert verdict(changed(changed(second, 0, 1), 1, 7)) == "aead_version"   # before the rest
+        assert verdict(changed(second, 3, 1)) == "bad_frame"
+        assert verdict(second[:39]) == "too_short"
+        assert verdict(changed(second[:39], 0, 1)) == "too_short"          # length first
+        assert verdict(aead.seal(s[0], 4, packet, key_role="b")) == "bad_tag"   # forged
+        assert verdict(second) == "ok"
+        assert verdict(fc.aead_header(s[31], 0) + bytes(80)) == "bad_tag"    # unknown: tried
+        assert verdict(aead.seal(aead.session(start - 1, 0), 0, packet)) == "stale_session"
+        assert verdict(aead.seal(aead.session(start + 1, 0), 0, packet, key_role="b")) == "bad_tag"
+        # The window: 8192 counters behind the newest.
+        assert verdict(aead.seal(s[0], 10_000, packet)) == "ok"
+        assert verdict(aead.seal(s[0], 10_000 - 8192, packet)) == "replay"
+        assert verdict(aead.seal(s[0], 10_000 - 8191, packet)) == "ok"
+        # Eight slots: a ninth session pushes out the least recently used
+        # (s[1]), which is refused from then on, authentic or not.
+        for i in range(1, 8):
+            assert verdict(aead.seal(s[i], 0, packet)) == "ok"
+        assert verdict(aead.seal(s[0], 10_001, packet)) == "ok"
+        assert verdict(aead.seal(s[8], 0, packet)) == "ok"
+        assert verdict(aead.seal(s[1], 1, packet)) == "stale_session"
+        assert verdict(aead.seal(s[1], 2, packet, key_role="b")) == "bad_tag"
+        assert entry.pump.keyring.counts()["live"] == 8
+        # A restart (a newer start) evicts every older session...
+        newer = [aead.session(start + 1, i) for i in range(32)]
+        assert verdict(aead.seal(newer[0], 0, packet)) == "ok"
+        assert entry.pump.keyring.counts()["live"] == 1
+        assert verdict(aead.seal(s[0], 10_002, packet)) == "stale_session"
+        assert verdict(first) == "stale_session"
+        # ... and the last 16 sessions pushed out are remembered, not more
+        # (a tunrelay peer has at most 5 per start: 4 queues and its
+        # hellos): newer[0] was pushed out first, then 16 others, so it is
+        # admitted again, with a new window.
+        for i in range(1, 8 + 17):
+            assert verdict(aead.seal(newer[i], 0, packet)) == "ok"
+        assert verdict(aead.seal(newer[1], 1, packet)) == "stale_session"
+        assert verdict(aead.seal(newer[16], 1, packet)) == "stale_session"
+        assert verdict(aead.seal(newer[0], 0, packet)) == "ok"
+        # (Pump._feed gives an aead pump no sender: nothing roams.)
+        assert entry.pump.keyring.counts() == {"sessions": 9 + 1 + 24 + 1,
+                                               "evicted": 1 + 8 + 17 + 1, "live": 8, "roams": 0}
+    finally:
+        rig.close()
 
 
 def test_checks_catch_a_wrong_write():

@@ -2,22 +2,25 @@
 """atheris harness: the len16 stream parser of the compiled pump.
 
 Each input picks a stream pump (TUN or TAP, MTU, offloads on or off for
-TUN; its socket is one end of a TCP connection on 127.0.0.1) and a byte
-stream, cut into chunks at fuzzed points: the rest of the input as it is,
-or built len16 frames (TCP runs, IP packets, plain bytes) some of whose
-length headers are zero, over the limit or off by a little.  Each chunk is
-one recv(): it goes through ``Pump._feed_stream`` (``len16_consume`` and
-delivery, the coalescer with offloads) and through
-``framing.Len16Parser``, the Python reference.  Per chunk, raised as an
-exception when violated:
+TUN, framing len16 or aead with either cipher; its socket is one end of a
+TCP connection on 127.0.0.1) and a byte stream, cut into chunks at fuzzed
+points: the rest of the input as it is, or built len16 records (TCP runs,
+IP packets, plain bytes; with aead each sealed, or not quite, as
+fuzz_ingress.py seals datagrams) some of whose length headers are zero,
+over the limit or off by a little.  Each chunk is one recv(): it goes
+through ``Pump._feed_stream`` (``len16_consume`` and delivery, aead_open()
+per record, the coalescer with offloads) and through
+``framing.Len16Parser`` and the aead model, the Python references.  Per
+chunk, raised as an exception when violated:
 
 * both report a bad length at the same chunk (then the stream ends: the
   connection would be closed), and only then;
-* what reaches the TUN stand-in is exactly the frames the reference cuts
-  that ``framing.validate`` accepts, in order (with offloads: as
-  fuzz_ingress.py checks coalesced writes);
-* every invalid frame is counted under the reference's reason; delivered +
-  dropped = frames cut; no counter ever decreases.
+* what reaches the TUN stand-in is exactly the records the reference cuts
+  that the aead model opens (aead) and ``framing.validate`` accepts, in
+  order (with offloads: as fuzz_ingress.py checks coalesced writes);
+* every invalid record is counted under the reference's reason (a bad
+  aead record is dropped alone); delivered + dropped = records cut; no
+  counter ever decreases; aead: the Keyring's counts are the model's.
 
 Run: python tests/fuzz/fuzz_len16.py [libFuzzer flags] [corpus dirs]
 (see README.md in this directory).

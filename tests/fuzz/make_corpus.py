@@ -63,6 +63,21 @@ SEEDS = {
                         aead_how=[0, 0, 12]),
         "len16_ip": dict(mode="tap", framing="len16", mtu=1500, style=1, messages=2,
                          kind="ip", ip_version=[4, 6], ip_size=[64, 1518]),
+        # aead sessions: a GRO message of 64 datagrams (IPv4 headers) under
+        # sessions 0-7, 40 one-offs (the table of 8 overflows: the least
+        # recently used are retired, more than the 16 remembered), 0-3 again
+        # (forgotten, so admitted anew), 11, two older starts, a restart
+        # (everything older evicted) and 0-2 of the new start; then one
+        # datagram each: replays (of the last, of one before the restart), a
+        # flipped byte, cut short, wire version 1, reflected, forged.
+        "aead_sessions": dict(mode="tun", framing="aead", cipher="chacha20-poly1305", mtu=1400,
+                              offload=1, style=1, messages=8, group=[64] + [1] * 7,
+                              segment_exact=1, kind="ip", ip_size=20,
+                              aead_session=[*range(8), *[15] * 40, 0, 1, 2, 3, *[11] * 4, 12, 12,
+                                            13, 13, 14, 0, 1, 2, *[0] * 7],
+                              aead_pool=[0, 5, 10, 20],
+                              aead_how=[0] * 64 + [12, 12, 13, 18, 19, 8, 16],
+                              aead_replay=[0, 40], aead_flip_at=30, aead_flip=1, aead_cut=1),
     },
     "fuzz_len16": {
         # A stream as received, cut into three recv() chunks.
@@ -93,6 +108,21 @@ SEEDS = {
                                  groups=2, group=[4, 3], kind=["ip", "bytes"],
                                  ip_version=[4, 6, 4, 6], ip_size=[20, 40, 9000, 1000],
                                  bytes_len=[1, 2, 3], len16_how=[0, 0, 0, 0, 0, 0, 13]),
+        # aead over TCP: records sealed under the harness' first session
+        # (IPv4 and IPv6 packets), a replayed one, a reflected one, a hello,
+        # one of wire version 1, one cut short (its length kept), then a
+        # length over the limit (the stream goes bad).
+        "stream_aead": dict(mode="tun", framing="aead", cipher="aes-256-gcm", mtu=1400, cuts=3,
+                            cut=[1, 30, 40000], style=1, groups=2, group=[5, 4], kind="ip",
+                            ip_version=[4, 6, 4, 6, 4, 4, 6, 4, 4],
+                            ip_size=[20, 100, 1400, 40, 60, 20, 60, 80, 20],
+                            aead_how=[0, 0, 0, 12, 8, 17, 19, 18, 0], aead_cut=1,
+                            len16_how=[0] * 8 + [13]),
+        # A TCP run of 24 segments, each an aead record, offloads on: opened
+        # and coalesced.
+        "stream_aead_tcp_run": dict(mode="tun", framing="aead", cipher="chacha20-poly1305",
+                                    mtu=1400, offload=1, cuts=2, cut=[3000, 40000], style=1,
+                                    groups=1, group=24, **tcp_run(4, 1348, 24)),
     },
 }
 
@@ -105,7 +135,7 @@ def build(harness: str, plan: dict) -> tuple[bytes, list]:
         fc.decode_ingress(src, cfg, fc.AeadState(cfg.cipher) if cfg.framing == "aead" else None)
     else:
         cfg = fc.decode_stream_config(src)
-        fc.decode_stream(src, cfg)
+        fc.decode_stream(src, cfg, fc.AeadState(cfg.cipher) if cfg.framing == "aead" else None)
     return src.data(), src.log
 
 
