@@ -564,6 +564,22 @@ def roundtrip_packets(count: int, base: int) -> list[bytes]:
     return [ip_packet(sizes[i % len(sizes)], base + i) for i in range(count)]
 
 
+def exchange(a, b, bursts: int) -> dict[str, list[bytes]]:
+    """Bursts of 40 packets each way, each burst checked byte-exact and in
+    order at the other end; what each side sent."""
+    sent: dict[str, list[bytes]] = {"a": [], "b": []}
+    for burst in range(bursts):
+        for src, dst, name in ((a, b, "a"), (b, a, "b")):
+            packets = roundtrip_packets(40, 1000 * burst + (500 if name == "b" else 0))
+            for packet in packets:
+                src.write(packet)
+            dst.expect(packets)
+            sent[name] += packets
+    a.quiet()
+    b.quiet()
+    return sent
+
+
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
 @pytest.mark.parametrize("cipher", CIPHERS)
 def test_two_pumps_relay_both_ways_byte_exact(rig, cipher, offload):
@@ -575,16 +591,7 @@ def test_two_pumps_relay_both_ways_byte_exact(rig, cipher, offload):
     assert (a.keyring.role, b.keyring.role) == ("a", "b") and a.keyring.cipher == cipher
     assert len(a.pump.aead_session) == 2 * SESSION and a.pump.aead_session != b.pump.aead_session
     assert a.pump.offloads["vnet_hdr"] == offload
-    sent = {"a": [], "b": []}
-    for burst in range(6):
-        for src, dst, name in ((a, b, "a"), (b, a, "b")):
-            packets = roundtrip_packets(40, 1000 * burst + (500 if name == "b" else 0))
-            for packet in packets:
-                src.write(packet)
-            dst.expect(packets)
-            sent[name] += packets
-    a.quiet()
-    b.quiet()
+    sent = exchange(a, b, 6)
     for side, name, other in ((a, "a", "b"), (b, "b", "a")):
         # Counters move just after the syscall: maybe after the test saw the packet.
         settle(side.pump, "egress", len(sent[name]))
@@ -1635,16 +1642,7 @@ def test_two_pumps_over_tcp_relay_both_ways_byte_exact(rig, cipher):
     b = rig.side(kb, sock=server, peer=None)
     assert a.pump.framing == b.pump.framing == "aead" and a.pump.cipher == cipher
     assert a.pump.peer is None and not a.pump.offloads["vnet_hdr"]
-    sent = {"a": [], "b": []}
-    for burst in range(4):
-        for src, dst, name in ((a, b, "a"), (b, a, "b")):
-            packets = roundtrip_packets(40, 1000 * burst + (500 if name == "b" else 0))
-            for packet in packets:
-                src.write(packet)
-            dst.expect(packets)
-            sent[name] += packets
-    a.quiet()
-    b.quiet()
+    sent = exchange(a, b, 4)
     for side, name, other in ((a, "a", "b"), (b, "b", "a")):
         settle(side.pump, "egress", len(sent[name]))
         settle(side.pump, "ingress", len(sent[other]))

@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
 from test_faults import assert_ping, ping, wait_ping
+from test_hostile import FLOOD
 
 from tunrelay.aead import genkey
 from tunrelay.errors import TunrelayError
@@ -332,36 +333,9 @@ for _ in range(limit):
 print(json.dumps(outcomes))
 """
 
-# Opens N connections to HOST:PORT, at most P at a time, each waiting for the
-# server's verdict; prints a Counter of the outcomes as JSON.
-FLOOD = r"""
-import json, socket, sys
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-host, port, n, parallel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# FLOOD (from test_hostile): N connections to HOST:PORT, at most P at a time,
+# each waiting for the server's verdict; prints a Counter of the outcomes.
 
-def attempt(_):
-    try:
-        sock = socket.create_connection((host, port), timeout=10)
-    except ConnectionRefusedError:
-        return "refused"
-    except ConnectionResetError:
-        return "reset"
-    except OSError as exc:
-        return f"connect: {exc}"
-    sock.settimeout(10)
-    try:
-        return "eof" if not sock.recv(65536) else "data"
-    except ConnectionResetError:
-        return "reset"
-    except socket.timeout:
-        return "timeout"
-    finally:
-        sock.close()
-
-with ThreadPoolExecutor(parallel) as pool:
-    print(json.dumps(Counter(pool.map(attempt, range(n)))))
-"""
 
 
 def capture_while_pinging(bed: Testbed, ns: str, ifname: str, src: str, dst: str,

@@ -42,12 +42,10 @@ def parse_records(data: bytes) -> tuple[list[bytes], bytes]:
     return out, data[offset:]
 
 
-def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
-    """The peer stops reading; the pump fills the socket and blocks in the
-    middle of a record; stop().  Restarted on the same connection, it first
-    sends the rest of that record: the peer reads a stream of whole,
-    byte-exact records, each packet once, and the packets read but not
-    begun are counted as "stopped"."""
+def small_buffered_tcp_pump(rig):
+    """A running TCP pump whose connection holds little (4 KiB buffers each
+    way), so a few packets fill it: (test end of the connection, test end
+    of the TUN stand-in, the pump's end of it, the pump)."""
     test_end, pump_end = rig.tcp()
     for sock in (test_end, pump_end):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -55,6 +53,16 @@ def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
     tun, tun_pump = rig.tun()
     pump = rig.pump(tun_pump, pump_end)
     pump.start()
+    return test_end, tun, tun_pump, pump
+
+
+def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
+    """The peer stops reading; the pump fills the socket and blocks in the
+    middle of a record; stop().  Restarted on the same connection, it first
+    sends the rest of that record: the peer reads a stream of whole,
+    byte-exact records, each packet once, and the packets read but not
+    begun are counted as "stopped"."""
+    test_end, tun, tun_pump, pump = small_buffered_tcp_pump(rig)
     packets = [ip_packet(MTU - (i % 7) * 97, i) for i in range(50)]
     for packet in packets:
         tun.send(packet)   # 65 KB: fits the stand-in, not the small TCP buffers
@@ -94,13 +102,7 @@ def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
 def test_attach_forgets_the_old_connection_s_half_record(rig):
     """A half record belongs to its connection: after attach() to a new
     one, the new stream starts on a record boundary."""
-    test_end, pump_end = rig.tcp()
-    for sock in (test_end, pump_end):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    tun, tun_pump = rig.tun()
-    pump = rig.pump(tun_pump, pump_end)
-    pump.start()
+    test_end, tun, tun_pump, pump = small_buffered_tcp_pump(rig)
     for i in range(50):
         tun.send(ip_packet(MTU, i))
     wait_for(lambda: pump.stats()["egress"]["bytes"] > 0 and
