@@ -1,11 +1,14 @@
-"""The aead TCP server's choice between proven connections (issue 7,
-finding 2), without root: Relay._verify_record on hellos made by a
-client's Keyring.
+"""The relay's aead logic, without root (issue 7).
 
-A hello authenticates and is refused once seen (the replay window), so a
-recording can verify only at a server whose window is new (after its
-restart).  Even then it must not take the slot from the live connection:
-a newcomer replaces the live connection only with a newer hello.
+The aead TCP server's choice between proven connections (finding 2):
+Relay._verify_record on hellos made by a client's Keyring.  A hello
+authenticates and is refused once seen (the replay window), so a recording
+can verify only at a server whose window is new (after its restart).  Even
+then it must not take the slot from the live connection: a newcomer
+replaces the live connection only with a newer hello.
+
+And the log lines for drops that point at the other end: an older wire
+version, the same role at both ends, stale sessions.
 """
 
 from __future__ import annotations
@@ -73,3 +76,32 @@ def aead_order(rec: bytes) -> tuple[int, int]:
 
 def test_hello_records_are_the_size_transport_expects():
     assert aead.HELLO_RECORD_LEN == 2 + aead.OVERHEAD
+
+
+def test_drops_that_point_at_the_other_end_are_logged_once_a_minute(parts, caplog, monkeypatch):
+    """An older tunrelay at the other end (aead wire v1), both ends with
+    one role, or stale sessions: a WARNING saying so, not silence; at most
+    once a minute per kind, with the count since the last line."""
+    server, _ = parts
+    relay = server()
+    drops = {"aead_version": 0, "reflected": 0, "stale_session": 0, "bad_tag": 0}
+    monkeypatch.setattr(relay, "stats", lambda: {"ingress": {"drops": dict(drops)}})
+    now = [1000.0]
+    monkeypatch.setattr("tunrelay.relay.time.monotonic", lambda: now[0])
+    caplog.set_level("WARNING", logger="tunrelay.relay")
+    relay._notice_drops()
+    assert caplog.records == []
+    drops.update(aead_version=3, reflected=2, bad_tag=50)
+    relay._notice_drops()
+    text = [r.getMessage() for r in caplog.records]
+    assert len(text) == 2
+    assert any("3 datagram(s) of another aead wire version" in t and "older" in t for t in text)
+    assert any("2 datagram(s) carrying this relay's own role 'b'" in t for t in text)
+    drops["aead_version"] = 10
+    now[0] += 30
+    relay._notice_drops()
+    assert len(caplog.records) == 2          # within the minute: not again
+    now[0] += 31
+    relay._notice_drops()
+    assert len(caplog.records) == 3
+    assert "7 datagram(s) of another aead wire version" in caplog.records[-1].getMessage()
