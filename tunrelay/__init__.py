@@ -8,7 +8,7 @@ relay (device + transport + pump) that ``tunrelay run`` drives.
 
 __version__ = "0.1.0"
 
-from ._runner import Outcome
+from ._runner import Outcome, Reason
 from .config import Config, load as load_config, loads as loads_config
 from .device import open_tun
 from .errors import (ConfigError, DeviceError, PumpError, TransportError,
@@ -28,6 +28,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'tunrelay' has no attribute {name!r}")
 
 
-__all__ = ["Pump", "PyPump", "Relay", "Outcome", "open_tun", "Config",
+__all__ = ["Pump", "PyPump", "Relay", "Outcome", "Reason", "open_tun", "Config",
            "load_config", "loads_config", "TunrelayError", "ConfigError",
            "DeviceError", "TransportError", "PumpError"]

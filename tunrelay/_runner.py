@@ -12,21 +12,41 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Callable
 
-#: Why a loop ended.
-STOPPED = "stopped"                # stop() was called
-CLOSED = "closed"                  # TCP: the peer closed or reset the connection
-PROTOCOL_ERROR = "protocol_error"  # TCP: a len16 length of zero or over the maximum
-FATAL = "fatal"                    # the device or a descriptor is gone: do not restart
+
+class Reason(StrEnum):
+    """Why a pump (or a relay's connection) ended.
+
+    A ``str`` subclass whose ``str()`` and f-string form are the value, so
+    ``outcome.reason == "stopped"``, logs and JSON read as before.
+    """
+
+    STOPPED = "stopped"                # stop() was called
+    CLOSED = "closed"                  # TCP: the peer closed or reset the connection
+    PROTOCOL_ERROR = "protocol_error"  # TCP: a len16 length of zero or over the maximum
+    FATAL = "fatal"                    # the device or a descriptor is gone: do not restart
+    REPLACED = "replaced"              # relay, TCP: a newly proven connection took its place
+
+
+# The names the pumps and the relay have always imported.
+STOPPED, CLOSED, PROTOCOL_ERROR, FATAL, REPLACED = (
+    Reason.STOPPED, Reason.CLOSED, Reason.PROTOCOL_ERROR, Reason.FATAL, Reason.REPLACED)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    reason: str
+    reason: Reason
     direction: str | None = None
     errno: int = 0
     message: str = ""
+
+    def __post_init__(self) -> None:
+        # Outcome("closed") still works, and is the enum member from here on;
+        # a reason outside the enum is a bug, refused now rather than compared
+        # against nothing later.
+        object.__setattr__(self, "reason", Reason(self.reason))
 
     def __str__(self) -> str:
         text = self.reason.replace("_", " ")

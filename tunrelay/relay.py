@@ -27,7 +27,7 @@ import time
 
 from . import transport as _transport
 from . import aead as _aead
-from ._runner import FATAL, STOPPED, Outcome
+from ._runner import FATAL, REPLACED, STOPPED, Outcome
 from .counters import DIRECTIONS, empty_direction
 from .config import Config
 from . import device
@@ -36,10 +36,6 @@ from .errors import PumpError
 from .stats import ControlServer, format_line
 
 log = logging.getLogger("tunrelay.relay")
-
-#: Why a TCP connection's pump ended without an error: a newer connection
-#: proved itself (aead), and replaces it.
-REPLACED = "replaced"
 
 #: How often the supervisor looks up from waiting (stop, housekeeping).
 SUPERVISE_SLICE_S = 0.2
