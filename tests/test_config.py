@@ -602,33 +602,38 @@ def test_to_toml_escapes_strings_and_floats(socket_path, name, interval):
 # --------------------------------------------------------------------------
 
 
-def test_aead_module_imports_only_the_standard_library():
-    tree = ast.parse(Path(tunrelay.config.__file__).with_name("aead.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            assert node.module == "errors", f"aead.py imports .{node.module}"
-        elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            assert all(n.split(".")[0] in sys.stdlib_module_names or n == "__future__" for n in names)
-
-
-def test_config_imports_only_the_standard_library_and_errors():
-    """The CLI must report a bad file even when the extension is not built."""
-    tree = ast.parse(Path(tunrelay.config.__file__).read_text())
-    for node in ast.walk(tree):
+def _imports(module: Path) -> set[str]:
+    """What a module imports: top-level names, and ".x" for its siblings."""
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
         if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
+            found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            modules = ["tunrelay." + (node.module or "") if node.level else node.module]
-        else:
-            continue
-        for module in modules:
-            top = module.split(".")[0]
-            # tunrelay.aead (key files) and tunrelay.framing (frame sizes)
-            # are themselves standard library only.
-            allowed = (module in ("tunrelay.errors", "tunrelay.aead", "tunrelay.framing")
-                       or top in sys.stdlib_module_names or top == "__future__")
-            assert allowed, f"config.py imports {module}"
+            found.add("." + (node.module or "").split(".")[0] if node.level
+                      else node.module.split(".")[0])
+    return found
+
+
+def test_config_imports_only_the_standard_library_and_the_plain_core():
+    """The CLI must report a bad file even when the extension is not built
+    (or pyroute2 missing): config reaches tunrelay.errors, .aead (key files)
+    and .framing (frame sizes, the pump limits), and they reach nothing
+    else, directly or through each other."""
+    allowed = {".errors", ".aead", ".framing"}
+    package = Path(tunrelay.config.__file__).parent
+    todo, seen = ["config"], set()
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        for imported in _imports(package / f"{name}.py"):
+            if imported.startswith("."):
+                assert imported in allowed, f"{name}.py imports tunrelay{imported}"
+                if imported[1:] not in seen:
+                    todo.append(imported[1:])
+            else:
+                assert imported in sys.stdlib_module_names or imported == "__future__", (
+                    f"{name}.py imports {imported}, which is not in the standard library")
+    assert seen == {"config", "errors", "aead", "framing"}
 
 
 @pytest.mark.parametrize("text, most", [

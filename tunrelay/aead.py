@@ -18,6 +18,7 @@ import struct
 import time
 
 from .errors import ConfigError
+from .framing import DEFAULT_MTU as _RAW_DEFAULT_MTU
 
 KEY_LEN = 32
 #: Wire version 2 (24-byte header).  Version 1 (20 bytes, keys bound to
@@ -32,6 +33,9 @@ HEADER_LEN = 24
 TAG_LEN = 16
 #: Bytes the aead framing adds to each packet on the wire.
 OVERHEAD = HEADER_LEN + TAG_LEN
+#: The default MTU with aead: smaller by the overhead, so the datagrams on
+#: the wire are no larger than raw framing's at its default.
+DEFAULT_MTU = _RAW_DEFAULT_MTU - OVERHEAD
 #: The first record of an aead TCP connection, each way: a len16 length and
 #: a sealed hello with nothing inside.  It proves the sender holds the key
 #: before the connection may carry the tunnel.

@@ -25,29 +25,25 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .aead import CIPHERS, ROLES
+from .aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from .aead import OVERHEAD as AEAD_OVERHEAD
-from .aead import ROLES
 from .errors import ConfigError
-from .framing import LEN16_LIMIT, max_frame
+from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
+                      max_frame)
+from .framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
 IFNAMSIZ = 16  # linux/if.h, counting the NUL
-MIN_MTU = 68  # RFC 791: every IPv4 link carries at least 68 bytes
 IPV6_MIN_MTU = 1280  # RFC 8200 section 5
-MAX_MTU = 65535
-MAX_BATCH = 1024
 MAX_QUEUES = 16  # one pump (two threads) per queue; more than cores is waste
 MAX_ID = 2**32 - 2  # uid/gid (uid_t)-1 means "no owner" to TUNSETOWNER
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
 
-DEVICE_MODES = ("tun", "tap")
 PROTOCOLS = ("udp", "tcp")
-FRAMINGS = ("raw", "len16", "aead")
-CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
-# With aead each packet carries AEAD_OVERHEAD more bytes (header and tag):
-# the default MTU shrinks by as much, so the datagrams on the wire are no
-# larger than raw framing's at its default of 1400.
-AEAD_DEFAULT_MTU = 1400 - AEAD_OVERHEAD
+# DEVICE_MODES, FRAMINGS, CIPHERS, the MTU and batch limits and
+# AEAD_DEFAULT_MTU (with aead the default MTU shrinks by the overhead) come
+# from framing and aead, where the pumps take them from too.
 # Each queue's pump is an aead session of its own, and the peer's table of
 # sessions (AEAD_SLOTS = 8 in _fastpath.pxd) must hold all of them, plus the
 # hello session and a restart's overlap; a session pushed out of a full
@@ -190,7 +186,7 @@ class DeviceConfig:
 
     name: str = ""
     mode: str = "tun"
-    mtu: int = 1400
+    mtu: int = DEFAULT_MTU
     addresses: tuple = ()  # of ipaddress.IPv4Interface / IPv6Interface
     routes: tuple = ()  # of ipaddress.IPv4Network / IPv6Network
     persist: bool = False

@@ -1,14 +1,27 @@
-"""Wire framings and ingress validation, in plain Python.
+"""Wire framings, the limits of a pump, and ingress validation, in plain
+Python.
 
 This is the reference the compiled pump (``_validate.pxi``) is tested
 against, and what the pure-Python pump uses.  Both return the same drop
 reason (a name from ``counters.DROP_REASONS``) for the same bytes.
+
+The names below are the one definition of each: both pumps and the
+configuration import them (the compiled pump's C enums that repeat one
+are checked against it by tests/test_api.py).
 """
 
 from __future__ import annotations
 
 FRAMINGS = ("raw", "len16", "aead")
 MODES = ("tun", "tap")
+
+#: The MTUs a pump accepts.  RFC 791: every IPv4 link carries at least 68
+#: bytes; an IP length field counts at most 65535.
+MIN_MTU = 68
+MAX_MTU = 65535
+DEFAULT_MTU = 1400
+#: The most packets one system call of a pump moves (``batch=``).
+MAX_BATCH = 1024
 
 ETHERNET_HEADER = 14
 VLAN_TAG = 4

@@ -16,8 +16,8 @@ import threading
 
 from . import counters
 from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome
-from .framing import (FRAMINGS, LEN16_HEADER, MODES, Len16Parser,
-                      len16_encode, max_frame, validate)
+from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
+                      MODES, Len16Parser, len16_encode, max_frame, validate)
 
 _DEVICE_GONE = (errno.EBADFD, errno.EBADF)
 
@@ -68,7 +68,7 @@ class _Stop(Exception):
 class PyPump:
     """See ``tunrelay._fastpath.Pump``: same constructor, methods, counters."""
 
-    def __init__(self, tun_fd, sock_fd, *, framing=None, mode="tun", mtu=1400,
+    def __init__(self, tun_fd, sock_fd, *, framing=None, mode="tun", mtu=DEFAULT_MTU,
                  batch=64, peer=None, offload=False, gso=True) -> None:
         # Same signature as the compiled Pump; this pump sends one datagram
         # per call (gso has no effect) and has no TUN offloads.
@@ -76,10 +76,10 @@ class PyPump:
             raise ValueError("the Python pump has no TUN offloads: use the compiled Pump")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 68 <= mtu <= 65535:
-            raise ValueError(f"mtu must be 68..65535, got {mtu}")
-        if not 1 <= batch <= 1024:
-            raise ValueError(f"batch must be 1..1024, got {batch}")
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {batch}")
         self.mode, self.mtu, self.batch = mode, mtu, batch
         self._limit = max_frame(mode, mtu)
         self._tun_ref = tun_fd
