@@ -1,5 +1,5 @@
 """The surface an embedder programs against: outcome reasons, constants
-defined once, and what both pumps promise alike.
+defined once, errors to catch, and what both pumps promise alike.
 
 Both pumps run every test here that constructs one (the ``pump_class``
 fixture), over socketpairs: no root, no network.
@@ -12,12 +12,13 @@ import pathlib
 import re
 
 import pytest
-from conftest import load_fastpath
+from conftest import load_fastpath, load_pump_class
 from pumprig import WAIT, Rig
 
 import tunrelay
 from tunrelay import aead, config, framing
 from tunrelay._runner import Outcome, Reason
+from tunrelay.errors import PumpArgumentError, PumpStateError, TunrelayError
 
 
 @pytest.fixture
@@ -98,3 +99,84 @@ def test_the_compiled_keyring_takes_exactly_the_python_ciphers():
         Keyring(key, "aes-128-gcm")
     # The C side's AEAD_OVERHEAD is the Python one (a hello is all overhead).
     assert len(Keyring(key).hello()) == aead.OVERHEAD
+
+
+# ---------------------------------------------------------------- errors an embedder can catch
+
+# The compiled pump raises these once _fastpath.pyx imports them (the change
+# is listed for the engineer on the .pyx): strict, so the marker goes when
+# it lands.
+C_PENDING = pytest.mark.xfail(strict=True, reason="_fastpath.pyx still raises bare ValueError/RuntimeError")
+BOTH_PUMPS = ["python", pytest.param("c", marks=C_PENDING)]
+
+
+def test_pump_errors_are_tunrelay_errors_and_the_builtins_they_were():
+    assert issubclass(PumpArgumentError, TunrelayError) and issubclass(PumpArgumentError, ValueError)
+    assert issubclass(PumpStateError, TunrelayError) and issubclass(PumpStateError, RuntimeError)
+    assert tunrelay.PumpArgumentError is PumpArgumentError
+    assert tunrelay.PumpStateError is PumpStateError
+
+
+def _bad_arguments(rig):
+    """(what, make) pairs: each make() must raise PumpArgumentError."""
+    _, tun = rig.tun()
+    udp = rig.udp(timeout=None)
+    _, tcp = rig.tcp()
+    pump = rig.pump_class
+    return [
+        ("mode", lambda: pump(tun, udp, mode="tuna")),
+        ("mtu", lambda: pump(tun, udp, mtu=framing.MIN_MTU - 1)),
+        ("batch", lambda: pump(tun, udp, batch=0)),
+        ("framing", lambda: pump(tun, udp, framing="chacha")),
+        ("peer port", lambda: pump(tun, udp, peer=("127.0.0.1", 0))),
+        ("raw on a stream", lambda: pump(tun, tcp, framing="raw")),
+        ("peer on a stream", lambda: pump(tun, tcp, peer=("127.0.0.1", 9))),
+    ]
+
+
+def _raised(make) -> Exception | None:
+    try:
+        make()
+    except Exception as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize("kind", BOTH_PUMPS)
+def test_bad_pump_arguments_raise_pump_argument_error(kind):
+    rig = Rig(load_pump_class(kind))
+    try:
+        for what, make in _bad_arguments(rig):
+            error = _raised(make)
+            assert isinstance(error, PumpArgumentError), f"{what}: {error!r}"
+    finally:
+        rig.close()
+
+
+def test_bad_pump_arguments_are_value_errors_today(rig):
+    # What holds for both pumps before and after the .pyx change.
+    for what, make in _bad_arguments(rig):
+        error = _raised(make)
+        assert isinstance(error, ValueError), f"{what}: {error!r}"
+
+
+@pytest.mark.parametrize("kind", BOTH_PUMPS)
+def test_attach_to_a_running_pump_raises_pump_state_error(kind):
+    rig = Rig(load_pump_class(kind))
+    try:
+        _, tun = rig.tun()
+        pump = rig.pump(tun, rig.udp(timeout=None))
+        pump.start()
+        with pytest.raises(PumpStateError, match="needs a stopped pump"):
+            pump.attach(rig.udp(timeout=None))
+    finally:
+        rig.close()
+
+
+def test_starting_a_running_pump_raises_pump_state_error(rig):
+    _, tun = rig.tun()
+    pump = rig.pump(tun, rig.udp(timeout=None))
+    pump.start()
+    with pytest.raises(PumpStateError, match="already running"):
+        pump.start()
+    assert pump.stop(WAIT).reason is Reason.STOPPED

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 from ._runner import Outcome, Reason
 from .config import Config, load as load_config, loads as loads_config
 from .device import open_tun
-from .errors import (ConfigError, DeviceError, PumpError, TransportError,
-                     TunrelayError)
+from .errors import (ConfigError, DeviceError, PumpArgumentError, PumpError,
+                     PumpStateError, TransportError, TunrelayError)
 from .pypump import PyPump
 
 
@@ -30,4 +30,5 @@ def __getattr__(name):
 
 __all__ = ["Pump", "PyPump", "Relay", "Outcome", "Reason", "open_tun", "Config",
            "load_config", "loads_config", "TunrelayError", "ConfigError",
-           "DeviceError", "TransportError", "PumpError"]
+           "DeviceError", "TransportError", "PumpError", "PumpArgumentError",
+           "PumpStateError"]

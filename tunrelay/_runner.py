@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Callable
 
+from .errors import PumpStateError
+
 
 class Reason(StrEnum):
     """Why a pump (or a relay's connection) ended.
@@ -88,7 +90,7 @@ class LoopRunner:
 
     def start(self) -> None:
         if self.running:
-            raise RuntimeError(f"{self._name} is already running")
+            raise PumpStateError(f"{self._name} is already running: stop() or wait() for it first")
         self._reset_stop()
         self._ended = []
         self._done.clear()

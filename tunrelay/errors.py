@@ -39,3 +39,16 @@ class TransportError(TunrelayError):
 
 class PumpError(TunrelayError):
     """A pump loop stopped on an error it cannot recover from."""
+
+
+class PumpArgumentError(TunrelayError, ValueError):
+    """A pump (or a Keyring) was given what it cannot work with: a mode,
+    MTU, batch, framing, key or peer out of range, or a socket that does
+    not suit the framing.  Raised when the pump is made or ``attach()``ed,
+    before any thread runs.  Also a ``ValueError``, as these were before."""
+
+
+class PumpStateError(TunrelayError, RuntimeError):
+    """A pump call made in a state that does not allow it: ``start()`` on a
+    running pump, ``attach()`` on one that is not stopped.  Also a
+    ``RuntimeError``, as these were before."""

@@ -16,6 +16,7 @@ import threading
 
 from . import counters
 from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome
+from .errors import PumpArgumentError, PumpStateError
 from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
                       MODES, Len16Parser, len16_encode, max_frame, validate)
 
@@ -33,7 +34,7 @@ def _normalise(address, family: int):
     host, port = address[0], int(address[1])
     scope = int(address[3]) if len(address) > 3 else 0
     if not 0 < port < 65536:  # as the compiled pump: port 0 cannot be sent to
-        raise ValueError(f"peer port must be 1..65535, got {port}")
+        raise PumpArgumentError(f"peer port must be 1..65535, got {port}")
     if family == socket.AF_INET6 and ":" not in host:
         host = "::ffff:" + host
     if "%" in host:
@@ -73,13 +74,13 @@ class PyPump:
         # Same signature as the compiled Pump; this pump sends one datagram
         # per call (gso has no effect) and has no TUN offloads.
         if offload:
-            raise ValueError("the Python pump has no TUN offloads: use the compiled Pump")
+            raise PumpArgumentError("the Python pump has no TUN offloads: use the compiled Pump")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if not MIN_MTU <= mtu <= MAX_MTU:
-            raise ValueError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
+            raise PumpArgumentError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
         if not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+            raise PumpArgumentError(f"batch must be 1..{MAX_BATCH}, got {batch}")
         self.mode, self.mtu, self.batch = mode, mtu, batch
         self._limit = max_frame(mode, mtu)
         self._tun_ref = tun_fd
@@ -102,7 +103,7 @@ class PyPump:
 
     def _attach(self, sock_fd, framing, peer) -> None:
         if self._runner.running:
-            raise RuntimeError("attach() needs a stopped pump")
+            raise PumpStateError("attach() needs a stopped pump: stop() it first")
         self._sock_ref = sock_fd
         if getattr(self, "_sock", None) is not None:
             self._sock.close()
@@ -112,11 +113,12 @@ class PyPump:
         if framing is None:
             framing = "len16" if self._stream else "raw"
         if framing not in FRAMINGS:
-            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+            raise PumpArgumentError(f"framing must be one of {FRAMINGS}, got {framing!r}")
         if framing == "aead":
-            raise ValueError("the Python pump has no aead framing: use the compiled Pump")
+            raise PumpArgumentError("the Python pump has no aead framing: use the compiled Pump")
         if self._stream and framing != "len16":
-            raise ValueError("a stream socket needs framing 'len16': raw has no packet boundaries")
+            raise PumpArgumentError(f"a stream socket needs framing 'len16', got {framing!r}: "
+                                    "raw has no packet boundaries")
         self.framing = framing
         self._parser = Len16Parser(self._limit)
         # TCP egress: the unsent rest of a record a stop interrupted; sent
@@ -127,7 +129,7 @@ class PyPump:
         self._peer = None
         if self._stream:
             if peer is not None:
-                raise ValueError("peer is for datagram sockets; a TCP socket is already connected")
+                raise PumpArgumentError("peer is for datagram sockets; a TCP socket is already connected")
             return
         if peer is not None:
             self._peer = _normalise(peer, self._sock.family)
