@@ -7,6 +7,7 @@ fixture), over socketpairs: no root, no network.
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
 import re
@@ -19,6 +20,8 @@ import tunrelay
 from tunrelay import aead, config, framing
 from tunrelay._runner import Outcome, Reason
 from tunrelay.errors import PumpArgumentError, PumpStateError, TunrelayError
+from tunrelay.pumps import PumpLike
+from tunrelay.pypump import PyPump
 
 
 @pytest.fixture
@@ -180,3 +183,73 @@ def test_starting_a_running_pump_raises_pump_state_error(rig):
     with pytest.raises(PumpStateError, match="already running"):
         pump.start()
     assert pump.stop(WAIT).reason is Reason.STOPPED
+
+
+# ---------------------------------------------------------------- one protocol, two pumps
+
+def _shape(signature: inspect.Signature) -> list[tuple]:
+    """A signature without its annotations (the compiled pump has none)."""
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+def _protocol_members() -> tuple[list[str], list[str]]:
+    """(methods, properties) that PumpLike itself declares."""
+    methods, properties = [], []
+    for name, value in vars(PumpLike).items():
+        if isinstance(value, property):
+            properties.append(name)
+        elif callable(value) and getattr(value, "__qualname__", "").startswith("PumpLike."):
+            methods.append(name)
+    return methods, properties
+
+
+def test_the_protocol_names_the_whole_shared_surface():
+    methods, properties = _protocol_members()
+    assert set(methods) == {"start", "request_stop", "stop", "wait", "run", "stats",
+                            "attach", "__enter__", "__exit__"}
+    assert set(properties) == {"framing", "mode", "mtu", "batch", "running", "peer",
+                               "learns_peer"}
+    assert tunrelay.PumpLike is PumpLike
+
+
+def test_both_pumps_are_pump_like(rig):
+    _, tun = rig.tun()
+    pump = rig.pump(tun, rig.udp(timeout=None))
+    assert isinstance(pump, PumpLike)
+    methods, properties = _protocol_members()
+    for name in properties:
+        assert not callable(getattr(pump, name)), name
+
+
+@pytest.mark.parametrize("name", _protocol_members()[0])
+def test_both_pumps_share_each_method_signature(name):
+    compiled = load_pump_class("c")
+    shapes = {owner.__name__: _shape(inspect.signature(getattr(owner, name)))
+              for owner in (PumpLike, compiled, PyPump)}
+    assert shapes["Pump"] == shapes["PyPump"] == shapes["PumpLike"], shapes
+
+
+def test_both_pumps_have_one_constructor(rig):
+    # The compiled Pump's constructor is __cinit__, which Cython does not
+    # expose to inspect (tests/test_stubs.py reads it from the .pyx): here
+    # it must accept every keyword of PyPump's, with PyPump's defaults.
+    compiled = load_pump_class("c")
+    _, tun = rig.tun()
+    sock = rig.udp(timeout=None)
+    parameters = inspect.signature(PyPump).parameters
+    keywords = {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert [name for name, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == [
+        "tun_fd", "sock_fd"]
+    pump = compiled(tun, sock, **keywords)
+    assert (pump.framing, pump.mode, pump.mtu, pump.batch) == (
+        "raw", keywords["mode"], keywords["mtu"], keywords["batch"])
+    with pytest.raises(TypeError):
+        compiled(tun, sock, **keywords, surplus=1)
+
+
+def test_a_key_without_aead_is_refused_alike(rig):
+    _, tun = rig.tun()
+    sock = rig.udp(timeout=None)
+    for pump_class in (load_pump_class("c"), PyPump):
+        with pytest.raises(ValueError, match="key is for framing 'aead'"):
+            pump_class(tun, sock, key=bytes(aead.KEY_LEN))

@@ -13,6 +13,7 @@ from .config import Config, load as load_config, loads as loads_config
 from .device import open_tun
 from .errors import (ConfigError, DeviceError, PumpArgumentError, PumpError,
                      PumpStateError, TransportError, TunrelayError)
+from .pumps import PumpLike
 from .pypump import PyPump
 
 
@@ -28,7 +29,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'tunrelay' has no attribute {name!r}")
 
 
-__all__ = ["Pump", "PyPump", "Relay", "Outcome", "Reason", "open_tun", "Config",
+__all__ = ["Pump", "PyPump", "PumpLike", "Relay", "Outcome", "Reason", "open_tun", "Config",
            "load_config", "loads_config", "TunrelayError", "ConfigError",
            "DeviceError", "TransportError", "PumpError", "PumpArgumentError",
            "PumpStateError"]

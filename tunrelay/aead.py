@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 import time
+from typing import Literal, get_args
 
 from .errors import ConfigError
 from .framing import DEFAULT_MTU as _RAW_DEFAULT_MTU
@@ -41,11 +42,13 @@ DEFAULT_MTU = _RAW_DEFAULT_MTU - OVERHEAD
 #: before the connection may carry the tunnel.
 HELLO_RECORD_LEN = 2 + OVERHEAD
 
-CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
+Cipher = Literal["chacha20-poly1305", "aes-256-gcm"]
+CIPHERS: tuple[Cipher, ...] = get_args(Cipher)
 #: The two directions of a tunnel.  Both ends hold the same key, so each
 #: end needs a role of its own: it seals with its role's key and opens with
 #: the other's, and its own datagrams sent back to it never authenticate.
-ROLES = ("a", "b")
+Role = Literal["a", "b"]
+ROLES: tuple[Role, ...] = get_args(Role)
 #: HKDF salt: fixed, so both ends derive alike; the PSK is the secret.
 SALT = b"tunrelay aead v2"
 

@@ -8,6 +8,8 @@ both pumps report the same dictionary shape.
 
 from __future__ import annotations
 
+from typing import Any
+
 DIRECTIONS = ("egress", "ingress")
 
 #: Why a packet was dropped.  Every drop is counted under exactly one reason.
@@ -58,7 +60,7 @@ TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups", "tun_io")
 
 def empty_direction(direction: str) -> dict:
     """A zeroed counter dictionary for one direction."""
-    counters = {name: 0 for name in TOTALS}
+    counters: dict[str, Any] = {name: 0 for name in TOTALS}
     counters["drops"] = {reason: 0 for reason in DIRECTION_DROPS[direction]}
     counters["errors"] = {kind: 0 for kind in ERROR_KINDS}
     return counters

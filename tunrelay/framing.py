@@ -12,8 +12,13 @@ are checked against it by tests/test_api.py).
 
 from __future__ import annotations
 
-FRAMINGS = ("raw", "len16", "aead")
-MODES = ("tun", "tap")
+from typing import Literal, get_args
+
+#: The type checker's view and the runtime tuple are one definition.
+Framing = Literal["raw", "len16", "aead"]
+Mode = Literal["tun", "tap"]
+FRAMINGS: tuple[Framing, ...] = get_args(Framing)
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 #: The MTUs a pump accepts.  RFC 791: every IPv4 link carries at least 68
 #: bytes; an IP length field counts at most 65535.

@@ -13,12 +13,15 @@ import os
 import select
 import socket
 import threading
+from typing import Self, cast
 
 from . import counters
-from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome
+from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome, Reason
+from .aead import CIPHERS, ROLES, Cipher, Role
 from .errors import PumpArgumentError, PumpStateError
 from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
-                      MODES, Len16Parser, len16_encode, max_frame, validate)
+                      MODES, Framing, Len16Parser, Mode, len16_encode, max_frame, validate)
+from .pumps import Address, FileDescriptorLike, PumpStats
 
 _DEVICE_GONE = (errno.EBADFD, errno.EBADF)
 
@@ -67,12 +70,19 @@ class _Stop(Exception):
 
 
 class PyPump:
-    """See ``tunrelay._fastpath.Pump``: same constructor, methods, counters."""
+    """See ``tunrelay._fastpath.Pump``: same constructor, methods, counters
+    (a ``tunrelay.pumps.PumpLike``)."""
 
-    def __init__(self, tun_fd, sock_fd, *, framing=None, mode="tun", mtu=DEFAULT_MTU,
-                 batch=64, peer=None, offload=False, gso=True) -> None:
-        # Same signature as the compiled Pump; this pump sends one datagram
-        # per call (gso has no effect) and has no TUN offloads.
+    _sock: socket.socket   # this pump's dup of the caller's socket fd
+
+    def __init__(self, tun_fd: FileDescriptorLike, sock_fd: FileDescriptorLike, *,
+                 framing: Framing | None = None, mode: Mode = "tun", mtu: int = DEFAULT_MTU,
+                 batch: int = 64, peer: Address | None = None, offload: bool = False,
+                 key: object = None, cipher: Cipher = CIPHERS[0], role: Role = ROLES[0],
+                 gso: bool = True) -> None:
+        # Same signature as the compiled Pump, so either is made by one call;
+        # this pump sends one datagram per call (gso has no effect), and has
+        # no TUN offloads and no aead framing (key, cipher and role).
         if offload:
             raise PumpArgumentError("the Python pump has no TUN offloads: use the compiled Pump")
         if mode not in MODES:
@@ -81,6 +91,8 @@ class PyPump:
             raise PumpArgumentError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
         if not 1 <= batch <= MAX_BATCH:
             raise PumpArgumentError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+        if key is not None and framing != "aead":
+            raise PumpArgumentError(f"key is for framing 'aead', got framing {framing!r}")
         self.mode, self.mtu, self.batch = mode, mtu, batch
         self._limit = max_frame(mode, mtu)
         self._tun_ref = tun_fd
@@ -93,15 +105,17 @@ class PyPump:
         self._peer_lock = threading.Lock()
         self._runner = LoopRunner(self._run_direction, self._signal_stop,
                                   self._reset_stop, name="pypump")
-        self.framing = None
+        self.framing: Framing
         self._attach(sock_fd, framing, peer)
 
     # ------------------------------------------------------------ set-up
 
-    def attach(self, sock_fd, *, peer=None) -> None:
+    def attach(self, sock_fd: FileDescriptorLike, *, peer: Address | None = None) -> None:
+        """Swap in a new socket (a TCP reconnect) while stopped.  Counters
+        carry on; a partial len16 frame of the old stream is discarded."""
         self._attach(sock_fd, self.framing, peer)
 
-    def _attach(self, sock_fd, framing, peer) -> None:
+    def _attach(self, sock_fd, framing: Framing | None, peer) -> None:
         if self._runner.running:
             raise PumpStateError("attach() needs a stopped pump: stop() it first")
         self._sock_ref = sock_fd
@@ -392,26 +406,26 @@ class PyPump:
     def request_stop(self) -> None:
         self._signal_stop()
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: float | None = None) -> Outcome | None:
         return self._runner.stop(timeout)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> Outcome | None:
         return self._runner.wait(timeout)
 
-    def run(self):
+    def run(self) -> Outcome:
         self.start()
-        return self.wait()
+        return cast(Outcome, self.wait())   # no timeout: only once both loops ended
 
     @property
     def running(self) -> bool:
         return self._runner.running
 
-    def stats(self) -> dict:
-        return {d: {k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()}
-                for d, c in self._counters.items()}
+    def stats(self) -> PumpStats:
+        return cast(PumpStats, {d: {k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()}
+                                for d, c in self._counters.items()})
 
     @property
-    def peer(self):
+    def peer(self) -> Address | None:
         if self._stream or not (self._check_peer or self._learn_peer):
             return None
         with self._peer_lock:
@@ -421,15 +435,15 @@ class PyPump:
     def learns_peer(self) -> bool:
         return self._learn_peer
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
 class _Closed(Exception):
-    def __init__(self, reason: str, err: int) -> None:
+    def __init__(self, reason: Reason, err: int) -> None:
         super().__init__(reason)
         self.reason = reason
         self.errno = err
