@@ -8,6 +8,8 @@ relay (device + transport + pump) that ``tunrelay run`` drives.
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from ._runner import Outcome, Reason
 from .config import Config, load as load_config, loads as loads_config
 from .device import open_tun
@@ -17,16 +19,22 @@ from .pumps import PumpLike
 from .pypump import PyPump
 
 
-def __getattr__(name):
-    # The compiled pieces load on first use, so `tunrelay check` and error
-    # reporting still work where the extension failed to build.
-    if name == "Pump":
-        from ._fastpath import Pump
-        return Pump
-    if name == "Relay":
-        from .relay import Relay
-        return Relay
-    raise AttributeError(f"module 'tunrelay' has no attribute {name!r}")
+if TYPE_CHECKING:
+    # What a type checker sees (Pump from _fastpath.pyi); at run time they
+    # load on first use, below.
+    from ._fastpath import Pump
+    from .relay import Relay
+else:
+    def __getattr__(name):
+        # The compiled pieces load on first use, so `tunrelay check` and error
+        # reporting still work where the extension failed to build.
+        if name == "Pump":
+            from ._fastpath import Pump
+            return Pump
+        if name == "Relay":
+            from .relay import Relay
+            return Relay
+        raise AttributeError(f"module 'tunrelay' has no attribute {name!r}")
 
 
 __all__ = ["Pump", "PyPump", "PumpLike", "Relay", "Outcome", "Reason", "open_tun", "Config",

@@ -1,0 +1,99 @@
+"""Type stubs of the compiled fast path, ``tunrelay/_fastpath.pyx``.
+
+tests/test_stubs.py holds them to the extension: every public name of the
+module and of its classes is here, every method has the compiled one's
+parameters, and the constructors match the ``__cinit__`` of the .pyx.
+"""
+
+from collections.abc import Iterable
+from typing import Literal, Self
+
+from tunrelay._runner import Outcome
+from tunrelay.aead import Cipher, Role
+from tunrelay.framing import Framing, Mode
+from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
+
+_Bytes = bytes | bytearray | memoryview
+
+class Keyring:
+    """The aead keys, peer sessions and peer endpoint of one relay, shared
+    by all its pumps (one per queue)."""
+
+    def __init__(self, key: bytes, cipher: Cipher = "chacha20-poly1305",
+                 role: Role = "a") -> None: ...
+    @property
+    def cipher(self) -> Cipher: ...
+    @property
+    def role(self) -> Role: ...
+    @property
+    def endpoint(self) -> Address | None:
+        """The peer's endpoint, or None before it is known."""
+    def new_session(self) -> bytes:
+        """A fresh session id of ours."""
+    def hello(self) -> bytes:
+        """A sealed hello: over TCP the first record each end sends."""
+    def verify_hello(self, datagram: _Bytes) -> bool:
+        """True if ``datagram`` is an authentic hello of the peer, not seen before."""
+    def set_endpoint(self, sock_family: int, peer: Address) -> None:
+        """Where to send before the peer's first datagram."""
+    def counts(self) -> dict[str, int]:
+        """{"sessions", "evicted", "roams", "live"}."""
+
+class Pump:
+    """Moves packets between ``tun_fd`` and ``sock_fd`` until stopped, one
+    GIL-free C loop per direction.  A ``tunrelay.pumps.PumpLike``."""
+
+    def __init__(self, tun_fd: FileDescriptorLike, sock_fd: FileDescriptorLike, *,
+                 framing: Framing | None = None, mode: Mode = "tun", mtu: int = 1400,
+                 batch: int = 64, peer: Address | None = None, offload: bool = False,
+                 key: bytes | bytearray | Keyring | None = None,
+                 cipher: Cipher = "chacha20-poly1305", role: Role = "a",
+                 gso: bool = True) -> None: ...
+    @property
+    def framing(self) -> Framing: ...
+    @property
+    def mode(self) -> Mode: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def offload(self) -> bool: ...
+    @property
+    def cipher(self) -> Cipher | None:
+        """The aead cipher; None without aead."""
+    @property
+    def keyring(self) -> Keyring | None:
+        """The aead Keyring (given, or made from the key); None without aead."""
+    @property
+    def running(self) -> bool: ...
+    @property
+    def peer(self) -> Address | None:
+        """The UDP peer, given or learned (aead: where it is now); None otherwise."""
+    @property
+    def learns_peer(self) -> bool: ...
+    @property
+    def aead_session(self) -> str | None:
+        """This sender's aead session id (hex), or None."""
+    @property
+    def aead_peer_sessions(self) -> int: ...
+    @property
+    def offloads(self) -> dict[str, bool]:
+        """{"vnet_hdr", "gso", "gro"}: what the offload path uses now."""
+    def attach(self, sock_fd: FileDescriptorLike, *, peer: Address | None = None) -> None:
+        """Swap in a new socket (a TCP reconnect) while stopped."""
+    def start(self) -> None: ...
+    def request_stop(self) -> None: ...
+    def stop(self, timeout: float | None = None) -> Outcome | None: ...
+    def wait(self, timeout: float | None = None) -> Outcome | None: ...
+    def run(self) -> Outcome: ...
+    def stats(self) -> PumpStats: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
+    """The C ingress check on one packet: None, or the drop reason."""
+
+def len16_split(chunks: Iterable[_Bytes],
+                limit: int) -> tuple[list[bytes], int, Literal["bad_length"] | None]:
+    """Feed chunks through the TCP ingress parser: (frames, buffered bytes, error)."""
