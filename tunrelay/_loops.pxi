@@ -18,6 +18,7 @@ from tunrelay.includes.system cimport (
     UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, writev)
 
 cdef enum:  # loop results
+    ST_GO_ON = -1     # (between the parts of a loop) nothing ended: carry on
     ST_STOPPED = 0    # the stop eventfd fired
     ST_CLOSED = 1     # TCP peer closed or reset the connection
     ST_PROTOCOL = 2   # TCP: len16 length of zero or over the maximum
@@ -93,7 +94,7 @@ cdef inline uint8_t *egress_packet(PumpState *st, unsigned int i) noexcept nogil
 
 cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     """Drain up to `batch` packets from the TUN fd (non-blocking) into the
-    egress slots, recording each length in its iovec.  Returns ST_STOPPED
+    egress slots, recording each length in its iovec.  Returns ST_GO_ON
     to go on, ST_FATAL when the device is gone."""
     cdef Counters *c = &st.egress
     cdef unsigned int n = 0
@@ -139,7 +140,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
         st.egress_iov[n].iov_len = <size_t>r + st.overhead
         n += 1
     count[0] = n
-    return ST_STOPPED
+    return ST_GO_ON
 
 
 cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
@@ -149,7 +150,9 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
     datagrams (the last may be shorter) go as one UDP_SEGMENT message: the
     stack is walked once per run instead of once per datagram, and the
     kernel cuts the run back into the same datagrams.  `msgs`, `counts`
-    and `cmsg` are scratch for up to n messages."""
+    and `cmsg` are scratch for up to n messages.  ST_GO_ON, ST_STOPPED
+    (stop fired while the socket was full: the rest counted "stopped") or
+    ST_FATAL."""
     cdef Counters *c = &st.egress
     cdef size_t done = 0, k, nmsg, count, size, next_size, j, q, i
     cdef int r, err, ready
@@ -163,13 +166,13 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
         # Wherever the peer's newest authenticated datagram came from.
         if not aead_endpoint(st):
             c.drops[DROP_NO_PEER] += n
-            return ST_STOPPED
+            return ST_GO_ON
         name = &st.peer
         namelen = st.peer_len
     elif st.check_peer or st.learn_peer:
         if not tr_load_acquire(&st.peer_known):
             c.drops[DROP_NO_PEER] += n
-            return ST_STOPPED
+            return ST_GO_ON
         name = &st.peer
         namelen = st.peer_len
     if gso and st.gso_retry_at != 0:
@@ -260,7 +263,7 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
             return ST_FATAL
         c.drops[DROP_SEND_ERROR] += counts[0]
         done += counts[0]
-    return ST_STOPPED
+    return ST_GO_ON
 
 
 cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
@@ -273,7 +276,8 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
                       unsigned int per_packet, size_t framing) noexcept nogil:
     """Write niov iovecs (per_packet of them per framed packet) to the TCP
     socket with as few sendmsg calls as possible, resuming partial writes
-    and waiting for POLLOUT: a full socket never drops a packet."""
+    and waiting for POLLOUT: a full socket never drops a packet.  ST_GO_ON,
+    ST_STOPPED (stop fired while it was full: see keep_tail) or ST_CLOSED."""
     cdef Counters *c = &st.egress
     cdef msghdr msg
     cdef size_t first = 0
@@ -318,7 +322,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
             iov[first].iov_base = <uint8_t *>iov[first].iov_base + r
             iov[first].iov_len -= r
             cut = True
-    return ST_STOPPED
+    return ST_GO_ON
 
 
 cdef void keep_tail(PumpState *st, iovec *iov, size_t first, size_t niov,
@@ -343,8 +347,8 @@ cdef void keep_tail(PumpState *st, iovec *iov, size_t first, size_t niov,
 
 
 cdef int send_tail(PumpState *st) noexcept nogil:
-    """Finish the record a stop interrupted (keep_tail).  ST_STOPPED, with
-    st.tail_len 0 when it is out (else stop fired again), or ST_CLOSED."""
+    """Finish the record a stop interrupted (keep_tail).  ST_GO_ON when it is
+    out, ST_STOPPED when stop fired again (the rest kept), or ST_CLOSED."""
     cdef Counters *c = &st.egress
     cdef size_t sent = 0
     cdef ssize_t r
@@ -379,13 +383,13 @@ cdef int send_tail(PumpState *st) noexcept nogil:
     c.packets += 1
     c.bytes -= st.overhead
     c.batches += 1
-    return ST_STOPPED
+    return ST_GO_ON
 
 
 cdef int read_offload_batch(PumpState *st) noexcept nogil:
     """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
     a packet or super-packet), segment them into st.segs, sending whenever
-    the segment pool fills.  ST_STOPPED to go on, else why the loop ends."""
+    the segment pool fills.  ST_GO_ON to go on, else why the loop ends."""
     cdef Counters *c = &st.egress
     cdef unsigned int n = 0
     cdef ssize_t r
@@ -433,7 +437,7 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
                                 &h, framing, n)
         if status == SEGMENT_POOL_FULL:
             status = send_segments(st)
-            if status != ST_STOPPED:
+            if status != ST_GO_ON:
                 return status
             status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
                                     &h, framing, n)
@@ -441,7 +445,7 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             c.drops[DROP_OVERSIZE] += 1
         elif status != SEGMENT_OK:
             c.drops[DROP_BAD_OFFLOAD] += 1
-    return ST_STOPPED
+    return ST_GO_ON
 
 
 cdef int send_segments(PumpState *st) noexcept nogil:
@@ -477,10 +481,10 @@ cdef int send_segments(PumpState *st) noexcept nogil:
         st.seg_iov[3 * k + 2].iov_base = g.tail
         st.seg_iov[3 * k + 2].iov_len = tag
     if n == 0:
-        return ST_STOPPED
+        return ST_GO_ON
     if st.stream:
         status = write_stream(st, st.seg_iov, 3 * n, 3, st.overhead)
-        return ST_CLOSED if status == ST_CLOSED else ST_STOPPED
+        return status
     return send_packets(st, st.seg_iov, n, 3, st.seg_msgs, st.msg_segs, st.seg_cmsg)
 
 
@@ -490,7 +494,7 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
     cdef size_t framing = st.overhead
     if st.tail_len:
         status = send_tail(st)
-        if status != ST_STOPPED or st.tail_len:
+        if status != ST_GO_ON:
             return status
     while True:
         ready = wait_ready(st, &st.egress, st.tun_fd, POLLIN)
@@ -499,22 +503,23 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
         if ready < 0:
             st.exit_errno = errno
             return ST_FATAL
-        # A stop seen while sending returns ST_STOPPED too: the next
-        # wait_ready() sees the still-set eventfd and ends the loop.
         if st.offload:
             status = read_offload_batch(st)
-            sent = send_segments(st) if st.nseg else ST_STOPPED
+            sent = send_segments(st) if st.nseg else ST_GO_ON
         else:
             status = read_batch(st, &n)
-            sent = ST_STOPPED
+            sent = ST_GO_ON
             if n and st.stream:
                 sent = write_stream(st, st.egress_iov, n, 1, framing)
             elif n:
                 sent = send_datagrams(st, n)
-        if sent != ST_STOPPED:
+        # The device gone or the connection lost say more than a stop.
+        if sent == ST_CLOSED or sent == ST_FATAL:
             return sent
-        if status != ST_STOPPED:
+        if status != ST_GO_ON:
             return status
+        if sent != ST_GO_ON:
+            return sent
 
 
 # ---------------------------------------------------------------- ingress
