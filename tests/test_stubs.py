@@ -32,7 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tunrelay"
 STUB = PACKAGE / "_fastpath.pyi"
 #: Where each class's __cinit__ is written.
-SOURCES = {"Pump": PACKAGE / "_fastpath.pyx", "Keyring": PACKAGE / "_aead.pxi"}
+SOURCES = {"Pump": PACKAGE / "_fastpath.pyx", "Keyring": PACKAGE / "_aead.pxi",
+           "PrefixTable": PACKAGE / "_fastpath.pyx"}
 #: What tests/embedder.py is checked with, besides the stubs: the typed core.
 TYPED_CORE = ["pumps.py", "pypump.py", "_runner.py", "errors.py", "framing.py", "aead.py",
               "counters.py"]
@@ -103,7 +104,7 @@ def test_the_stub_names_exactly_the_public_names_of_the_extension():
         f"in _fastpath.pyi, not in the extension: {sorted(declared - compiled)}")
 
 
-@pytest.mark.parametrize("class_name", ["Pump", "Keyring"])
+@pytest.mark.parametrize("class_name", sorted(SOURCES))
 def test_each_class_of_the_stub_has_the_compiled_members(class_name):
     compiled = getattr(load_fastpath(), class_name)
     stub = _stub()[class_name]
@@ -126,7 +127,7 @@ def test_the_module_functions_of_the_stub_have_the_compiled_signatures():
             inspect.signature(stub[name])), name
 
 
-@pytest.mark.parametrize("class_name", ["Pump", "Keyring"])
+@pytest.mark.parametrize("class_name", sorted(SOURCES))
 def test_each_constructor_of_the_stub_is_the_cinit_of_the_source(class_name):
     compiled = getattr(load_fastpath(), class_name)
     with pytest.raises(ValueError, match="no signature found"):

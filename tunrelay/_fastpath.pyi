@@ -6,6 +6,7 @@ parameters, and the constructors match the ``__cinit__`` of the .pyx.
 """
 
 from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal, Self
 
 from tunrelay._runner import Outcome
@@ -90,6 +91,24 @@ class Pump:
     def stats(self) -> PumpStats: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
+
+class PrefixTable:
+    """Longest-prefix match of inner addresses to peer indexes (0..2^32-2),
+    immutable once built."""
+
+    def __init__(self, entries: Iterable[tuple[str | IPv4Network | IPv6Network, int]] = ()
+                 ) -> None: ...
+    @property
+    def prefixes(self) -> int: ...
+    @property
+    def checksum(self) -> int: ...
+    @property
+    def nodes(self) -> tuple[int, int]:
+        """Trie nodes (IPv4, IPv6)."""
+    def lookup(self, address: str | IPv4Address | IPv6Address) -> int | None:
+        """The peer of the longest prefix containing ``address``, or None."""
+    def lookup_packet(self, packet: _Bytes, source: bool = False) -> int | None:
+        """The peer for an IP packet's destination (or source), or None."""
 
 def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
     """The C ingress check on one packet: None, or the drop reason."""
