@@ -95,7 +95,7 @@ def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
     after = pump.stats()["egress"]
     assert after["packets"] == len(records)
     assert len(records) + drops(pump, "egress").get("stopped", 0) == len(packets)
-    assert before["packets"] < len(records)
+    assert before["packets"] <= len(records)   # (equal when the stop fell between records)
     assert stopped <= drops(pump, "egress").get("stopped", 0)
 
 
