@@ -106,11 +106,7 @@ def test_the_compiled_keyring_takes_exactly_the_python_ciphers():
 
 # ---------------------------------------------------------------- errors an embedder can catch
 
-# The compiled pump raises these once _fastpath.pyx imports them (the change
-# is listed for the engineer on the .pyx): strict, so the marker goes when
-# it lands.
-C_PENDING = pytest.mark.xfail(strict=True, reason="_fastpath.pyx still raises bare ValueError/RuntimeError")
-BOTH_PUMPS = ["python", pytest.param("c", marks=C_PENDING)]
+BOTH_PUMPS = ["python", "c"]
 
 
 def test_pump_errors_are_tunrelay_errors_and_the_builtins_they_were():

@@ -430,11 +430,11 @@ cdef class Keyring:
             raise MemoryError()
         self.locked = True
         if cipher not in _aead.CIPHERS:
-            raise ValueError(f"cipher must be one of {_aead.CIPHERS}, got {cipher!r}")
+            raise PumpArgumentError(f"cipher must be one of {_aead.CIPHERS}, got {cipher!r}")
         if role not in _aead.ROLES:
-            raise ValueError(f"role must be one of {_aead.ROLES}, got {role!r}")
+            raise PumpArgumentError(f"role must be one of {_aead.ROLES}, got {role!r}")
         if not isinstance(key, bytes) or len(key) != AEAD_KEY_LEN:
-            raise ValueError("key must be 32 bytes (tunrelay.aead.load_key reads a key file)")
+            raise PumpArgumentError("key must be 32 bytes (tunrelay.aead.load_key reads a key file)")
         self.cipher = cipher
         self.role = role
         self.sh.evp = EVP_chacha20_poly1305() if cipher == "chacha20-poly1305" else EVP_aes_256_gcm()

@@ -35,7 +35,8 @@ from tunrelay.includes.system cimport (
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
                               LoopRunner, Outcome)
-from tunrelay.framing import FRAMINGS, MODES, max_frame as _max_frame
+from tunrelay.errors import PumpArgumentError, PumpStateError
+from tunrelay.framing import FRAMINGS, MAX_MTU, MIN_MTU, MODES, max_frame as _max_frame
 
 include "_validate.pxi"
 include "_offload.pxi"
@@ -92,16 +93,16 @@ cdef class Pump:
             raise MemoryError()
         self.st.stop_fd = -1
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 68 <= mtu <= 65535:
-            raise ValueError(f"mtu must be 68..65535, got {mtu}")
+            raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise PumpArgumentError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
         if not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+            raise PumpArgumentError(f"batch must be 1..{MAX_BATCH}, got {batch}")
         self.mode = mode
         self.mtu = mtu
         self.batch = batch
         if offload and mode != "tun":
-            raise ValueError("offload needs mode 'tun': TAP frames are not segmented here")
+            raise PumpArgumentError("offload needs mode 'tun': TAP frames are not segmented here")
         self.offload = offload
         self.st.offload = offload
         self._gso = gso
@@ -184,7 +185,7 @@ cdef class Pump:
         if framing == "aead":
             self._setup_aead(key, cipher, role)
         elif key is not None:
-            raise ValueError("key is for framing 'aead'")
+            raise PumpArgumentError("key is for framing 'aead'")
         self._attach(sock_fd, framing, peer)
 
     def _setup_aead(self, key, str cipher, str role):
@@ -196,7 +197,7 @@ cdef class Pump:
         elif isinstance(key, (bytes, bytearray)) and len(key) == _aead.KEY_LEN:
             keyring = Keyring(bytes(key), cipher, role)
         else:
-            raise ValueError("framing 'aead' needs key=<32 bytes> or key=<Keyring>")
+            raise PumpArgumentError("framing 'aead' needs key=<32 bytes> or key=<Keyring>")
         self.keyring = keyring
         self.cipher = keyring.cipher
         cdef Aead *a = &self.st.aead
@@ -245,20 +246,20 @@ cdef class Pump:
 
     def _attach(self, sock_fd, framing, peer):
         if self._runner.running:
-            raise RuntimeError("attach() needs a stopped pump")
+            raise PumpStateError("attach() needs a stopped pump")
         fd = _fileno(sock_fd)
         sock_type = _sockopt(fd, SO_TYPE)
         stream = sock_type == SOCK_STREAM
         if framing is None:
             framing = "len16" if stream else "raw"
         if framing not in FRAMINGS:
-            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+            raise PumpArgumentError(f"framing must be one of {FRAMINGS}, got {framing!r}")
         if stream and framing not in ("len16", "aead"):
-            raise ValueError(f"a stream socket needs framing 'len16' or 'aead', got {framing!r}: "
+            raise PumpArgumentError(f"a stream socket needs framing 'len16' or 'aead', got {framing!r}: "
                              "only length-prefixed records mark packet boundaries in a byte stream")
         aead = framing == "aead"
         if aead != bool(self.st.aead.on):
-            raise ValueError("framing 'aead' is chosen when the pump is made (with its key)")
+            raise PumpArgumentError("framing 'aead' is chosen when the pump is made (with its key)")
         self._sock_ref = sock_fd
         self.framing = framing
         self.st.sock_fd = fd
@@ -270,7 +271,7 @@ cdef class Pump:
         self.st.overhead = ((LEN16_HEADER if self.st.len16 else 0)
                             + (AEAD_OVERHEAD if aead else 0))
         if self.st.len16 and self.st.max_frame + self.st.overhead - LEN16_HEADER > LEN16_LIMIT:
-            raise ValueError(f"mtu {self.mtu}: a len16 record holds at most {LEN16_LIMIT} bytes, "
+            raise PumpArgumentError(f"mtu {self.mtu}: a len16 record holds at most {LEN16_LIMIT} bytes, "
                              f"and a packet of this device with its framing needs "
                              f"{self.st.max_frame + self.st.overhead - LEN16_HEADER}")
         self.st.stream_have = 0
@@ -311,7 +312,7 @@ cdef class Pump:
         self.st.peer_known = 0
         if self.st.stream:
             if peer is not None:
-                raise ValueError("peer is for datagram sockets; a TCP socket is already connected")
+                raise PumpArgumentError("peer is for datagram sockets; a TCP socket is already connected")
             return 0
         if self.st.aead.on:
             # Datagrams from anywhere are tried: the peer is whoever
@@ -421,11 +422,11 @@ cdef class Pump:
         cdef bint known
         cdef sockaddr_storage sender
         if self._runner.running:
-            raise RuntimeError("_feed() needs a stopped pump")
+            raise PumpStateError("_feed() needs a stopped pump")
         if self.st.stream:
-            raise ValueError("_feed() is for datagram pumps; use _feed_stream()")
+            raise PumpArgumentError("_feed() is for datagram pumps; use _feed_stream()")
         if length > self.st.ingress_slot:
-            raise ValueError(f"at most {self.st.ingress_slot} bytes per message")
+            raise PumpArgumentError(f"at most {self.st.ingress_slot} bytes per message")
         if length:
             view = memoryview(data).cast("B")
             memcpy(self.st.ingress_slab, &view[0], length)
@@ -450,11 +451,11 @@ cdef class Pump:
         cdef size_t length = len(data)
         cdef int status
         if self._runner.running:
-            raise RuntimeError("_feed_stream() needs a stopped pump")
+            raise PumpStateError("_feed_stream() needs a stopped pump")
         if not self.st.stream:
-            raise ValueError("_feed_stream() is for stream pumps")
+            raise PumpArgumentError("_feed_stream() is for stream pumps")
         if self.st.stream_have + length > self.st.stream_cap:
-            raise ValueError("more than the stream buffer holds")
+            raise PumpArgumentError("more than the stream buffer holds")
         if length:
             view = memoryview(data).cast("B")
             memcpy(self.st.stream_buf + self.st.stream_have, &view[0], length)
@@ -484,7 +485,7 @@ cdef class Pump:
         """Test hook: the next nonce of this pump's sending session (to
         reach the end of the counter space without 2^64 packets)."""
         if not self.st.aead.on:
-            raise ValueError("_set_send_counter() is for aead pumps")
+            raise PumpArgumentError("_set_send_counter() is for aead pumps")
         self.st.aead.send.counter = counter
 
     @property
@@ -522,7 +523,7 @@ cdef socklen_t _fill_sockaddr(sockaddr_storage *out, int family, peer) except 0:
     cdef sockaddr_in6 *v6 = <sockaddr_in6 *>out
     memset(out, 0, sizeof(sockaddr_storage))
     if not 0 < port < 65536:
-        raise ValueError(f"peer port must be 1..65535, got {port}")
+        raise PumpArgumentError(f"peer port must be 1..65535, got {port}")
     if family == AF_INET:
         packed = socket.inet_pton(socket.AF_INET, host)
         v4.sin_family = AF_INET
@@ -541,7 +542,7 @@ cdef socklen_t _fill_sockaddr(sockaddr_storage *out, int family, peer) except 0:
         v6.sin6_scope_id = scope
         memcpy(&v6.sin6_addr, <const char *>packed, 16)
         return sizeof(sockaddr_in6)
-    raise ValueError(f"a peer address needs an AF_INET or AF_INET6 socket, got family {family}")
+    raise PumpArgumentError(f"a peer address needs an AF_INET or AF_INET6 socket, got family {family}")
 
 
 cdef object _sockaddr_tuple(sockaddr_storage *address):
@@ -585,10 +586,10 @@ cdef class PrefixTable:
         for network, index in entries:
             net = ipaddress.ip_network(network)   # strict: host bits set -> ValueError
             if net in seen:
-                raise ValueError(f"{net} is given twice (a prefix belongs to one peer)")
+                raise PumpArgumentError(f"{net} is given twice (a prefix belongs to one peer)")
             seen.add(net)
             if not 0 <= index < 0xFFFFFFFF:
-                raise ValueError(f"peer index must be 0..{0xFFFFFFFF - 1}, got {index}")
+                raise PumpArgumentError(f"peer index must be 0..{0xFFFFFFFF - 1}, got {index}")
             peer = index + 1
             raw = net.network_address.packed
             packed = raw
@@ -634,7 +635,7 @@ cdef class PrefixTable:
         cdef uint64_t sink = 0
         cdef timespec start, end
         if count == 0:
-            raise ValueError("no addresses")
+            raise PumpArgumentError("no addresses")
         with nogil:
             clock_gettime(CLOCK_MONOTONIC, &start)
             for r in range(rounds):
@@ -697,7 +698,7 @@ def len16_split(chunks, size_t limit):
             if not len(chunk):
                 continue
             if have + len(chunk) > STREAM_BUFFER:
-                raise ValueError("chunk larger than the stream buffer")
+                raise PumpArgumentError("chunk larger than the stream buffer")
             view = memoryview(chunk).cast("B")
             memcpy(buf + have, &view[0], len(chunk))
             have += len(chunk)
