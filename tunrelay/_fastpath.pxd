@@ -197,3 +197,8 @@ cdef class Pump:
     cdef readonly object keyring
 
     cdef int _inspect_socket(self, object peer) except -1
+    cdef void _size_slots(self)
+    cdef int _allocate_batch_buffers(self) except -1
+    cdef int _allocate_stream_buffers(self) except -1
+    cdef int _allocate_offload_scratch(self) except -1
+    cdef void _link_messages(self)

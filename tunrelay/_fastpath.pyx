@@ -110,66 +110,12 @@ cdef class Pump:
         self.st.batch = batch
         self.st.max_frame = _max_frame(mode, mtu)
         self.st.cmsg_space = CMSG_SPACE(sizeof(int))
-        # An offload TUN read is a virtio_net_hdr and up to 64 KiB; a GRO
-        # receive up to 64 KiB of datagrams.  One byte more than the longest
-        # shows truncation.
-        # Egress slots have room for an aead tag behind the packet.
-        cdef size_t longest_read = VNET_HDR_LEN + IP_LENGTH_MAX if offload else self.st.max_frame
-        self.st.slot_size = (HEADROOM + longest_read + 1 + AEAD_TAG_LEN + 63) & ~(<size_t>63)
-        self.st.ingress_slot = (IP_LENGTH_MAX + 1 if offload
-                                else AEAD_OVERHEAD + self.st.max_frame + 1)
-        self.st.stream_cap = STREAM_BUFFER
-
-        self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
-        self.st.ingress_slab = <uint8_t *>malloc(self.st.ingress_slot * batch)
-        self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.st.egress_counts = <unsigned int *>calloc(batch, sizeof(unsigned int))
-        self.st.egress_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
-        self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
-        self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
-        # The longest record a len16 length can describe, with its length.
-        self.st.tail_cap = LEN16_HEADER + LEN16_LIMIT
-        self.st.stream_tail = <uint8_t *>malloc(self.st.tail_cap)
-        if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
-                or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
-                or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
-                or self.st.ingress_names == NULL or self.st.stream_buf == NULL
-                or self.st.stream_tail == NULL
-                or self.st.egress_counts == NULL or self.st.egress_cmsg == NULL):
-            raise MemoryError()
-        # Offload scratch: segment headers and their messages, GRO cmsgs,
-        # the coalescer's packet list and iovecs (a few hundred KiB).
-        self.st.out_iov = <iovec *>calloc(COALESCE_MAX + 2, sizeof(iovec))
-        if self.st.out_iov == NULL:
-            raise MemoryError()
+        self._size_slots()
+        self._allocate_batch_buffers()
+        self._allocate_stream_buffers()
         if offload:
-            self.st.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
-            self.st.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
-            self.st.seg_iov = <iovec *>calloc(3 * SEG_POOL, sizeof(iovec))
-            self.st.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
-            self.st.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
-            self.st.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
-            self.st.gro_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
-            self.st.pkts = <Packet *>calloc(SEG_POOL, sizeof(Packet))
-            if (self.st.segs == NULL or self.st.seg_heads == NULL or self.st.seg_iov == NULL
-                    or self.st.seg_msgs == NULL or self.st.msg_segs == NULL
-                    or self.st.seg_cmsg == NULL or self.st.gro_cmsg == NULL
-                    or self.st.pkts == NULL):
-                raise MemoryError()
-        cdef unsigned int i
-        for i in range(<unsigned int>batch):
-            self.st.egress_msgs[i].msg_hdr.msg_iov = &self.st.egress_iov[i]
-            self.st.egress_msgs[i].msg_hdr.msg_iovlen = 1
-            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.ingress_slot
-            # One byte more than the longest frame: a longer datagram shows
-            # up as MSG_TRUNC or as oversize, never passes silently cut.
-            self.st.ingress_iov[i].iov_len = self.st.ingress_slot
-            self.st.ingress_msgs[i].msg_hdr.msg_iov = &self.st.ingress_iov[i]
-            self.st.ingress_msgs[i].msg_hdr.msg_iovlen = 1
-            self.st.ingress_msgs[i].msg_hdr.msg_name = &self.st.ingress_names[i]
+            self._allocate_offload_scratch()
+        self._link_messages()
 
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
@@ -187,6 +133,87 @@ cdef class Pump:
         elif key is not None:
             raise PumpArgumentError("key is for framing 'aead'")
         self._attach(sock_fd, framing, peer)
+
+    # ------------------------------------------------------------ allocation (once)
+
+    cdef void _size_slots(self):
+        """Slot sizes.  An offload TUN read is a virtio_net_hdr and up to
+        64 KiB, a GRO receive up to 64 KiB of datagrams; one byte more than
+        the longest shows truncation.  Egress slots have HEADROOM in front
+        (a framing header is written there, not copied) and room for an
+        aead tag behind the packet."""
+        cdef size_t longest_read = (VNET_HDR_LEN + IP_LENGTH_MAX if self.offload
+                                    else self.st.max_frame)
+        self.st.slot_size = (HEADROOM + longest_read + 1 + AEAD_TAG_LEN + 63) & ~(<size_t>63)
+        self.st.ingress_slot = (IP_LENGTH_MAX + 1 if self.offload
+                                else AEAD_OVERHEAD + self.st.max_frame + 1)
+        self.st.stream_cap = STREAM_BUFFER
+        # The longest record a len16 length can describe, with its length.
+        self.st.tail_cap = LEN16_HEADER + LEN16_LIMIT
+
+    cdef int _allocate_batch_buffers(self) except -1:
+        """Per direction, `batch` slots with their iovecs and mmsghdrs (and
+        the egress GSO bookkeeping, and the receive addresses)."""
+        cdef size_t batch = self.st.batch
+        self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
+        self.st.ingress_slab = <uint8_t *>malloc(self.st.ingress_slot * batch)
+        self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.egress_counts = <unsigned int *>calloc(batch, sizeof(unsigned int))
+        self.st.egress_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
+        self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
+        # The coalescer's iovecs (offload) double as the one-packet write's.
+        self.st.out_iov = <iovec *>calloc(COALESCE_MAX + 2, sizeof(iovec))
+        if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
+                or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
+                or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
+                or self.st.ingress_names == NULL or self.st.egress_counts == NULL
+                or self.st.egress_cmsg == NULL or self.st.out_iov == NULL):
+            raise MemoryError()
+        return 0
+
+    cdef int _allocate_stream_buffers(self) except -1:
+        """TCP: the receive buffer parsed in place, and room for the rest of
+        a record a stop cut (keep_tail)."""
+        self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
+        self.st.stream_tail = <uint8_t *>malloc(self.st.tail_cap)
+        if self.st.stream_buf == NULL or self.st.stream_tail == NULL:
+            raise MemoryError()
+        return 0
+
+    cdef int _allocate_offload_scratch(self) except -1:
+        """Offloads: segment headers and their messages, GRO cmsgs and the
+        coalescer's packet list (a few hundred KiB)."""
+        self.st.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
+        self.st.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
+        self.st.seg_iov = <iovec *>calloc(3 * SEG_POOL, sizeof(iovec))
+        self.st.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
+        self.st.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
+        self.st.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
+        self.st.gro_cmsg = <uint8_t *>calloc(self.st.batch, self.st.cmsg_space)
+        self.st.pkts = <Packet *>calloc(SEG_POOL, sizeof(Packet))
+        if (self.st.segs == NULL or self.st.seg_heads == NULL or self.st.seg_iov == NULL
+                or self.st.seg_msgs == NULL or self.st.msg_segs == NULL
+                or self.st.seg_cmsg == NULL or self.st.gro_cmsg == NULL
+                or self.st.pkts == NULL):
+            raise MemoryError()
+        return 0
+
+    cdef void _link_messages(self):
+        """Point each mmsghdr at its iovec (and address), and each ingress
+        iovec at its slot: one byte more than the longest frame, so a longer
+        datagram shows up as MSG_TRUNC or as oversize, never passes cut."""
+        cdef unsigned int i
+        for i in range(self.st.batch):
+            self.st.egress_msgs[i].msg_hdr.msg_iov = &self.st.egress_iov[i]
+            self.st.egress_msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.ingress_slot
+            self.st.ingress_iov[i].iov_len = self.st.ingress_slot
+            self.st.ingress_msgs[i].msg_hdr.msg_iov = &self.st.ingress_iov[i]
+            self.st.ingress_msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ingress_msgs[i].msg_hdr.msg_name = &self.st.ingress_names[i]
 
     def _setup_aead(self, key, str cipher, str role):
         """key: a Keyring (shared by the relay's queues), or the 32-byte
