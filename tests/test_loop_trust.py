@@ -25,7 +25,10 @@ LEN16 = struct.Struct("!H")
 
 @pytest.fixture
 def rig(pump_class):
-    rig = Rig(pump_class, mtu=MTU)
+    # A roomy TUN stand-in: the test writes all its packets before the pump
+    # has sent them (the kernel caps the size at twice wmem_max unprivileged,
+    # still ample).
+    rig = Rig(pump_class, mtu=MTU, tun_buffer=1 << 20)
     yield rig
     rig.close()
 
@@ -46,10 +49,19 @@ def small_buffered_tcp_pump(rig):
     """A running TCP pump whose connection holds little (4 KiB buffers each
     way), so a few packets fill it: (test end of the connection, test end
     of the TUN stand-in, the pump's end of it, the pump)."""
-    test_end, pump_end = rig.tcp()
-    for sock in (test_end, pump_end):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    # Sized before the connection exists (the accepted socket inherits the
+    # listener's), so the window never grows past them.
+    with socket.socket() as listener:
+        for sock in (listener, test_end := rig.keep(socket.socket())):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(5)
+        test_end.settimeout(5)
+        test_end.connect(listener.getsockname())
+        pump_end = rig.keep(listener.accept()[0])
+    pump_end.setblocking(True)
     tun, tun_pump = rig.tun()
     pump = rig.pump(tun_pump, pump_end)
     pump.start()
@@ -65,7 +77,7 @@ def test_a_stop_with_the_socket_full_never_leaves_half_a_record(rig):
     test_end, tun, tun_pump, pump = small_buffered_tcp_pump(rig)
     packets = [ip_packet(MTU - (i % 7) * 97, i) for i in range(50)]
     for packet in packets:
-        tun.send(packet)   # 65 KB: fits the stand-in, not the small TCP buffers
+        tun.send(packet)   # 65 KB: fits the stand-in (1 MiB asked), not the small TCP buffers
     # The peer does not read: the pump ends up waiting for POLLOUT, with
     # part of some record written.
     wait_for(lambda: pump.stats()["egress"]["bytes"] > 0 and
