@@ -254,7 +254,7 @@ for cpu in ([None] if cpus == "-" else [int(c) for c in cpus.split(",")]):
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     for payload in payloads:
-        sock.sendto(datagram(payload, ident), (dst, 0))
+        sock.sendto(datagram(payload, ident & 0xFFFF), (dst, 0))
         sent, ident = sent + 1, ident + 1
     seen.append(this_cpu())
 print(json.dumps({"sent": sent, "cpus": seen}))
@@ -610,4 +610,38 @@ def test_a_reconnecting_client_replaces_its_silently_dead_connection(bed, make_p
     wait_ping(bed, bed.ns_b, TUNNEL_A, timeout=TUNNEL_TIMEOUT_S)
     assert "a newly proven connection replaces the live one" in pair.log("a")
     assert pair.stats("a")["connections"] == 2
+    assert_ping(bed, bed.ns_a, TUNNEL_B)
+
+
+# ================================================================ flood (finding 5)
+
+def test_a_flood_of_made_up_sessions_does_not_starve_a_restarting_peer(bed, make_pair, tmp_path):
+    """While A restarts, a stranger in A's namespace floods B with
+    well-formed datagrams of made-up sessions from A's own address and port
+    (newer start times, so each must be tried).  A's new session still gets
+    through at once: the tunnel works again while the flood goes on, and
+    every made-up datagram is counted."""
+    pair = udp_aead_pair(make_pair, bed, tmp_path)
+    assert_ping(bed, bed.ns_a, TUNNEL_B)
+    future = int(time.time()) + 3600
+    made_up = [bytes([0x02, 0, 0, 0]) + future.to_bytes(4, "big") + os.urandom(8)
+               + os.urandom(8) + os.urandom(60) for _ in range(2000)]
+    assert pair.stop("a") == 0
+    flood = bed.popen(bed.ns_a, [sys.executable, "-c", SEND_RAW, bed.addr_a, str(PORT),
+                                 bed.addr_b, str(PORT), ",".join(["0", "1"] * 150)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
+    flood.stdin.write(json.dumps([d.hex() for d in made_up]))
+    flood.stdin.close()
+    wait_for(lambda: pair.stats("b")["ingress"]["drops"]["bad_tag"] > 1000, 30,
+             "the flood to reach b")
+    pair.start_side("a")
+    wait_ping(bed, bed.ns_a, TUNNEL_B, timeout=TUNNEL_TIMEOUT_S)
+    assert flood.poll() is None, "the flood ended before the tunnel was back: inconclusive"
+    during = pair.stats("b")
+    assert during["aead"]["peer_sessions"] >= 2
+    assert flood.wait(120) == 0, flood.stderr.read()
+    sent = json.loads(flood.stdout.read())["sent"]
+    wait_for(lambda: pair.stats("b")["ingress"]["drops"]["bad_tag"] >= sent, 30,
+             f"all {sent} made-up datagrams counted")
     assert_ping(bed, bed.ns_a, TUNNEL_B)
