@@ -428,17 +428,10 @@ class AeadRig(Rig):
 
     def tcp_connection(self) -> tuple[socket.socket, socket.socket]:
         """(client end, server end) of a real loopback TCP connection (not a
-        socketpair), TCP_NODELAY, with the test's timeout."""
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            listener.settimeout(TIMEOUT)
-            client = self.keep(socket.create_connection(listener.getsockname(), TIMEOUT))
-            server, _ = listener.accept()
-        self.keep(server)
-        for end in (client, server):
-            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            end.settimeout(TIMEOUT)
+        socketpair), TCP_NODELAY and the test's timeout on both ends."""
+        client, server = self.tcp()
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.settimeout(TIMEOUT)
         return client, server
 
 

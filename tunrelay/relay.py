@@ -131,12 +131,7 @@ class Relay:
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
             "state": self._state,
             "peer": peer,
-            "aead": ({"cipher": self.cfg.security.cipher, "role": self.keyring.role,
-                      "sessions": [p.aead_session for p in self.pumps],
-                      "peer_sessions": self.keyring.counts()["sessions"],
-                      "evicted": self.keyring.counts()["evicted"],
-                      "roams": self.keyring.counts()["roams"]}
-                     if self.keyring is not None else None),
+            "aead": self._aead_snapshot(),
             "peer_mode": self._peer_mode(),
             "connections": self._connections if tcfg.protocol == "tcp" else None,
             "rejected": self._rejected if tcfg.is_server else None,
@@ -145,6 +140,15 @@ class Relay:
             "uptime": time.monotonic() - self._started,
             **self.stats(),
         }
+
+    def _aead_snapshot(self) -> dict | None:
+        if self.keyring is None:
+            return None
+        counts = self.keyring.counts()   # one look under the table's lock, not three
+        return {"cipher": self.cfg.security.cipher, "role": self.keyring.role,
+                "sessions": [p.aead_session for p in self.pumps],
+                "peer_sessions": counts["sessions"], "evicted": counts["evicted"],
+                "roams": counts["roams"]}
 
     def _peer_mode(self) -> str:
         """How the peer is chosen, for `tunrelay stats`."""
