@@ -350,7 +350,7 @@ cdef bint aead_endpoint(PumpState *st) noexcept nogil:
     cdef AeadShared *sh = st.aead.shared
     cdef unsigned int seq = tr_seq_read_begin(&sh.endpoint_seq)
     cdef int known
-    if seq == st.aead.endpoint_seen:
+    if seq == st.eg.endpoint_seen:
         return st.peer_known
     while True:
         known = sh.endpoint_known
@@ -359,7 +359,7 @@ cdef bint aead_endpoint(PumpState *st) noexcept nogil:
         if not tr_seq_read_retry(&sh.endpoint_seq, seq):
             break
         seq = tr_seq_read_begin(&sh.endpoint_seq)
-    st.aead.endpoint_seen = seq
+    st.eg.endpoint_seen = seq
     st.peer_known = known
     return known
 

@@ -31,18 +31,8 @@ cdef enum:
     NO_PEER = 0
 
 
-cdef struct TrieNode:
-    uint32_t child[16]        # node index; 0 = none (the root is node 0 and never a child)
-    uint32_t peer[16]         # peer index + 1, or NO_PEER
-    uint8_t length[16]        # prefix length of peer[] (the longest wins)
-
-
-cdef struct Trie:
-    TrieNode *nodes
-    uint32_t count
-    uint32_t capacity
-    uint32_t default_peer     # the /0 prefix's peer + 1, or NO_PEER
-    uint32_t bits             # 32 or 128
+# TrieNode, Trie and AllowedIps are declared in _fastpath.pxd (PeerTable's
+# snapshots hold them).
 
 
 cdef inline unsigned int nibble(const uint8_t *address, unsigned int level) noexcept nogil:
@@ -126,11 +116,6 @@ cdef inline uint32_t trie_lookup(const Trie *t, const uint8_t *address) noexcept
         if node == 0:
             break
     return found
-
-
-cdef struct AllowedIps:
-    Trie v4
-    Trie v6
 
 
 cdef inline uint32_t allowed_lookup(const AllowedIps *a, const uint8_t *packet,

@@ -28,7 +28,7 @@ cdef struct Packet:
 # Sizes of the counter arrays; they must match counters.DROP_REASONS and
 # counters.ERROR_KINDS (checked when the module is imported).
 cdef enum:
-    N_DROPS = 19
+    N_DROPS = 24
     N_ERRORS = 4
 
 # The aead framing (see _aead.pxi): sizes on the wire and of its state.
@@ -101,10 +101,142 @@ cdef struct AeadSender:
 cdef struct Aead:
     bint on
     AeadShared *shared        # the Keyring's (shared by the relay's pumps)
-    AeadSender send           # egress loop only
-    # receiving (ingress loop only)
-    AeadOpener opener
-    unsigned int endpoint_seen   # endpoint_seq last copied into PumpState.peer
+    # (the sender is EgressState.aead, the opener IngressState.aead)
+
+# ---------------------------------------------------------------- allowed IPs (_allowedips.pxi)
+
+cdef struct TrieNode:
+    uint32_t child[16]        # node index; 0 = none (the root is node 0 and never a child)
+    uint32_t peer[16]         # peer index + 1, or NO_PEER
+    uint8_t length[16]        # prefix length of peer[] (the longest wins)
+
+
+cdef struct Trie:
+    TrieNode *nodes
+    uint32_t count
+    uint32_t capacity
+    uint32_t default_peer     # the /0 prefix's peer + 1, or NO_PEER
+    uint32_t bits             # 32 or 128
+
+
+cdef struct AllowedIps:
+    Trie v4
+    Trie v6
+
+
+
+# ---------------------------------------------------------------- peers (_peers.pxi)
+
+cdef struct PeerSlot
+
+
+cdef enum:
+    SESSION_HEADER_LEN = 16   # type 4, 3 zero bytes, receiver index (u32 LE), counter (u64 LE)
+    SESSION_OVERHEAD = 32     # header + tag
+    MAX_READERS = 64          # loops that may read one PeerTable (2 per pump)
+    CONTROL_SLOT = 2048       # longest control datagram queued
+    EVENT_ENDPOINT = 1        # PeerSlot.events bits
+    EVENT_RENEW = 2
+    EVENT_PROMOTED = 4
+
+
+# One direction's counters of one peer, alone on its cache line: several
+# queues add to them (atomically), and the other direction must not share
+# the line.
+cdef struct PeerCounters:
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops
+    uint64_t keepalives
+    uint8_t pad[32]
+
+
+# A session's keys (framing "session"), installed from Python.  The send
+# counter is taken atomically (every queue's egress loop may send with it);
+# the replay window is one per session, under its lock, whatever queue a
+# datagram lands on.
+cdef struct Keypair:
+    uint8_t send_key[32]
+    uint8_t recv_key[32]
+    uint32_t local_index      # in the peer's datagrams to us
+    uint32_t remote_index     # in ours
+    uint64_t gen              # unique per install: what a loop's cipher context holds
+    double created            # monotonic seconds
+    uint64_t send_counter     # the next nonce (atomic)
+    unsigned int renew_asked  # EVENT_RENEW raised once
+    PeerSlot *peer
+    pthread_mutex_t lock      # guards seen, top, window, received
+    bint seen
+    uint64_t top
+    uint64_t window[129]
+    uint64_t received
+
+
+# One peer: what the loops update.  Lives until removed and no loop can
+# still hold it (its address never changes, unlike the snapshots).
+cdef struct PeerSlot:
+    PeerCounters egress       # aligned to 64 bytes by the allocation
+    PeerCounters ingress
+    uint32_t id
+    int roaming               # the endpoint follows the peer's newest datagram
+    pthread_mutex_t lock      # endpoint writes, session rotation
+    unsigned int endpoint_seq # sequence lock (tr_seq_*) for the endpoint
+    int endpoint_known
+    sockaddr_storage endpoint
+    socklen_t endpoint_len
+    uint64_t roams
+    uint64_t last_seen_ms     # monotonic ms of the newest accepted datagram (0: never)
+    Keypair *current          # atomic pointers, changed under lock
+    Keypair *previous
+    Keypair *next
+    Keypair *dropped[4]       # pushed out by a promotion in a loop: Python retires them
+    unsigned int ndropped
+    unsigned int events       # EVENT_* bits for Python (atomic)
+
+
+# What a loop reads per packet: immutable once published.  A change builds
+# a new one; the old one is freed once every loop has passed a quiescent
+# point (its epoch, below).
+cdef struct Snapshot:
+    AllowedIps allowed        # prefix -> peer position + 1
+    PeerSlot **peers          # by position
+    uint32_t npeers
+    Keypair **by_index        # receiver index -> keypair (open addressing, power of 2)
+    uint32_t index_mask
+    uint32_t *by_endpoint     # endpoint hash -> position + 1 (open addressing)
+    uint32_t endpoint_mask
+
+
+cdef struct ReaderEpoch:
+    uint64_t epoch            # 0: holds nothing; else the generation it entered at
+    uint8_t pad[56]
+
+
+cdef struct PeerShared:
+    Snapshot *current         # atomic pointer
+    uint64_t gen              # bumped after every publication or retirement
+    ReaderEpoch readers[64]
+    uint8_t reader_used[64]
+    # control datagrams: a bounded ring, many producers (ingress loops), one
+    # consumer (Python); signalled through event_fd
+    pthread_mutex_t control_lock
+    uint8_t *control_buf      # control_slots x CONTROL_SLOT
+    uint32_t *control_len
+    sockaddr_storage *control_addr
+    unsigned int control_slots
+    unsigned int control_head
+    unsigned int control_count
+    uint64_t control_queued
+    uint64_t control_dropped
+    uint8_t control_types[256]
+    int event_fd
+    unsigned int signalled    # event_fd written and not yet drained (atomic)
+    unsigned int events_any   # some PeerSlot.events is set (atomic)
+    const EVP_CIPHER *evp
+    uint64_t rekey_messages
+    uint64_t reject_messages
+    double rekey_time
+    double reject_time
 
 
 cdef struct Counters:
@@ -114,11 +246,80 @@ cdef struct Counters:
     uint64_t syscalls     # every system call the loop made
     uint64_t wakeups      # poll() returns
     uint64_t tun_io       # TUN reads/writes that moved packets
-    uint64_t drops[19]    # indexed like counters.DROP_REASONS
+    uint64_t drops[24]    # indexed like counters.DROP_REASONS
     uint64_t errors[4]    # indexed like counters.ERROR_KINDS
     int last_errno
 
 
+# What only the egress loop (TUN -> socket) writes.
+cdef struct EgressState:
+    Counters c
+    int exit_errno            # errno of the call that ended the loop
+    uint8_t *slab             # batch slots: HEADROOM | packet | tag room
+    iovec *iov
+    mmsghdr *msgs
+    unsigned int *counts      # datagrams per message (GSO runs)
+    uint8_t *cmsg             # a UDP_SEGMENT cmsg per message
+    double gso_retry_at       # after a refused GSO send: no GSO until then (monotonic s), then re-probe
+    AeadSender aead           # aead: our sending session
+    unsigned int endpoint_seen   # aead: endpoint_seq last copied into PumpState.peer
+    # TCP: the unsent rest of a record a stop interrupted, sent first when
+    # the pump starts again on the same connection (never half a record)
+    uint8_t *stream_tail
+    size_t tail_len
+    size_t tail_cap
+    # offload: segments of a batch, their headers, iovecs, messages
+    Segment *segs
+    size_t nseg
+    uint8_t *seg_heads
+    iovec *seg_iov
+    mmsghdr *seg_msgs
+    unsigned int *msg_segs
+    uint8_t *seg_cmsg
+    # peers
+    int reader                # this loop's epoch in the PeerTable
+    Snapshot *snap            # held between quiescent points
+    double now                # monotonic s, once per batch
+    sockaddr_storage *dest    # per slot: where its packet goes
+    PeerSlot **peer           # per slot: its peer
+    Keypair **keys            # per slot: the session it is sealed with
+    sockaddr_storage **dg_name   # per datagram of a send: its destination
+    PeerSlot **dg_peer
+    EVP_CIPHER_CTX *seal_ctx  # session framing: keyed for seal_gen
+    uint64_t seal_gen
+
+
+# What only the ingress loop (socket -> TUN) writes.
+cdef struct IngressState:
+    Counters c
+    int exit_errno
+    uint8_t *slab             # batch slots of ingress_slot bytes
+    iovec *iov
+    mmsghdr *msgs
+    sockaddr_storage *names   # the senders
+    AeadOpener aead           # aead: a decryption context per session slot
+    # TCP: one large receive buffer, parsed in place
+    uint8_t *stream_buf
+    size_t stream_cap
+    size_t stream_have
+    # offload: UDP_GRO cmsgs, packets for the coalescer, its iovecs
+    uint8_t *gro_cmsg
+    Packet *pkts
+    size_t npkts
+    iovec *out_iov
+    virtio_net_hdr out_hdr
+    # peers
+    int reader
+    Snapshot *snap
+    double now
+    EVP_CIPHER_CTX *open_ctx  # session framing: keyed for open_gen
+    uint64_t open_gen
+
+
+# A pump: what both loops read (set up while stopped), then each loop's own
+# state on cache lines of its own, so the two cores never write a line the
+# other reads per packet.  (The pads keep 64 bytes between the parts; the
+# struct is allocated 64-byte aligned.)
 cdef struct PumpState:
     int tun_fd
     int sock_fd
@@ -140,46 +341,34 @@ cdef struct PumpState:
     unsigned int batch
     bint offload          # the TUN fd carries a virtio_net_hdr (IFF_VNET_HDR)
     bint gso              # UDP_SEGMENT sends (the kernel has UDP GSO, and gso=True)
-    double gso_retry_at   # after a refused GSO send: no GSO until then (monotonic s), then re-probe
     bint gro              # UDP_GRO receives: a slot may hold many datagrams
     size_t cmsg_space     # CMSG_SPACE of one int-sized option
-    int exit_errno        # errno of the call that ended a loop, per direction
-    int ingress_exit_errno
-    # egress: TUN -> socket
-    uint8_t *egress_slab
-    iovec *egress_iov
-    mmsghdr *egress_msgs
-    unsigned int *egress_counts   # datagrams per message (GSO runs)
-    uint8_t *egress_cmsg          # a UDP_SEGMENT cmsg per message
-    # ingress: socket -> TUN
-    uint8_t *ingress_slab
-    iovec *ingress_iov
-    mmsghdr *ingress_msgs
-    sockaddr_storage *ingress_names
-    uint8_t *stream_buf
-    size_t stream_cap
-    size_t stream_have
-    # TCP egress: the unsent rest of a record a stop interrupted, sent first
-    # when the pump starts again on the same connection (never half a record)
-    uint8_t *stream_tail
-    size_t tail_len
-    size_t tail_cap
-    # offload egress: segments of a batch, their headers, iovecs, messages
-    Segment *segs
-    size_t nseg
-    uint8_t *seg_heads
-    iovec *seg_iov
-    mmsghdr *seg_msgs
-    unsigned int *msg_segs
-    uint8_t *seg_cmsg
-    # offload ingress: UDP_GRO cmsgs, packets for the coalescer, its iovecs
-    uint8_t *gro_cmsg
-    Packet *pkts
-    size_t npkts
-    iovec *out_iov
-    virtio_net_hdr out_hdr
-    Counters egress
-    Counters ingress
+    PeerShared *peers     # many peers (framing raw/len16/session with a PeerTable); NULL without
+    bint session          # framing "session"
+    uint8_t pad_egress[64]
+    EgressState eg
+    uint8_t pad_ingress[64]
+    IngressState ing
+    uint8_t pad_end[64]
+
+
+cdef class PeerTable:
+    cdef PeerShared *sh
+    cdef dict _peers
+    cdef list _retired
+    cdef dict _indexes
+    cdef int _batch_depth
+    cdef bint _dirty
+    cdef uint32_t _next_id
+    cdef uint64_t _next_gen
+    cdef readonly uint64_t publications
+    cdef bint _control_default
+    cdef object _framing
+
+    cdef int _publish(self) except -1
+    cdef void _retire(self, int kind, void *ptr)
+    cdef int _reclaim(self)
+    cdef int _register(self) except -1
 
 
 cdef class Pump:
@@ -195,6 +384,7 @@ cdef class Pump:
     cdef bint _gso
     cdef readonly str cipher
     cdef readonly object keyring
+    cdef readonly PeerTable peers
 
     cdef int _inspect_socket(self, object peer) except -1
     cdef void _size_slots(self)

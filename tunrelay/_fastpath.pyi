@@ -7,11 +7,12 @@ parameters, and the constructors match the ``__cinit__`` of the .pyx.
 
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Literal, Self
+from contextlib import AbstractContextManager
+from typing import Any, Literal, NamedTuple, Self
 
 from tunrelay._runner import Outcome
 from tunrelay.aead import Cipher, Role
-from tunrelay.framing import Framing, Mode
+from tunrelay.framing import Framing, Mode, PeerFraming
 from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
 
 _Bytes = bytes | bytearray | memoryview
@@ -45,13 +46,13 @@ class Pump:
     GIL-free C loop per direction.  A ``tunrelay.pumps.PumpLike``."""
 
     def __init__(self, tun_fd: FileDescriptorLike, sock_fd: FileDescriptorLike, *,
-                 framing: Framing | None = None, mode: Mode = "tun", mtu: int = 1400,
+                 framing: Framing | PeerFraming | None = None, mode: Mode = "tun", mtu: int = 1400,
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: bytes | bytearray | Keyring | None = None,
                  cipher: Cipher = "chacha20-poly1305", role: Role = "a",
-                 gso: bool = True) -> None: ...
+                 gso: bool = True, peers: PeerTable | None = None) -> None: ...
     @property
-    def framing(self) -> Framing: ...
+    def framing(self) -> Framing | PeerFraming: ...
     @property
     def mode(self) -> Mode: ...
     @property
@@ -66,6 +67,9 @@ class Pump:
     @property
     def keyring(self) -> Keyring | None:
         """The aead Keyring (given, or made from the key); None without aead."""
+    @property
+    def peers(self) -> PeerTable | None:
+        """The PeerTable this pump routes by; None for a point-to-point pump."""
     @property
     def running(self) -> bool: ...
     @property
@@ -83,6 +87,8 @@ class Pump:
         """{"vnet_hdr", "gso", "gro"}: what the offload path uses now."""
     def attach(self, sock_fd: FileDescriptorLike, *, peer: Address | None = None) -> None:
         """Swap in a new socket (a TCP reconnect) while stopped."""
+    def send_control(self, address: Address, data: _Bytes) -> None:
+        """One datagram through the pump's own socket (same port as data)."""
     def start(self) -> None: ...
     def request_stop(self) -> None: ...
     def stop(self, timeout: float | None = None) -> Outcome | None: ...
@@ -91,6 +97,56 @@ class Pump:
     def stats(self) -> PumpStats: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
+
+class Event(NamedTuple):
+    """What PeerTable.take() reports."""
+
+    kind: Literal["control", "endpoint", "renew", "promoted"]
+    peer: int | None
+    address: Address | None
+    data: bytes | None
+
+class PeerTable:
+    """The peers of one relay, shared by its pumps: endpoints, allowed IPs,
+    counters, sessions, the control queue and events.  Changes are
+    published while the pumps run."""
+
+    def __init__(self, *, control_types: Iterable[int] | None = None,
+                 control_slots: int = 256, rekey_after_messages: int | None = None,
+                 rekey_after_time: float | None = None,
+                 reject_after_messages: int | None = None,
+                 reject_after_time: float | None = None) -> None: ...
+    @property
+    def publications(self) -> int: ...
+    def add(self, name: str, *, endpoint: Address | None = None,
+            allowed_ips: Iterable[str | IPv4Network | IPv6Network] = (),
+            roaming: bool = True) -> int:
+        """A new peer; returns its id (never reused)."""
+    def update(self, peer_id: int, *, endpoint: Any = ..., allowed_ips: Any = ...,
+               roaming: Any = ...) -> None:
+        """Change a peer; keywords left out keep their value."""
+    def remove(self, peer_id: int) -> None: ...
+    def batch(self) -> AbstractContextManager[Self]:
+        """Many changes, one publication."""
+    def ids(self) -> list[int]: ...
+    def __len__(self) -> int: ...
+    def name(self, peer_id: int) -> str: ...
+    def find(self, name: str) -> int | None: ...
+    def info(self, peer_id: int) -> dict[str, Any]:
+        """One peer: configuration, endpoint, counters, sessions."""
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """info() of every peer, keyed by name."""
+    def route(self, address: str | IPv4Address | IPv6Address) -> int | None:
+        """The peer whose allowed IPs hold ``address`` longest, or None."""
+    def counts(self) -> dict[str, int]: ...
+    def install_session(self, peer_id: int, *, local_index: int, remote_index: int,
+                        send_key: bytes, recv_key: bytes, initiator: bool) -> None:
+        """Install a session's keys (framing "session")."""
+    def clear_sessions(self, peer_id: int) -> None: ...
+    def fileno(self) -> int:
+        """Readable while control datagrams or events wait."""
+    def take(self) -> list[Event]:
+        """Drain the control queue and the events."""
 
 class PrefixTable:
     """Longest-prefix match of inner addresses to peer indexes (0..2^32-2),

@@ -8,6 +8,8 @@ Layout: ``_validate.pxi`` (checks and len16 parsing), ``_offload.pxi``
 threads, counters).  ``pypump.PyPump`` is the pure-Python twin.
 """
 
+import collections
+import contextlib
 import ipaddress
 import os
 import socket
@@ -15,6 +17,7 @@ import time
 
 from tunrelay import aead as _aead
 
+cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno
 from libc.stdlib cimport calloc, free, malloc
@@ -25,6 +28,7 @@ from posix.unistd cimport close
 from tunrelay.includes.crypto cimport (
     EVP_CIPHER, EVP_CIPHER_CTX_free, EVP_CIPHER_CTX_new, EVP_DecryptInit_ex,
     EVP_EncryptInit_ex, EVP_aes_256_gcm, EVP_chacha20_poly1305, OPENSSL_cleanse)
+from tunrelay.includes.system cimport posix_memalign, sendto
 
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
@@ -36,12 +40,14 @@ from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
                               LoopRunner, Outcome)
 from tunrelay.errors import PumpArgumentError, PumpStateError
-from tunrelay.framing import FRAMINGS, MAX_MTU, MIN_MTU, MODES, max_frame as _max_frame
+from tunrelay.framing import (FRAMINGS, MAX_MTU, MIN_MTU, MODES, PEER_FRAMINGS,
+                              max_frame as _max_frame)
 
 include "_validate.pxi"
 include "_offload.pxi"
 include "_aead.pxi"
 include "_allowedips.pxi"
+include "_peers.pxi"
 include "_loops.pxi"
 
 if len(_counters.DROP_REASONS) != N_DROPS or len(_counters.ERROR_KINDS) != N_ERRORS:
@@ -87,11 +93,16 @@ cdef class Pump:
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
-                  key=None, cipher="chacha20-poly1305", role="a", bint gso=True):
-        self.st = <PumpState *>calloc(1, sizeof(PumpState))
-        if self.st == NULL:
+                  key=None, cipher="chacha20-poly1305", role="a", bint gso=True,
+                  PeerTable peers=None):
+        cdef void *mem = NULL
+        # 64-byte aligned: each direction's counters sit on lines of their own.
+        if posix_memalign(&mem, 64, sizeof(PumpState)) != 0:
             raise MemoryError()
+        self.st = <PumpState *>mem
+        memset(self.st, 0, sizeof(PumpState))
         self.st.stop_fd = -1
+        self.st.eg.reader = self.st.ing.reader = -1
         if mode not in MODES:
             raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -103,6 +114,18 @@ cdef class Pump:
         self.batch = batch
         if offload and mode != "tun":
             raise PumpArgumentError("offload needs mode 'tun': TAP frames are not segmented here")
+        if peers is not None:
+            if mode != "tun":
+                raise PumpArgumentError("peers need mode 'tun': routing is by inner IP address")
+            if peer is not None or key is not None:
+                raise PumpArgumentError("with peers=, endpoints and keys belong to the PeerTable "
+                                        "(no peer= or key=)")
+            framing = "raw" if framing is None else framing
+            if framing not in PEER_FRAMINGS:
+                raise PumpArgumentError(f"peers work with framing 'raw', 'len16' or 'session', "
+                                        f"got {framing!r}")
+        elif framing == "session":
+            raise PumpArgumentError("framing 'session' needs peers=<PeerTable> (its sessions)")
         self.offload = offload
         self.st.offload = offload
         self._gso = gso
@@ -116,6 +139,8 @@ cdef class Pump:
         if offload:
             self._allocate_offload_scratch()
         self._link_messages()
+        if peers is not None:
+            self._setup_peers(peers, framing)
 
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
@@ -147,57 +172,60 @@ cdef class Pump:
         self.st.slot_size = (HEADROOM + longest_read + 1 + AEAD_TAG_LEN + 63) & ~(<size_t>63)
         self.st.ingress_slot = (IP_LENGTH_MAX + 1 if self.offload
                                 else AEAD_OVERHEAD + self.st.max_frame + 1)
-        self.st.stream_cap = STREAM_BUFFER
+        if self.st.ingress_slot < CONTROL_SLOT + 1:
+            # Control datagrams (handshakes) may be longer than a small MTU's.
+            self.st.ingress_slot = CONTROL_SLOT + 1
+        self.st.ing.stream_cap = STREAM_BUFFER
         # The longest record a len16 length can describe, with its length.
-        self.st.tail_cap = LEN16_HEADER + LEN16_LIMIT
+        self.st.eg.tail_cap = LEN16_HEADER + LEN16_LIMIT
 
     cdef int _allocate_batch_buffers(self) except -1:
         """Per direction, `batch` slots with their iovecs and mmsghdrs (and
         the egress GSO bookkeeping, and the receive addresses)."""
         cdef size_t batch = self.st.batch
-        self.st.egress_slab = <uint8_t *>malloc(self.st.slot_size * batch)
-        self.st.ingress_slab = <uint8_t *>malloc(self.st.ingress_slot * batch)
-        self.st.egress_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.st.ingress_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.st.egress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.st.egress_counts = <unsigned int *>calloc(batch, sizeof(unsigned int))
-        self.st.egress_cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
-        self.st.ingress_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.st.ingress_names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
+        self.st.eg.slab = <uint8_t *>malloc(self.st.slot_size * batch)
+        self.st.ing.slab = <uint8_t *>malloc(self.st.ingress_slot * batch)
+        self.st.eg.iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.ing.iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.st.eg.msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.eg.counts = <unsigned int *>calloc(batch, sizeof(unsigned int))
+        self.st.eg.cmsg = <uint8_t *>calloc(batch, self.st.cmsg_space)
+        self.st.ing.msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.st.ing.names = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
         # The coalescer's iovecs (offload) double as the one-packet write's.
-        self.st.out_iov = <iovec *>calloc(COALESCE_MAX + 2, sizeof(iovec))
-        if (self.st.egress_slab == NULL or self.st.ingress_slab == NULL
-                or self.st.egress_iov == NULL or self.st.ingress_iov == NULL
-                or self.st.egress_msgs == NULL or self.st.ingress_msgs == NULL
-                or self.st.ingress_names == NULL or self.st.egress_counts == NULL
-                or self.st.egress_cmsg == NULL or self.st.out_iov == NULL):
+        self.st.ing.out_iov = <iovec *>calloc(COALESCE_MAX + 2, sizeof(iovec))
+        if (self.st.eg.slab == NULL or self.st.ing.slab == NULL
+                or self.st.eg.iov == NULL or self.st.ing.iov == NULL
+                or self.st.eg.msgs == NULL or self.st.ing.msgs == NULL
+                or self.st.ing.names == NULL or self.st.eg.counts == NULL
+                or self.st.eg.cmsg == NULL or self.st.ing.out_iov == NULL):
             raise MemoryError()
         return 0
 
     cdef int _allocate_stream_buffers(self) except -1:
         """TCP: the receive buffer parsed in place, and room for the rest of
         a record a stop cut (keep_tail)."""
-        self.st.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
-        self.st.stream_tail = <uint8_t *>malloc(self.st.tail_cap)
-        if self.st.stream_buf == NULL or self.st.stream_tail == NULL:
+        self.st.ing.stream_buf = <uint8_t *>malloc(STREAM_BUFFER)
+        self.st.eg.stream_tail = <uint8_t *>malloc(self.st.eg.tail_cap)
+        if self.st.ing.stream_buf == NULL or self.st.eg.stream_tail == NULL:
             raise MemoryError()
         return 0
 
     cdef int _allocate_offload_scratch(self) except -1:
         """Offloads: segment headers and their messages, GRO cmsgs and the
         coalescer's packet list (a few hundred KiB)."""
-        self.st.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
-        self.st.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
-        self.st.seg_iov = <iovec *>calloc(3 * SEG_POOL, sizeof(iovec))
-        self.st.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
-        self.st.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
-        self.st.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
-        self.st.gro_cmsg = <uint8_t *>calloc(self.st.batch, self.st.cmsg_space)
-        self.st.pkts = <Packet *>calloc(SEG_POOL, sizeof(Packet))
-        if (self.st.segs == NULL or self.st.seg_heads == NULL or self.st.seg_iov == NULL
-                or self.st.seg_msgs == NULL or self.st.msg_segs == NULL
-                or self.st.seg_cmsg == NULL or self.st.gro_cmsg == NULL
-                or self.st.pkts == NULL):
+        self.st.eg.segs = <Segment *>calloc(SEG_POOL, sizeof(Segment))
+        self.st.eg.seg_heads = <uint8_t *>malloc(SEG_POOL * SEG_HEAD_MAX)
+        self.st.eg.seg_iov = <iovec *>calloc(3 * SEG_POOL, sizeof(iovec))
+        self.st.eg.seg_msgs = <mmsghdr *>calloc(SEG_POOL, sizeof(mmsghdr))
+        self.st.eg.msg_segs = <unsigned int *>calloc(SEG_POOL, sizeof(unsigned int))
+        self.st.eg.seg_cmsg = <uint8_t *>calloc(SEG_POOL, self.st.cmsg_space)
+        self.st.ing.gro_cmsg = <uint8_t *>calloc(self.st.batch, self.st.cmsg_space)
+        self.st.ing.pkts = <Packet *>calloc(SEG_POOL, sizeof(Packet))
+        if (self.st.eg.segs == NULL or self.st.eg.seg_heads == NULL or self.st.eg.seg_iov == NULL
+                or self.st.eg.seg_msgs == NULL or self.st.eg.msg_segs == NULL
+                or self.st.eg.seg_cmsg == NULL or self.st.ing.gro_cmsg == NULL
+                or self.st.ing.pkts == NULL):
             raise MemoryError()
         return 0
 
@@ -207,13 +235,38 @@ cdef class Pump:
         datagram shows up as MSG_TRUNC or as oversize, never passes cut."""
         cdef unsigned int i
         for i in range(self.st.batch):
-            self.st.egress_msgs[i].msg_hdr.msg_iov = &self.st.egress_iov[i]
-            self.st.egress_msgs[i].msg_hdr.msg_iovlen = 1
-            self.st.ingress_iov[i].iov_base = self.st.ingress_slab + <size_t>i * self.st.ingress_slot
-            self.st.ingress_iov[i].iov_len = self.st.ingress_slot
-            self.st.ingress_msgs[i].msg_hdr.msg_iov = &self.st.ingress_iov[i]
-            self.st.ingress_msgs[i].msg_hdr.msg_iovlen = 1
-            self.st.ingress_msgs[i].msg_hdr.msg_name = &self.st.ingress_names[i]
+            self.st.eg.msgs[i].msg_hdr.msg_iov = &self.st.eg.iov[i]
+            self.st.eg.msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ing.iov[i].iov_base = self.st.ing.slab + <size_t>i * self.st.ingress_slot
+            self.st.ing.iov[i].iov_len = self.st.ingress_slot
+            self.st.ing.msgs[i].msg_hdr.msg_iov = &self.st.ing.iov[i]
+            self.st.ing.msgs[i].msg_hdr.msg_iovlen = 1
+            self.st.ing.msgs[i].msg_hdr.msg_name = &self.st.ing.names[i]
+
+    def _setup_peers(self, PeerTable peers, str framing):
+        """Per-slot destinations and peers, the session cipher contexts, and
+        a reader epoch per loop in the table."""
+        cdef size_t most = self.st.batch if self.st.batch > SEG_POOL else SEG_POOL
+        peers._use_framing(framing)
+        self.st.eg.dest = <sockaddr_storage *>calloc(self.st.batch, sizeof(sockaddr_storage))
+        self.st.eg.peer = <PeerSlot **>calloc(self.st.batch, sizeof(PeerSlot *))
+        self.st.eg.keys = <Keypair **>calloc(self.st.batch, sizeof(Keypair *))
+        self.st.eg.dg_name = <sockaddr_storage **>calloc(most, sizeof(sockaddr_storage *))
+        self.st.eg.dg_peer = <PeerSlot **>calloc(most, sizeof(PeerSlot *))
+        self.st.eg.seal_ctx = EVP_CIPHER_CTX_new()
+        self.st.ing.open_ctx = EVP_CIPHER_CTX_new()
+        if (self.st.eg.dest == NULL or self.st.eg.peer == NULL
+                or self.st.eg.keys == NULL or self.st.eg.dg_name == NULL
+                or self.st.eg.dg_peer == NULL or self.st.eg.seal_ctx == NULL or self.st.ing.open_ctx == NULL):
+            raise MemoryError()
+        if EVP_EncryptInit_ex(self.st.eg.seal_ctx, peers.sh.evp, NULL, NULL, NULL) != 1 or \
+                EVP_DecryptInit_ex(self.st.ing.open_ctx, peers.sh.evp, NULL, NULL, NULL) != 1:
+            raise MemoryError()
+        self.st.session = framing == "session"
+        self.st.eg.reader = peers._register()
+        self.st.ing.reader = peers._register()
+        self.st.peers = peers.sh
+        self.peers = peers
 
     def _setup_aead(self, key, str cipher, str role):
         """key: a Keyring (shared by the relay's queues), or the 32-byte
@@ -229,38 +282,49 @@ cdef class Pump:
         self.cipher = keyring.cipher
         cdef Aead *a = &self.st.aead
         a.shared = keyring.shared()
-        opener_init(&a.opener, a.shared.evp)
-        sender_init(&a.send, a.shared, keyring.new_session())
+        opener_init(&self.st.ing.aead, a.shared.evp)
+        sender_init(&self.st.eg.aead, a.shared, keyring.new_session())
         a.on = True
 
     def __dealloc__(self):
         cdef int i
         if self.st == NULL:
             return
-        EVP_CIPHER_CTX_free(self.st.aead.send.ctx)   # NULL is fine
-        opener_free(&self.st.aead.opener)
+        EVP_CIPHER_CTX_free(self.st.eg.aead.ctx)   # NULL is fine
+        opener_free(&self.st.ing.aead)
+        EVP_CIPHER_CTX_free(self.st.eg.seal_ctx)
+        EVP_CIPHER_CTX_free(self.st.ing.open_ctx)
+        if self.peers is not None:
+            for reader in (self.st.eg.reader, self.st.ing.reader):
+                if reader >= 0:
+                    self.peers._unregister(reader)
+        free(self.st.eg.dest)
+        free(self.st.eg.peer)
+        free(self.st.eg.keys)
+        free(self.st.eg.dg_name)
+        free(self.st.eg.dg_peer)
         if self.st.stop_fd >= 0:
             close(self.st.stop_fd)
-        free(self.st.egress_slab)
-        free(self.st.ingress_slab)
-        free(self.st.egress_iov)
-        free(self.st.ingress_iov)
-        free(self.st.egress_msgs)
-        free(self.st.egress_counts)
-        free(self.st.egress_cmsg)
-        free(self.st.ingress_msgs)
-        free(self.st.ingress_names)
-        free(self.st.stream_buf)
-        free(self.st.stream_tail)
-        free(self.st.out_iov)
-        free(self.st.segs)
-        free(self.st.seg_heads)
-        free(self.st.seg_iov)
-        free(self.st.seg_msgs)
-        free(self.st.msg_segs)
-        free(self.st.seg_cmsg)
-        free(self.st.gro_cmsg)
-        free(self.st.pkts)
+        free(self.st.eg.slab)
+        free(self.st.ing.slab)
+        free(self.st.eg.iov)
+        free(self.st.ing.iov)
+        free(self.st.eg.msgs)
+        free(self.st.eg.counts)
+        free(self.st.eg.cmsg)
+        free(self.st.ing.msgs)
+        free(self.st.ing.names)
+        free(self.st.ing.stream_buf)
+        free(self.st.eg.stream_tail)
+        free(self.st.ing.out_iov)
+        free(self.st.eg.segs)
+        free(self.st.eg.seg_heads)
+        free(self.st.eg.seg_iov)
+        free(self.st.eg.seg_msgs)
+        free(self.st.eg.msg_segs)
+        free(self.st.eg.seg_cmsg)
+        free(self.st.ing.gro_cmsg)
+        free(self.st.ing.pkts)
         free(self.st)
         self.st = NULL
 
@@ -279,8 +343,11 @@ cdef class Pump:
         stream = sock_type == SOCK_STREAM
         if framing is None:
             framing = "len16" if stream else "raw"
-        if framing not in FRAMINGS:
+        if framing not in FRAMINGS and not (framing == "session" and self.st.peers != NULL):
             raise PumpArgumentError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        if stream and self.st.peers != NULL:
+            raise PumpArgumentError("peers need a datagram (UDP) socket: one TCP connection "
+                                    "reaches one peer")
         if stream and framing not in ("len16", "aead"):
             raise PumpArgumentError(f"a stream socket needs framing 'len16' or 'aead', got {framing!r}: "
                              "only length-prefixed records mark packet boundaries in a byte stream")
@@ -294,15 +361,17 @@ cdef class Pump:
         # A len16 length in front: every TCP record; UDP datagrams with len16.
         self.st.len16 = stream or framing == "len16"
         self.st.front = ((LEN16_HEADER if self.st.len16 else 0)
-                         + (AEAD_HEADER_LEN if aead else 0))
+                         + (AEAD_HEADER_LEN if aead else 0)
+                         + (SESSION_HEADER_LEN if self.st.session else 0))
         self.st.overhead = ((LEN16_HEADER if self.st.len16 else 0)
-                            + (AEAD_OVERHEAD if aead else 0))
+                            + (AEAD_OVERHEAD if aead else 0)
+                            + (SESSION_OVERHEAD if self.st.session else 0))
         if self.st.len16 and self.st.max_frame + self.st.overhead - LEN16_HEADER > LEN16_LIMIT:
             raise PumpArgumentError(f"mtu {self.mtu}: a len16 record holds at most {LEN16_LIMIT} bytes, "
                              f"and a packet of this device with its framing needs "
                              f"{self.st.max_frame + self.st.overhead - LEN16_HEADER}")
-        self.st.stream_have = 0
-        self.st.tail_len = 0   # a new connection: the old one's half record is not owed to it
+        self.st.ing.stream_have = 0
+        self.st.eg.tail_len = 0   # a new connection: the old one's half record is not owed to it
         self._inspect_socket(peer)
         self._set_udp_offloads()
 
@@ -324,9 +393,9 @@ cdef class Pump:
             return
         self.st.gro = setsockopt(self.st.sock_fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0
         for i in range(self.st.batch):
-            self.st.ingress_msgs[i].msg_hdr.msg_control = (
-                self.st.gro_cmsg + i * self.st.cmsg_space if self.st.gro else NULL)
-            self.st.ingress_msgs[i].msg_hdr.msg_controllen = (
+            self.st.ing.msgs[i].msg_hdr.msg_control = (
+                self.st.ing.gro_cmsg + i * self.st.cmsg_space if self.st.gro else NULL)
+            self.st.ing.msgs[i].msg_hdr.msg_controllen = (
                 self.st.cmsg_space if self.st.gro else 0)
 
     cdef int _inspect_socket(self, object peer) except -1:
@@ -341,13 +410,17 @@ cdef class Pump:
             if peer is not None:
                 raise PumpArgumentError("peer is for datagram sockets; a TCP socket is already connected")
             return 0
+        if self.st.peers != NULL:
+            if peer is not None:
+                raise PumpArgumentError("with peers=, endpoints belong to the PeerTable")
+            return 0  # each datagram's peer comes from the table
         if self.st.aead.on:
             # Datagrams from anywhere are tried: the peer is whoever
             # authenticates, and its endpoint roams with it (the Keyring's).
             # A configured peer is only where to send first.
             if peer is not None and self.keyring.endpoint is None:
                 self.keyring.set_endpoint(_sockopt(self.st.sock_fd, SO_DOMAIN), peer)
-            self.st.aead.endpoint_seen = 0
+            self.st.eg.endpoint_seen = 0
             self.st.peer_known = 0
             return 0
         if peer is not None:
@@ -376,11 +449,11 @@ cdef class Pump:
         if direction == "egress":
             with nogil:
                 status = egress_loop(st)
-            err = st.exit_errno
+            err = st.eg.exit_errno
         else:
             with nogil:
                 status = ingress_loop(st)
-            err = st.ingress_exit_errno
+            err = st.ing.exit_errno
         return Outcome(_STATUS_REASONS[status], direction, err)
 
     def start(self):
@@ -416,8 +489,8 @@ cdef class Pump:
 
     def stats(self):
         """A snapshot of both directions' counters, read while running."""
-        return {"egress": _snapshot(&self.st.egress, "egress"),
-                "ingress": _snapshot(&self.st.ingress, "ingress")}
+        return {"egress": _snapshot(&self.st.eg.c, "egress"),
+                "ingress": _snapshot(&self.st.ing.c, "ingress")}
 
     @property
     def peer(self):
@@ -431,13 +504,33 @@ cdef class Pump:
             return None
         return _sockaddr_tuple(&self.st.peer)
 
+    def send_control(self, address, data):
+        """Send one datagram (a handshake, a cookie...) to ``address``
+        (host, port) through the pump's own socket: the same port as the
+        data.  Raises OSError when the socket refuses it (a full socket
+        buffer is EAGAIN: control traffic is never queued here)."""
+        cdef sockaddr_storage to
+        cdef socklen_t to_len
+        cdef const uint8_t[::1] view
+        cdef ssize_t r
+        cdef size_t length = len(data)
+        if self.st.stream:
+            raise PumpArgumentError("send_control() is for datagram sockets")
+        to_len = _fill_sockaddr(&to, _sockopt(self.st.sock_fd, SO_DOMAIN), address)
+        view = memoryview(data).cast("B") if length else memoryview(b"\0").cast("B")
+        with nogil:
+            r = sendto(self.st.sock_fd, &view[0], length, MSG_DONTWAIT | MSG_NOSIGNAL,
+                       <sockaddr *>&to, to_len)
+        if r < 0:
+            raise OSError(errno, os.strerror(errno), "send_control")
+
     @property
     def learns_peer(self):
         return bool(self.st.learn_peer)
 
     # ------------------------------------------------------------ test hooks
 
-    def _feed(self, data, *, size_t segment=0):
+    def _feed(self, data, *, size_t segment=0, sender=None):
         """Test and fuzz hook: run `data` through the ingress checks and
         delivery exactly as a received message from the peer (holding
         datagrams of `segment` bytes back to back, as UDP_GRO delivers
@@ -447,7 +540,7 @@ cdef class Pump:
         cdef size_t length = len(data)
         cdef int status
         cdef bint known
-        cdef sockaddr_storage sender
+        cdef sockaddr_storage from_address
         if self._runner.running:
             raise PumpStateError("_feed() needs a stopped pump")
         if self.st.stream:
@@ -456,18 +549,28 @@ cdef class Pump:
             raise PumpArgumentError(f"at most {self.st.ingress_slot} bytes per message")
         if length:
             view = memoryview(data).cast("B")
-            memcpy(self.st.ingress_slab, &view[0], length)
-        memcpy(&sender, &self.st.peer, sizeof(sockaddr_storage))
+            memcpy(self.st.ing.slab, &view[0], length)
+        cdef socklen_t sender_len = self.st.peer_len
+        memcpy(&from_address, &self.st.peer, sizeof(sockaddr_storage))
+        if sender is not None:
+            sender_len = _fill_sockaddr(&from_address, _sockopt(self.st.sock_fd, SO_DOMAIN), sender)
+        elif self.st.peers != NULL:
+            raise PumpArgumentError("_feed() on a pump with peers needs sender=(host, port)")
         known = tr_load_acquire(&self.st.peer_known)
-        self.st.npkts = 0
+        self.st.ing.npkts = 0
         # aead: no sender at all, so a fed datagram never moves the peer's
         # endpoint (it came from no address).
-        cdef const sockaddr_storage *from_ = NULL if self.st.aead.on else &sender
+        cdef const sockaddr_storage *from_ = NULL if self.st.aead.on else &from_address
         with nogil:
-            status = ingress_message(self.st, self.st.ingress_slab, length, segment, False,
-                                     from_, self.st.peer_len, &known)
+            if self.st.peers != NULL:
+                self.st.ing.snap = reader_enter(self.st.peers, self.st.ing.reader)
+                self.st.ing.now = tr_monotonic()
+            status = ingress_message(self.st, self.st.ing.slab, length, segment, False,
+                                     from_, sender_len, &known)
             if status == 0:
                 status = flush_packets(self.st)
+            if self.st.peers != NULL:
+                reader_idle(self.st.peers, self.st.ing.reader)
         return status
 
     def _feed_stream(self, data):
@@ -481,26 +584,26 @@ cdef class Pump:
             raise PumpStateError("_feed_stream() needs a stopped pump")
         if not self.st.stream:
             raise PumpArgumentError("_feed_stream() is for stream pumps")
-        if self.st.stream_have + length > self.st.stream_cap:
+        if self.st.ing.stream_have + length > self.st.ing.stream_cap:
             raise PumpArgumentError("more than the stream buffer holds")
         if length:
             view = memoryview(data).cast("B")
-            memcpy(self.st.stream_buf + self.st.stream_have, &view[0], length)
-        self.st.stream_have += length
-        self.st.npkts = 0
+            memcpy(self.st.ing.stream_buf + self.st.ing.stream_have, &view[0], length)
+        self.st.ing.stream_have += length
+        self.st.ing.npkts = 0
         with nogil:
-            status = len16_consume(self.st.stream_buf, &self.st.stream_have,
+            status = len16_consume(self.st.ing.stream_buf, &self.st.ing.stream_have,
                                    self.st.max_frame + self.st.overhead - LEN16_HEADER,
                                    stream_sink, self.st)
         if status == PARSE_BAD_LENGTH:
-            self.st.stream_have = 0  # the connection would be closed
+            self.st.ing.stream_have = 0  # the connection would be closed
             return "bad_length"
         return "stopped" if status == PARSE_SINK_STOP else "ok"
 
     @property
     def aead_session(self):
         """This sender's aead session id (hex), or None."""
-        return bytes(self.st.aead.send.session[:AEAD_SESSION_LEN]).hex() if self.st.aead.on else None
+        return bytes(self.st.eg.aead.session[:AEAD_SESSION_LEN]).hex() if self.st.aead.on else None
 
     @property
     def aead_peer_sessions(self):
@@ -513,14 +616,14 @@ cdef class Pump:
         reach the end of the counter space without 2^64 packets)."""
         if not self.st.aead.on:
             raise PumpArgumentError("_set_send_counter() is for aead pumps")
-        self.st.aead.send.counter = counter
+        self.st.eg.aead.counter = counter
 
     @property
     def offloads(self):
         """What the offload path uses now: {"vnet_hdr", "gso", "gro"} ("gso"
         is False for GSO_RETRY_S after the kernel refused a GSO send)."""
         return {"vnet_hdr": bool(self.st.offload),
-                "gso": bool(self.st.gso) and tr_monotonic() >= self.st.gso_retry_at,
+                "gso": bool(self.st.gso) and tr_monotonic() >= self.st.eg.gso_retry_at,
                 "gro": bool(self.st.gro)}
 
     def __enter__(self):

@@ -87,7 +87,7 @@ cdef inline bint same_address(const sockaddr_storage *a,
 
 
 cdef inline uint8_t *egress_packet(PumpState *st, unsigned int i) noexcept nogil:
-    return st.egress_slab + <size_t>i * st.slot_size + HEADROOM
+    return st.eg.slab + <size_t>i * st.slot_size + HEADROOM
 
 
 # ---------------------------------------------------------------- egress
@@ -96,10 +96,10 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     """Drain up to `batch` packets from the TUN fd (non-blocking) into the
     egress slots, recording each length in its iovec.  Returns ST_GO_ON
     to go on, ST_FATAL when the device is gone."""
-    cdef Counters *c = &st.egress
+    cdef Counters *c = &st.eg.c
     cdef unsigned int n = 0
     cdef ssize_t r
-    cdef int err
+    cdef int err, reason
     cdef size_t header = st.front
     cdef uint8_t *packet
     while n < st.batch:
@@ -115,20 +115,32 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             c.errors[ERR_READ] += 1
             c.last_errno = err
             if device_gone(err):
-                st.exit_errno = err
+                st.eg.exit_errno = err
                 count[0] = n
                 return ST_FATAL
             break
         if r == 0:
             # A TUN never returns 0; a stand-in socket does at end of file.
-            st.exit_errno = 0
+            st.eg.exit_errno = 0
             count[0] = n
             return ST_FATAL
         c.tun_io += 1
         if <size_t>r > st.max_frame:
             c.drops[DROP_OVERSIZE] += 1
             continue
-        if st.aead.on and aead_seal(st.aead.shared, &st.aead.send, AEAD_TYPE_DATA,
+        if st.peers != NULL:
+            reason = egress_route(st, packet, <size_t>r, n)
+            if reason == DROP_NONE and st.session:
+                reason = session_seal(st, st.eg.keys[n], packet - SESSION_HEADER_LEN,
+                                      packet, <size_t>r, NULL, 0, packet + r)
+                if reason != DROP_NONE:
+                    tr_add64(&st.eg.peer[n].egress.drops, 1)
+            if reason != DROP_NONE:
+                c.drops[reason] += 1
+                continue
+            st.eg.dg_name[n] = &st.eg.dest[n]
+            st.eg.dg_peer[n] = st.eg.peer[n]
+        if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
                                     packet - AEAD_HEADER_LEN, packet, <size_t>r,
                                     NULL, 0, packet + r) != 0:
             c.errors[ERR_WRITE] += 1
@@ -136,11 +148,123 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             continue
         if st.len16:
             put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
-        st.egress_iov[n].iov_base = packet - header
-        st.egress_iov[n].iov_len = <size_t>r + st.overhead
+        st.eg.iov[n].iov_base = packet - header
+        st.eg.iov[n].iov_len = <size_t>r + st.overhead
         n += 1
     count[0] = n
     return ST_GO_ON
+
+
+cdef struct SendPlan:
+    # What send_packets hands its parts: the datagrams (n of them, `per`
+    # consecutive iovecs each) and the scratch for their messages.
+    iovec *iov
+    size_t n
+    unsigned int per
+    mmsghdr *msgs
+    unsigned int *counts      # datagrams per message
+    uint8_t *cmsg
+    void *name                # one destination for all (NULL: connected, or per datagram)
+    socklen_t namelen
+    bint gso                  # group equal-sized runs into UDP_SEGMENT messages
+
+
+cdef inline size_t datagram_size(const SendPlan *p, size_t k) noexcept nogil:
+    cdef size_t size = 0
+    cdef unsigned int i
+    for i in range(p.per):
+        size += p.iov[k * p.per + i].iov_len
+    return size
+
+
+cdef bint send_destination(PumpState *st, SendPlan *p) noexcept nogil:
+    """Where the datagrams go: the aead peer's current endpoint, the given or
+    learned peer, or (peers) each datagram's own.  False when there is no
+    peer to send to yet."""
+    p.name = NULL
+    p.namelen = 0
+    if st.peers != NULL:
+        return True  # each datagram has its own destination (st.eg.dg_name)
+    if st.aead.on:
+        # Wherever the peer's newest authenticated datagram came from.
+        if not aead_endpoint(st):
+            return False
+    elif st.check_peer or st.learn_peer:
+        if not tr_load_acquire(&st.peer_known):
+            return False
+    else:
+        return True  # connected: the kernel knows
+    p.name = &st.peer
+    p.namelen = st.peer_len
+    return True
+
+
+cdef size_t plan_messages(PumpState *st, SendPlan *p, size_t done) noexcept nogil:
+    """Fill p.msgs with the datagrams from `done` on: one message each, or
+    with GSO one per run of equal-sized datagrams to one destination (the
+    last of a run may be shorter).  Returns the number of messages."""
+    cdef size_t nmsg = 0, k = done, count, size, next_size
+    cdef mmsghdr *m
+    cdef cmsghdr *cm
+    cdef uint16_t gso_size
+    while k < p.n:
+        size = datagram_size(p, k)
+        count = 1
+        if p.gso:
+            while k + count < p.n and count < MAX_GSO_SEGMENTS \
+                    and (count + 1) * size <= MAX_GSO_BYTES \
+                    and (st.peers == NULL or st.eg.dg_peer[k + count] == st.eg.dg_peer[k]):
+                next_size = datagram_size(p, k + count)
+                if next_size > size:
+                    break
+                count += 1
+                if next_size < size:
+                    break
+        m = &p.msgs[nmsg]
+        if st.peers != NULL:
+            m.msg_hdr.msg_name = st.eg.dg_name[k]
+            m.msg_hdr.msg_namelen = (sizeof(sockaddr_in) if st.eg.dg_name[k].ss_family == AF_INET
+                                     else sizeof(sockaddr_in6))
+        else:
+            m.msg_hdr.msg_name = p.name
+            m.msg_hdr.msg_namelen = p.namelen
+        m.msg_hdr.msg_iov = &p.iov[k * p.per]
+        m.msg_hdr.msg_iovlen = p.per * count
+        m.msg_hdr.msg_flags = 0
+        if count > 1:
+            cm = <cmsghdr *>(p.cmsg + nmsg * st.cmsg_space)
+            cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            cm.cmsg_level = SOL_UDP
+            cm.cmsg_type = UDP_SEGMENT
+            gso_size = <uint16_t>size
+            memcpy(CMSG_DATA(cm), &gso_size, sizeof(uint16_t))
+            m.msg_hdr.msg_control = cm
+            m.msg_hdr.msg_controllen = st.cmsg_space
+        else:
+            m.msg_hdr.msg_control = NULL
+            m.msg_hdr.msg_controllen = 0
+        p.counts[nmsg] = <unsigned int>count
+        nmsg += 1
+        k += count
+    return nmsg
+
+
+cdef size_t count_sent(PumpState *st, const SendPlan *p, size_t done, int sent) noexcept nogil:
+    """Count the datagrams of the first `sent` messages (and their peers');
+    returns the new `done`."""
+    cdef Counters *c = &st.eg.c
+    cdef size_t j, q, size
+    c.batches += 1
+    for j in range(<size_t>sent):
+        for q in range(done, done + p.counts[j]):
+            size = datagram_size(p, q) - st.overhead
+            c.packets += 1
+            c.bytes += size
+            if st.peers != NULL:
+                tr_add64(&st.eg.dg_peer[q].egress.packets, 1)
+                tr_add64(&st.eg.dg_peer[q].egress.bytes, size)
+        done += p.counts[j]
+    return done
 
 
 cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
@@ -153,84 +277,31 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
     and `cmsg` are scratch for up to n messages.  ST_GO_ON, ST_STOPPED
     (stop fired while the socket was full: the rest counted "stopped") or
     ST_FATAL."""
-    cdef Counters *c = &st.egress
-    cdef size_t done = 0, k, nmsg, count, size, next_size, j, q, i
+    cdef Counters *c = &st.eg.c
+    cdef SendPlan plan
+    cdef size_t done = 0, nmsg
     cdef int r, err, ready
-    cdef mmsghdr *m
-    cdef cmsghdr *cm
-    cdef uint16_t gso_size
-    cdef void *name = NULL
-    cdef unsigned int namelen = 0
-    cdef bint gso = st.gso
-    if st.aead.on:
-        # Wherever the peer's newest authenticated datagram came from.
-        if not aead_endpoint(st):
-            c.drops[DROP_NO_PEER] += n
-            return ST_GO_ON
-        name = &st.peer
-        namelen = st.peer_len
-    elif st.check_peer or st.learn_peer:
-        if not tr_load_acquire(&st.peer_known):
-            c.drops[DROP_NO_PEER] += n
-            return ST_GO_ON
-        name = &st.peer
-        namelen = st.peer_len
-    if gso and st.gso_retry_at != 0:
-        if tr_monotonic() < st.gso_retry_at:
-            gso = False
+    plan.iov = iov
+    plan.n = n
+    plan.per = per
+    plan.msgs = msgs
+    plan.counts = counts
+    plan.cmsg = cmsg
+    if not send_destination(st, &plan):
+        c.drops[DROP_NO_PEER] += n
+        return ST_GO_ON
+    plan.gso = st.gso
+    if plan.gso and st.eg.gso_retry_at != 0:
+        if tr_monotonic() < st.eg.gso_retry_at:
+            plan.gso = False
         else:
-            st.gso_retry_at = 0  # try GSO again
+            st.eg.gso_retry_at = 0  # try GSO again
     while done < n:
-        nmsg = 0
-        k = done
-        while k < n:
-            size = 0
-            for i in range(per):
-                size += iov[k * per + i].iov_len
-            count = 1
-            if gso:
-                while k + count < n and count < MAX_GSO_SEGMENTS \
-                        and (count + 1) * size <= MAX_GSO_BYTES:
-                    next_size = 0
-                    for i in range(per):
-                        next_size += iov[(k + count) * per + i].iov_len
-                    if next_size > size:
-                        break
-                    count += 1
-                    if next_size < size:
-                        break
-            m = &msgs[nmsg]
-            m.msg_hdr.msg_name = name
-            m.msg_hdr.msg_namelen = namelen
-            m.msg_hdr.msg_iov = &iov[k * per]
-            m.msg_hdr.msg_iovlen = per * count
-            m.msg_hdr.msg_flags = 0
-            if count > 1:
-                cm = <cmsghdr *>(cmsg + nmsg * st.cmsg_space)
-                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-                cm.cmsg_level = SOL_UDP
-                cm.cmsg_type = UDP_SEGMENT
-                gso_size = <uint16_t>size
-                memcpy(CMSG_DATA(cm), &gso_size, sizeof(uint16_t))
-                m.msg_hdr.msg_control = cm
-                m.msg_hdr.msg_controllen = st.cmsg_space
-            else:
-                m.msg_hdr.msg_control = NULL
-                m.msg_hdr.msg_controllen = 0
-            counts[nmsg] = <unsigned int>count
-            nmsg += 1
-            k += count
+        nmsg = plan_messages(st, &plan, done)
         r = sendmmsg(st.sock_fd, msgs, <unsigned int>nmsg, MSG_DONTWAIT)
         c.syscalls += 1
         if r > 0:
-            c.batches += 1
-            for j in range(<size_t>r):
-                for q in range(done, done + counts[j]):
-                    c.packets += 1
-                    for i in range(per):
-                        c.bytes += iov[q * per + i].iov_len
-                    c.bytes -= st.overhead
-                done += counts[j]
+            done = count_sent(st, &plan, done, r)
             continue
         err = errno
         if err == EINTR:
@@ -248,8 +319,8 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
             # larger than the path MTU, which plain sends fragment; EIO: a
             # device without checksum offload).  Send the rest of these one
             # by one, and no GSO for GSO_RETRY_S: the route may change back.
-            gso = False
-            st.gso_retry_at = tr_monotonic() + GSO_RETRY_S
+            plan.gso = False
+            st.eg.gso_retry_at = tr_monotonic() + GSO_RETRY_S
             c.errors[ERR_GSO] += 1
             c.last_errno = err
             continue
@@ -258,18 +329,20 @@ cdef int send_packets(PumpState *st, iovec *iov, size_t n, unsigned int per,
         c.errors[ERR_WRITE] += 1
         c.last_errno = err
         if device_gone(err):
-            st.exit_errno = err
+            st.eg.exit_errno = err
             c.drops[DROP_SEND_ERROR] += n - done
             return ST_FATAL
         c.drops[DROP_SEND_ERROR] += counts[0]
+        if st.peers != NULL:
+            tr_add64(&st.eg.dg_peer[done].egress.drops, counts[0])
         done += counts[0]
     return ST_GO_ON
 
 
 cdef int send_datagrams(PumpState *st, unsigned int n) noexcept nogil:
     """Send the n packets read into the egress slots."""
-    return send_packets(st, st.egress_iov, n, 1, st.egress_msgs, st.egress_counts,
-                        st.egress_cmsg)
+    return send_packets(st, st.eg.iov, n, 1, st.eg.msgs, st.eg.counts,
+                        st.eg.cmsg)
 
 
 cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
@@ -278,7 +351,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
     socket with as few sendmsg calls as possible, resuming partial writes
     and waiting for POLLOUT: a full socket never drops a packet.  ST_GO_ON,
     ST_STOPPED (stop fired while it was full: see keep_tail) or ST_CLOSED."""
-    cdef Counters *c = &st.egress
+    cdef Counters *c = &st.eg.c
     cdef msghdr msg
     cdef size_t first = 0
     cdef ssize_t r
@@ -305,7 +378,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
             c.errors[ERR_DISCONNECT] += 1
             c.last_errno = err
             c.drops[DROP_DISCONNECTED] += (niov - first + per_packet - 1) // per_packet
-            st.exit_errno = err
+            st.eg.exit_errno = err
             return ST_CLOSED
         c.batches += 1
         c.bytes += <size_t>r
@@ -328,7 +401,7 @@ cdef int write_stream(PumpState *st, iovec *iov, size_t niov,
 cdef void keep_tail(PumpState *st, iovec *iov, size_t first, size_t niov,
                     unsigned int per_packet, bint cut) noexcept nogil:
     """A stop came while the socket was full.  A record already partly on
-    the wire is kept (its unsent bytes, in st.stream_tail) and finished
+    the wire is kept (its unsent bytes, in st.eg.stream_tail) and finished
     first when the pump starts again on this connection: the peer never
     sees half a record followed by the start of another.  The records not
     begun are dropped, counted as "stopped"."""
@@ -337,24 +410,24 @@ cdef void keep_tail(PumpState *st, iovec *iov, size_t first, size_t niov,
         end = (first // per_packet + 1) * per_packet
         for i in range(first, end):
             length += iov[i].iov_len
-        if length <= st.tail_cap:  # always: a record is at most a len16 length + 65535
+        if length <= st.eg.tail_cap:  # always: a record is at most a len16 length + 65535
             length = 0
             for i in range(first, end):
-                memcpy(st.stream_tail + length, iov[i].iov_base, iov[i].iov_len)
+                memcpy(st.eg.stream_tail + length, iov[i].iov_base, iov[i].iov_len)
                 length += iov[i].iov_len
-            st.tail_len = length
-    st.egress.drops[DROP_STOPPED] += (niov - end) // per_packet
+            st.eg.tail_len = length
+    st.eg.c.drops[DROP_STOPPED] += (niov - end) // per_packet
 
 
 cdef int send_tail(PumpState *st) noexcept nogil:
     """Finish the record a stop interrupted (keep_tail).  ST_GO_ON when it is
     out, ST_STOPPED when stop fired again (the rest kept), or ST_CLOSED."""
-    cdef Counters *c = &st.egress
+    cdef Counters *c = &st.eg.c
     cdef size_t sent = 0
     cdef ssize_t r
     cdef int err, ready
-    while sent < st.tail_len:
-        r = send(st.sock_fd, st.stream_tail + sent, st.tail_len - sent,
+    while sent < st.eg.tail_len:
+        r = send(st.sock_fd, st.eg.stream_tail + sent, st.eg.tail_len - sent,
                  MSG_DONTWAIT | MSG_NOSIGNAL)
         c.syscalls += 1
         if r >= 0:
@@ -369,17 +442,17 @@ cdef int send_tail(PumpState *st) noexcept nogil:
             if ready > 0:
                 continue
             if ready == 0:
-                memmove(st.stream_tail, st.stream_tail + sent, st.tail_len - sent)
-                st.tail_len -= sent
+                memmove(st.eg.stream_tail, st.eg.stream_tail + sent, st.eg.tail_len - sent)
+                st.eg.tail_len -= sent
                 return ST_STOPPED
             err = errno
         c.errors[ERR_DISCONNECT] += 1
         c.last_errno = err
         c.drops[DROP_DISCONNECTED] += 1
-        st.exit_errno = err
-        st.tail_len = 0
+        st.eg.exit_errno = err
+        st.eg.tail_len = 0
         return ST_CLOSED
-    st.tail_len = 0
+    st.eg.tail_len = 0
     c.packets += 1
     c.bytes -= st.overhead
     c.batches += 1
@@ -388,16 +461,16 @@ cdef int send_tail(PumpState *st) noexcept nogil:
 
 cdef int read_offload_batch(PumpState *st) noexcept nogil:
     """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
-    a packet or super-packet), segment them into st.segs, sending whenever
+    a packet or super-packet), segment them into st.eg.segs, sending whenever
     the segment pool fills.  ST_GO_ON to go on, else why the loop ends."""
-    cdef Counters *c = &st.egress
+    cdef Counters *c = &st.eg.c
     cdef unsigned int n = 0
     cdef ssize_t r
-    cdef int err, status
+    cdef int err, status, reason
     cdef uint8_t *slot
     cdef virtio_net_hdr h
     cdef size_t framing = st.front
-    st.nseg = 0
+    st.eg.nseg = 0
     while n < st.batch:
         slot = egress_packet(st, n)
         r = read(st.tun_fd, slot, VNET_HDR_LEN + IP_LENGTH_MAX + 1)
@@ -411,11 +484,11 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             c.errors[ERR_READ] += 1
             c.last_errno = err
             if device_gone(err):
-                st.exit_errno = err
+                st.eg.exit_errno = err
                 return ST_FATAL
             break
         if r == 0:
-            st.exit_errno = 0
+            st.eg.exit_errno = 0
             return ST_FATAL
         n += 1
         c.tun_io += 1
@@ -433,6 +506,11 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
                 (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
             c.drops[DROP_OVERSIZE] += 1
             continue
+        if st.peers != NULL:
+            reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
+            if reason != DROP_NONE:
+                c.drops[reason] += 1
+                continue
         status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
                                 &h, framing, n)
         if status == SEGMENT_POOL_FULL:
@@ -449,22 +527,38 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
 
 
 cdef int send_segments(PumpState *st) noexcept nogil:
-    """Send st.segs (sealing each with aead): over UDP as datagrams of
+    """Send st.eg.segs (sealing each with aead): over UDP as datagrams of
     three iovecs each (header copy, payload in place, tag), equal-sized
     runs as UDP GSO messages; over TCP one sendmsg of all their iovecs.
     Empties the pool."""
-    cdef Counters *c = &st.egress
+    cdef Counters *c = &st.eg.c
     cdef size_t k, j
     cdef int status
     cdef Segment *g
     cdef size_t tag = AEAD_TAG_LEN if st.aead.on else 0
     cdef size_t aead_at = st.front - AEAD_HEADER_LEN if st.aead.on else 0
-    cdef size_t nseg = st.nseg
+    cdef size_t nseg = st.eg.nseg
     cdef size_t n = 0
-    st.nseg = 0
+    cdef int reason
+    cdef unsigned int slot
+    if st.session:
+        tag = AEAD_TAG_LEN
+    st.eg.nseg = 0
     for j in range(nseg):
-        g = &st.segs[j]
-        if st.aead.on and aead_seal(st.aead.shared, &st.aead.send, AEAD_TYPE_DATA,
+        g = &st.eg.segs[j]
+        if st.peers != NULL:
+            slot = g.group - 1
+            if st.session:
+                reason = session_seal(st, st.eg.keys[slot], g.head + st.front - SESSION_HEADER_LEN,
+                                      g.head + st.front, g.head_len - st.front,
+                                      g.data, g.data_len, g.tail)
+                if reason != DROP_NONE:
+                    c.drops[reason] += 1
+                    tr_add64(&st.eg.peer[slot].egress.drops, 1)
+                    continue
+            st.eg.dg_name[n] = &st.eg.dest[slot]
+            st.eg.dg_peer[n] = st.eg.peer[slot]
+        if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
                                     g.head + aead_at, g.head + st.front,
                                     g.head_len - st.front, g.data, g.data_len, g.tail) != 0:
             # Cannot happen short of 2^64 packets; the segment is left out
@@ -474,43 +568,48 @@ cdef int send_segments(PumpState *st) noexcept nogil:
             continue
         k = n
         n += 1
-        st.seg_iov[3 * k].iov_base = g.head
-        st.seg_iov[3 * k].iov_len = g.head_len
-        st.seg_iov[3 * k + 1].iov_base = g.data
-        st.seg_iov[3 * k + 1].iov_len = g.data_len
-        st.seg_iov[3 * k + 2].iov_base = g.tail
-        st.seg_iov[3 * k + 2].iov_len = tag
+        st.eg.seg_iov[3 * k].iov_base = g.head
+        st.eg.seg_iov[3 * k].iov_len = g.head_len
+        st.eg.seg_iov[3 * k + 1].iov_base = g.data
+        st.eg.seg_iov[3 * k + 1].iov_len = g.data_len
+        st.eg.seg_iov[3 * k + 2].iov_base = g.tail
+        st.eg.seg_iov[3 * k + 2].iov_len = tag
     if n == 0:
         return ST_GO_ON
     if st.stream:
-        status = write_stream(st, st.seg_iov, 3 * n, 3, st.overhead)
+        status = write_stream(st, st.eg.seg_iov, 3 * n, 3, st.overhead)
         return status
-    return send_packets(st, st.seg_iov, n, 3, st.seg_msgs, st.msg_segs, st.seg_cmsg)
+    return send_packets(st, st.eg.seg_iov, n, 3, st.eg.seg_msgs, st.eg.msg_segs, st.eg.seg_cmsg)
 
 
 cdef int egress_loop(PumpState *st) noexcept nogil:
     cdef unsigned int n
     cdef int status, ready, sent
     cdef size_t framing = st.overhead
-    if st.tail_len:
+    if st.eg.tail_len:
         status = send_tail(st)
         if status != ST_GO_ON:
             return status
     while True:
-        ready = wait_ready(st, &st.egress, st.tun_fd, POLLIN)
+        if st.peers != NULL:
+            reader_idle(st.peers, st.eg.reader)
+        ready = wait_ready(st, &st.eg.c, st.tun_fd, POLLIN)
         if ready == 0:
             return ST_STOPPED
         if ready < 0:
-            st.exit_errno = errno
+            st.eg.exit_errno = errno
             return ST_FATAL
+        if st.peers != NULL:
+            st.eg.snap = reader_enter(st.peers, st.eg.reader)
+            st.eg.now = tr_monotonic()
         if st.offload:
             status = read_offload_batch(st)
-            sent = send_segments(st) if st.nseg else ST_GO_ON
+            sent = send_segments(st) if st.eg.nseg else ST_GO_ON
         else:
             status = read_batch(st, &n)
             sent = ST_GO_ON
             if n and st.stream:
-                sent = write_stream(st, st.egress_iov, n, 1, framing)
+                sent = write_stream(st, st.eg.iov, n, 1, framing)
             elif n:
                 sent = send_datagrams(st, n)
         # The device gone or the connection lost say more than a stop.
@@ -529,7 +628,7 @@ cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
     """One TUN write of `packets` packets (one, or a coalesced super-packet
     behind its virtio_net_hdr).  0, or -1 when the loop must end (stop
     fired: ingress_exit_errno 0; or the device is gone)."""
-    cdef Counters *c = &st.ingress
+    cdef Counters *c = &st.ing.c
     cdef ssize_t r
     cdef int err, ready
     while True:
@@ -548,13 +647,13 @@ cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
             if ready > 0:
                 continue
             if ready == 0:
-                st.ingress_exit_errno = 0
+                st.ing.exit_errno = 0
                 return -1
             err = errno
         c.errors[ERR_WRITE] += 1
         c.last_errno = err
         if device_gone(err):
-            st.ingress_exit_errno = err
+            st.ing.exit_errno = err
             return -1
         # EINVAL, EIO (link down), ENOMEM...: these packets are lost, counted.
         c.drops[DROP_TUN_WRITE] += packets
@@ -566,24 +665,24 @@ cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
     (offload: queue it for the coalescer).  0, or -1 when the loop ends."""
     cdef int reason = validate_packet(packet, length, st.tap, st.max_frame)
     if reason != DROP_NONE:
-        st.ingress.drops[reason] += 1
+        st.ing.c.drops[reason] += 1
         return 0
     if st.offload:
-        if st.npkts == SEG_POOL and flush_packets(st) != 0:
+        if st.ing.npkts == SEG_POOL and flush_packets(st) != 0:
             return -1
-        st.pkts[st.npkts].data = packet
-        st.pkts[st.npkts].length = <uint32_t>length
-        st.npkts += 1
+        st.ing.pkts[st.ing.npkts].data = packet
+        st.ing.pkts[st.ing.npkts].length = <uint32_t>length
+        st.ing.npkts += 1
         return 0
-    st.out_iov[0].iov_base = packet
-    st.out_iov[0].iov_len = length
-    return tun_output(st, st.out_iov, 1, 1, length)
+    st.ing.out_iov[0].iov_base = packet
+    st.ing.out_iov[0].iov_len = length
+    return tun_output(st, st.ing.out_iov, 1, 1, length)
 
 
 cdef int flush_packets(PumpState *st) noexcept nogil:
-    cdef size_t n = st.npkts
-    st.npkts = 0
-    return coalesce_and_write(st, st.pkts, n) if n else 0
+    cdef size_t n = st.ing.npkts
+    st.ing.npkts = 0
+    return coalesce_and_write(st, st.ing.pkts, n) if n else 0
 
 
 cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:
@@ -596,33 +695,33 @@ cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept no
     if st.aead.on:
         # Each record is sealed like a datagram; a bad one is dropped
         # alone (the length kept the stream in step).
-        reason = aead_open(st.aead.shared, &st.aead.opener, AEAD_TYPE_DATA,
+        reason = aead_open(st.aead.shared, &st.ing.aead, AEAD_TYPE_DATA,
                            <uint8_t *>frame, length, NULL, 0)
         if reason != AEAD_OPEN_OK:
-            st.ingress.drops[reason] += 1
+            st.ing.c.drops[reason] += 1
             return 0
         return deliver(st, <uint8_t *>frame + AEAD_HEADER_LEN, length - AEAD_OVERHEAD)
     return deliver(st, <uint8_t *>frame, length)
 
 
 cdef int ingress_stream(PumpState *st) noexcept nogil:
-    cdef Counters *c = &st.ingress
+    cdef Counters *c = &st.ing.c
     cdef ssize_t r
     cdef int err, ready, status
-    st.npkts = 0
+    st.ing.npkts = 0
     while True:
         ready = wait_ready(st, c, st.sock_fd, POLLIN)
         if ready == 0:
             return ST_STOPPED
         if ready < 0:
-            st.ingress_exit_errno = errno
+            st.ing.exit_errno = errno
             return ST_FATAL
-        r = recv(st.sock_fd, st.stream_buf + st.stream_have,
-                 st.stream_cap - st.stream_have, MSG_DONTWAIT)
+        r = recv(st.sock_fd, st.ing.stream_buf + st.ing.stream_have,
+                 st.ing.stream_cap - st.ing.stream_have, MSG_DONTWAIT)
         c.syscalls += 1
         if r == 0:
             c.errors[ERR_DISCONNECT] += 1
-            st.ingress_exit_errno = 0
+            st.ing.exit_errno = 0
             return ST_CLOSED
         if r < 0:
             err = errno
@@ -630,21 +729,21 @@ cdef int ingress_stream(PumpState *st) noexcept nogil:
                 continue
             c.errors[ERR_DISCONNECT] += 1
             c.last_errno = err
-            st.ingress_exit_errno = err
+            st.ing.exit_errno = err
             return ST_FATAL if device_gone(err) else ST_CLOSED
         c.batches += 1
-        st.stream_have += <size_t>r
-        status = len16_consume(st.stream_buf, &st.stream_have,
+        st.ing.stream_have += <size_t>r
+        status = len16_consume(st.ing.stream_buf, &st.ing.stream_have,
                                st.max_frame + st.overhead - LEN16_HEADER, stream_sink, st)
         if status == PARSE_BAD_LENGTH:
             # The stream is out of sync or hostile: nothing after this
             # point can be trusted, so the connection is closed.
             c.drops[DROP_BAD_FRAME] += 1
             c.errors[ERR_DISCONNECT] += 1
-            st.ingress_exit_errno = 0
+            st.ing.exit_errno = 0
             return ST_PROTOCOL
         if status == PARSE_SINK_STOP:
-            return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+            return ST_FATAL if st.ing.exit_errno else ST_STOPPED
 
 
 cdef inline uint32_t gro_segment_size(msghdr *hdr, uint32_t length) noexcept nogil:
@@ -668,12 +767,25 @@ cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segm
     `sender`, holding datagrams of `segment` bytes back to back (UDP_GRO;
     else one).  0, or -1 when the loop must end.  Kept apart from the
     receive call so the fuzz harness drives exactly this code."""
-    cdef Counters *c = &st.ingress
+    cdef Counters *c = &st.ing.c
     cdef size_t offset = 0, chunk
     cdef size_t header = st.overhead
     cdef uint8_t *datagram
     cdef uint8_t *packet
     cdef int reason
+    if st.peers != NULL:
+        if truncated:
+            c.drops[DROP_OVERSIZE] += 1
+            return 0
+        if segment == 0 or length == 0:
+            segment = length if length else 1
+        while True:
+            chunk = segment if length - offset > segment else length - offset
+            if peer_receive(st, buf + offset, chunk, sender, sender_len) != 0:
+                return -1
+            offset += chunk
+            if offset >= length:
+                return 0
     if st.check_peer or (st.learn_peer and known[0]):
         if not same_address(sender, &st.peer):
             c.drops[DROP_NOT_PEER] += 1
@@ -698,7 +810,7 @@ cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segm
             continue
         packet = datagram
         if st.aead.on:
-            reason = aead_open(st.aead.shared, &st.aead.opener, AEAD_TYPE_DATA, datagram, chunk,
+            reason = aead_open(st.aead.shared, &st.ing.aead, AEAD_TYPE_DATA, datagram, chunk,
                                sender, sender_len)
             if reason != AEAD_OPEN_OK:
                 c.drops[reason] += 1
@@ -727,25 +839,30 @@ cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segm
 
 
 cdef int ingress_datagrams(PumpState *st) noexcept nogil:
-    cdef Counters *c = &st.ingress
+    cdef Counters *c = &st.ing.c
     cdef int r, i, err, ready
     cdef size_t length, segment
     cdef mmsghdr *m
     cdef bint known
-    st.npkts = 0
+    st.ing.npkts = 0
     while True:
+        if st.peers != NULL:
+            reader_idle(st.peers, st.ing.reader)
         ready = wait_ready(st, c, st.sock_fd, POLLIN)
         if ready == 0:
             return ST_STOPPED
         if ready < 0:
-            st.ingress_exit_errno = errno
+            st.ing.exit_errno = errno
             return ST_FATAL
+        if st.peers != NULL:
+            st.ing.snap = reader_enter(st.peers, st.ing.reader)
+            st.ing.now = tr_monotonic()
         for i in range(<int>st.batch):
-            st.ingress_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-            st.ingress_msgs[i].msg_hdr.msg_flags = 0
+            st.ing.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            st.ing.msgs[i].msg_hdr.msg_flags = 0
             if st.gro:
-                st.ingress_msgs[i].msg_hdr.msg_controllen = st.cmsg_space
-        r = recvmmsg(st.sock_fd, st.ingress_msgs, st.batch, MSG_DONTWAIT, NULL)
+                st.ing.msgs[i].msg_hdr.msg_controllen = st.cmsg_space
+        r = recvmmsg(st.sock_fd, st.ing.msgs, st.batch, MSG_DONTWAIT, NULL)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -755,7 +872,7 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
             c.errors[ERR_READ] += 1
             c.last_errno = err
             if device_gone(err):
-                st.ingress_exit_errno = err
+                st.ing.exit_errno = err
                 return ST_FATAL
             continue
         if r == 0:
@@ -763,15 +880,15 @@ cdef int ingress_datagrams(PumpState *st) noexcept nogil:
         c.batches += 1
         known = tr_load_acquire(&st.peer_known)
         for i in range(r):
-            m = &st.ingress_msgs[i]
+            m = &st.ing.msgs[i]
             length = m.msg_len
             segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
-            if ingress_message(st, st.ingress_slab + <size_t>i * st.ingress_slot, length,
+            if ingress_message(st, st.ing.slab + <size_t>i * st.ingress_slot, length,
                                segment, m.msg_hdr.msg_flags & MSG_TRUNC,
-                               &st.ingress_names[i], m.msg_hdr.msg_namelen, &known) != 0:
-                return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+                               &st.ing.names[i], m.msg_hdr.msg_namelen, &known) != 0:
+                return ST_FATAL if st.ing.exit_errno else ST_STOPPED
         if flush_packets(st) != 0:
-            return ST_FATAL if st.ingress_exit_errno else ST_STOPPED
+            return ST_FATAL if st.ing.exit_errno else ST_STOPPED
 
 
 cdef int ingress_loop(PumpState *st) noexcept nogil:

@@ -97,7 +97,7 @@ cdef int complete_checksum(uint8_t *pkt, size_t length, const virtio_net_hdr *h)
 cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
                         const virtio_net_hdr *h, size_t framing,
                         uint32_t group) noexcept nogil:
-    """Append the wire packets of one TUN read to st.segs.  `framing` bytes
+    """Append the wire packets of one TUN read to st.eg.segs.  `framing` bytes
     in front of pkt are free for a framing header (the vnet header's room).
     Returns SEGMENT_OK, SEGMENT_POOL_FULL or SEGMENT_BAD."""
     cdef Segment *s
@@ -114,11 +114,11 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
     cdef uint64_t sum
 
     if gso_type == VIRTIO_NET_HDR_GSO_NONE:
-        if st.nseg >= SEG_POOL:
+        if st.eg.nseg >= SEG_POOL:
             return SEGMENT_POOL_FULL
         if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and complete_checksum(pkt, length, h) != 0:
             return SEGMENT_BAD
-        s = &st.segs[st.nseg]
+        s = &st.eg.segs[st.eg.nseg]
         s.head = pkt - framing
         s.head_len = <uint32_t>(framing + length)
         s.data = NULL
@@ -127,7 +127,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.group = group
         if st.len16:
             put16(s.head, <uint32_t>(length + st.overhead - LEN16_HEADER))
-        st.nseg += 1
+        st.eg.nseg += 1
         return SEGMENT_OK
 
     tcp = gso_type == VIRTIO_NET_HDR_GSO_TCPV4 or gso_type == VIRTIO_NET_HDR_GSO_TCPV6
@@ -167,13 +167,13 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
     count = (payload + mss - 1) // mss if payload else 1
     if count > SEG_POOL:
         return SEGMENT_BAD
-    if st.nseg + count > SEG_POOL:
+    if st.eg.nseg + count > SEG_POOL:
         return SEGMENT_POOL_FULL
 
     for i in range(count):
         seg_len = mss if payload - i * mss > mss else payload - i * mss
-        s = &st.segs[st.nseg]
-        head = st.seg_heads + st.nseg * SEG_HEAD_MAX
+        s = &st.eg.segs[st.eg.nseg]
+        head = st.eg.seg_heads + st.eg.nseg * SEG_HEAD_MAX
         if st.len16:
             put16(head, <uint32_t>(hdrs + seg_len + st.overhead - LEN16_HEADER))
         ip = head + framing
@@ -213,7 +213,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.data_len = <uint32_t>seg_len
         s.tail = head + SEG_HEAD_MAX - AEAD_TAG_LEN
         s.group = group
-        st.nseg += 1
+        st.eg.nseg += 1
     return SEGMENT_OK
 
 
@@ -301,11 +301,11 @@ cdef int flush_run(PumpState *st, Run *run) noexcept nogil:
     cdef uint8_t *f = run.first
     cdef size_t addr_len
     cdef const uint8_t *addrs
-    cdef virtio_net_hdr *h = &st.out_hdr
+    cdef virtio_net_hdr *h = &st.ing.out_hdr
     cdef int status
     memset(h, 0, sizeof(virtio_net_hdr))
-    st.out_iov[0].iov_base = h
-    st.out_iov[0].iov_len = VNET_HDR_LEN
+    st.ing.out_iov[0].iov_base = h
+    st.ing.out_iov[0].iov_len = VNET_HDR_LEN
     if run.count > 1:
         if run.l4 == 20:
             put16(f + 2, run.total)
@@ -326,7 +326,7 @@ cdef int flush_run(PumpState *st, Run *run) noexcept nogil:
         h.gso_size = <uint16_t>run.mss
         h.csum_start = run.l4
         h.csum_offset = 16
-    status = tun_output(st, st.out_iov, run.count + 1, run.count, run.bytes)
+    status = tun_output(st, st.ing.out_iov, run.count + 1, run.count, run.bytes)
     run.count = 0
     return status
 
@@ -350,8 +350,8 @@ cdef int coalesce_and_write(PumpState *st, Packet *pkts, size_t n) noexcept nogi
             payload = length - hdrs
             if payload <= run.mss and run.count < COALESCE_MAX \
                     and run.total + payload <= IP_LENGTH_MAX + (40 if l4 == 40 else 0):
-                st.out_iov[run.count + 1].iov_base = p + hdrs
-                st.out_iov[run.count + 1].iov_len = payload
+                st.ing.out_iov[run.count + 1].iov_base = p + hdrs
+                st.ing.out_iov[run.count + 1].iov_len = payload
                 run.count += 1
                 run.total += payload
                 run.bytes += length
@@ -365,8 +365,8 @@ cdef int coalesce_and_write(PumpState *st, Packet *pkts, size_t n) noexcept nogi
         run.count = 1
         run.total = length
         run.bytes = length
-        st.out_iov[1].iov_base = p
-        st.out_iov[1].iov_len = length
+        st.ing.out_iov[1].iov_base = p
+        st.ing.out_iov[1].iov_len = length
         run.closed = True
         if candidate:
             run.l4 = l4

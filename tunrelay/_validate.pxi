@@ -26,6 +26,11 @@ cdef enum:  # drop reasons
     DROP_REFLECTED = 16
     DROP_AEAD_VERSION = 17
     DROP_STOPPED = 18
+    DROP_NO_ROUTE = 19
+    DROP_NOT_ALLOWED = 20
+    DROP_NO_SESSION = 21
+    DROP_SESSION_EXPIRED = 22
+    DROP_CONTROL_FULL = 23
 
 # Indexes into Counters.errors, in the order of counters.ERROR_KINDS.
 cdef enum:  # error kinds

@@ -33,14 +33,21 @@ DROP_REASONS = (
     "reflected",     # aead: carries this relay's own role: its own datagram sent back (or both ends one role)
     "aead_version",  # aead: another wire version (an older tunrelay at the other end)
     "stopped",       # egress: read from the device, then the pump was stopped before it was sent
+    "no_route",      # peers: no peer's allowed IPs hold the inner destination
+    "not_allowed",   # peers: the inner source lies outside the sending peer's allowed IPs
+    "no_session",    # session framing: no session to send with, or an unknown receiver index
+    "session_expired",  # session framing: the session is past its hard limits (age or messages)
+    "control_full",  # peers: a control datagram found the control queue full
 )
 
 #: Which reasons can happen in which direction (the rest stay zero).
 DIRECTION_DROPS = {
-    "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload", "stopped"),
+    "egress": ("no_peer", "oversize", "send_error", "disconnected", "bad_offload", "stopped",
+               "no_route", "no_session", "session_expired"),
     "ingress": ("not_peer", "empty", "oversize", "bad_version", "truncated",
                 "bad_length", "bad_frame", "tun_write", "too_short", "bad_tag", "replay",
-                "stale_session", "reflected", "aead_version"),
+                "stale_session", "reflected", "aead_version", "not_allowed", "no_session",
+                "session_expired", "control_full"),
 }
 
 #: Errors that are not tied to one packet.

@@ -16,8 +16,12 @@ from typing import Literal, get_args
 
 #: The type checker's view and the runtime tuple are one definition.
 Framing = Literal["raw", "len16", "aead"]
+#: What a pump with a PeerTable speaks: "session" carries the sessions the
+#: caller's control plane installs (WireGuard's transport data message).
+PeerFraming = Literal["raw", "len16", "session"]
 Mode = Literal["tun", "tap"]
 FRAMINGS: tuple[Framing, ...] = get_args(Framing)
+PEER_FRAMINGS: tuple[PeerFraming, ...] = get_args(PeerFraming)
 MODES: tuple[Mode, ...] = get_args(Mode)
 
 #: The MTUs a pump accepts.  RFC 791: every IPv4 link carries at least 68

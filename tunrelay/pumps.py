@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol, Self, TypedDict, runtime_checkable
 
 from ._runner import Outcome
-from .framing import Framing, Mode
+from .framing import Framing, Mode, PeerFraming
 
 
 class HasFileno(Protocol):
@@ -55,7 +55,7 @@ class PumpLike(Protocol):
     direction, until stopped."""
 
     @property
-    def framing(self) -> Framing: ...
+    def framing(self) -> Framing | PeerFraming: ...
 
     @property
     def mode(self) -> Mode: ...

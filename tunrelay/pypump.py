@@ -79,10 +79,13 @@ class PyPump:
                  framing: Framing | None = None, mode: Mode = "tun", mtu: int = DEFAULT_MTU,
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: object = None, cipher: Cipher = CIPHERS[0], role: Role = ROLES[0],
-                 gso: bool = True) -> None:
+                 gso: bool = True, peers: object = None) -> None:
         # Same signature as the compiled Pump, so either is made by one call;
         # this pump sends one datagram per call (gso has no effect), and has
-        # no TUN offloads and no aead framing (key, cipher and role).
+        # no TUN offloads, no aead framing (key, cipher and role) and no
+        # peer tables: it is the reference for the point-to-point pump.
+        if peers is not None:
+            raise PumpArgumentError("the Python pump serves one peer: peers= needs the compiled Pump")
         if offload:
             raise PumpArgumentError("the Python pump has no TUN offloads: use the compiled Pump")
         if mode not in MODES:

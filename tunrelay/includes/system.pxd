@@ -56,6 +56,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const sockaddr *addr,
+                   socklen_t addr_len)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
     int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
 
@@ -136,6 +138,13 @@ cdef extern from "tr_inline.h" nogil:
     void tr_seq_write_begin(unsigned int *seq)
     void tr_seq_write_end(unsigned int *seq)
     double tr_monotonic()
+    void *tr_load_ptr(void *const *p)
+    void tr_store_ptr(void **p, void *v)
+    uint64_t tr_load64(const uint64_t *p)
+    void tr_store64(uint64_t *p, uint64_t v)
+    uint64_t tr_add64(uint64_t *p, uint64_t v)
+    unsigned int tr_or32(unsigned int *p, unsigned int v)
+    unsigned int tr_xchg32(unsigned int *p, unsigned int v)
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -199,3 +208,7 @@ cdef extern from "tr_offload.h" nogil:
         uint16_t gso_size
         uint16_t csum_start
         uint16_t csum_offset
+
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)

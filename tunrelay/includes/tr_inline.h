@@ -61,4 +61,43 @@ static inline void tr_set_errno(int e)
     errno = e;
 }
 
+/* Peer tables (_peers.pxi): published snapshots read without a lock, the
+ * readers' epochs, per-peer counters bumped by several queues, event bits. */
+#include <stdint.h>
+
+static inline void *tr_load_ptr(void *const *p)
+{
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
+static inline void tr_store_ptr(void **p, void *v)
+{
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+
+static inline uint64_t tr_load64(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
+static inline void tr_store64(uint64_t *p, uint64_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+
+static inline uint64_t tr_add64(uint64_t *p, uint64_t v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+static inline unsigned int tr_or32(unsigned int *p, unsigned int v)
+{
+    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+}
+
+static inline unsigned int tr_xchg32(unsigned int *p, unsigned int v)
+{
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+
 #endif

@@ -1,0 +1,445 @@
+"""Many peers per pump (PeerTable): routing by inner address, the source
+check, endpoints, per-peer counters, sessions (framing "session"), the
+control channel, and live changes while the loops run.
+
+Loopback UDP and a socketpair TUN stand-in, no root needed.  The session
+framing is checked against an independent ChaCha20-Poly1305 (the
+`cryptography` package) built from the wire format the README gives,
+which is WireGuard's transport data message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from pumprig import WAIT, Rig, assert_quiet, drops, wait_for
+
+fp = pytest.importorskip("tunrelay._fastpath")
+PeerTable = fp.PeerTable
+Pump = fp.Pump
+
+
+def v4(src: str, dst: str, size: int = 60, seq: int = 0) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, seq & 0xFFFF, 0, 64, 17, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    return header + bytes((seq + i) & 0xFF for i in range(size - 20))
+
+
+def v6(src: str, dst: str, size: int = 80, seq: int = 0) -> bytes:
+    header = struct.pack("!IHBB16s16s", 0x60000000, size - 40, 17, 64,
+                         socket.inet_pton(socket.AF_INET6, src),
+                         socket.inet_pton(socket.AF_INET6, dst))
+    return header + bytes((seq + i) & 0xFF for i in range(size - 40))
+
+
+def seal(key: bytes, index: int, counter: int, packet: bytes) -> bytes:
+    """A session datagram made by hand: WireGuard's transport data message."""
+    nonce = b"\0" * 4 + struct.pack("<Q", counter)
+    return struct.pack("<BxxxIQ", 4, index, counter) + ChaCha20Poly1305(key).encrypt(nonce, packet, b"")
+
+
+def unseal(key: bytes, datagram: bytes) -> tuple[int, int, bytes]:
+    kind, index, counter = struct.unpack("<BxxxIQ", datagram[:16])
+    assert kind == 4
+    nonce = b"\0" * 4 + struct.pack("<Q", counter)
+    return index, counter, ChaCha20Poly1305(key).decrypt(nonce, datagram[16:], b"")
+
+
+@pytest.fixture
+def rig():
+    rig = Rig(Pump)
+    yield rig
+    rig.close()
+
+
+def hub(rig, framing="raw", **table_options):
+    """A pump with a PeerTable and two peers, each a loopback UDP socket:
+    (test tun end, pump, table, {name: (peer id, socket)})."""
+    table = PeerTable(**table_options)
+    tun_test, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    spokes = {}
+    for n, name in enumerate(("one", "two"), start=1):
+        s = rig.udp()
+        pid = table.add(name, endpoint=s.getsockname(),
+                        allowed_ips=[f"10.9.{n}.0/24", f"fd09::{n}:0/112"])
+        spokes[name] = (pid, s)
+    pump = rig.pump(tun_pump, sock, framing=framing, peers=table)
+    return tun_test, pump, table, spokes, sock
+
+
+# ---------------------------------------------------------------- the table
+
+def test_table_routes_longest_prefix_and_refuses_a_prefix_twice():
+    table = PeerTable()
+    a = table.add("a", allowed_ips=["10.0.0.0/8", "fd00::/8"])
+    b = table.add("b", allowed_ips=["10.1.0.0/16"])
+    assert table.route("10.1.2.3") == b
+    assert table.route("10.2.0.1") == a
+    assert table.route("fd00::1") == a
+    assert table.route("192.168.0.1") is None
+    with pytest.raises(fp.PumpArgumentError, match="belongs to peer 'a'"):
+        table.add("c", allowed_ips=["10.0.0.0/8"])
+    with pytest.raises(fp.PumpArgumentError, match="exists already"):
+        table.add("a")
+    with pytest.raises(fp.PumpArgumentError, match="host bits|allowed_ips"):
+        table.add("d", allowed_ips=["10.0.0.1/8"])
+    table.update(b, allowed_ips=["10.3.0.0/16"])
+    assert table.route("10.1.2.3") == a
+    assert table.route("10.3.0.1") == b
+    table.remove(a)
+    assert table.route("10.1.2.3") is None
+    with pytest.raises(fp.PumpArgumentError, match="no peer"):
+        table.info(a)
+    assert table.ids() == [b]
+
+
+def test_a_batch_is_one_publication():
+    table = PeerTable()
+    before = table.counts()["publications"]
+    with table.batch():
+        for n in range(100):
+            table.add(f"p{n}", allowed_ips=[f"10.0.{n}.0/24"])
+    assert table.counts()["publications"] == before + 1
+    assert table.route("10.0.42.7") == table.find("p42")
+
+
+def test_pump_arguments_with_peers(rig):
+    table = PeerTable()
+    tun_test, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    with pytest.raises(fp.PumpArgumentError, match="endpoints"):
+        Pump(tun_pump, sock, peers=table, peer=("127.0.0.1", 9))
+    with pytest.raises(fp.PumpArgumentError, match="framing"):
+        Pump(tun_pump, sock, peers=table, framing="aead")
+    with pytest.raises(fp.PumpArgumentError, match="mode 'tun'"):
+        Pump(tun_pump, sock, peers=table, mode="tap")
+    with pytest.raises(fp.PumpArgumentError, match="needs peers"):
+        Pump(tun_pump, sock, framing="session")
+    test_end, pump_end = rig.tcp()
+    with pytest.raises(fp.PumpArgumentError, match="datagram"):
+        Pump(tun_pump, pump_end, peers=table, framing="len16")
+
+
+# ---------------------------------------------------------------- raw framing
+
+@pytest.mark.parametrize("framing", ["raw", "len16"])
+def test_egress_goes_to_the_peer_of_the_destination(rig, framing):
+    tun, pump, table, spokes, _ = hub(rig, framing)
+    pump.start()
+    one, two = spokes["one"][1], spokes["two"][1]
+    front = 2 if framing == "len16" else 0
+    p1 = v4("10.0.0.1", "10.9.1.5", seq=1)
+    p2 = v6("fd00::1", "fd09::2:7", seq=2)
+    tun.send(p1)
+    tun.send(p2)
+    tun.send(v4("10.0.0.1", "10.7.7.7", seq=3))   # nobody's
+    assert one.recv(65535)[front:] == p1
+    assert two.recv(65535)[front:] == p2
+    wait_for(lambda: drops(pump, "egress").get("no_route", 0) == 1, "no_route counted")
+    assert_quiet(one)
+    assert_quiet(two)
+    stats = table.stats()
+    assert stats["one"]["egress"]["packets"] == 1
+    assert stats["one"]["egress"]["bytes"] == len(p1)
+    assert stats["two"]["egress"]["packets"] == 1
+
+
+def test_ingress_checks_the_sender_and_the_inner_source(rig):
+    tun, pump, table, spokes, sock = hub(rig)
+    for pid, _ in spokes.values():
+        table.update(pid, roaming=False)
+    pump.start()
+    one, two = spokes["one"][1], spokes["two"][1]
+    good = v4("10.9.1.9", "10.0.0.1", seq=1)
+    one.sendto(good, sock.getsockname())
+    assert tun.recv(65535) == good
+    one.sendto(v4("10.9.2.9", "10.0.0.1"), sock.getsockname())        # two's source from one
+    stranger = rig.udp()
+    stranger.sendto(v4("10.9.1.9", "10.0.0.1"), sock.getsockname())   # nobody's address
+    two.sendto(v6("fd09::2:1", "fd00::1", seq=3), sock.getsockname())
+    assert tun.recv(65535) == v6("fd09::2:1", "fd00::1", seq=3)
+    wait_for(lambda: drops(pump).get("not_allowed", 0) == 1 and drops(pump).get("not_peer", 0) == 1,
+             "not_allowed and not_peer counted", lambda: drops(pump))
+    assert_quiet(tun)
+    info = table.info(spokes["one"][0])
+    assert info["ingress"]["packets"] == 1 and info["ingress"]["drops"] == 1
+    assert info["last_seen"] is not None and abs(info["last_seen"] - time.time()) < 5
+
+
+def test_a_roaming_raw_peer_is_found_by_its_inner_source(rig):
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    pid = table.add("mobile", allowed_ips=["10.9.1.0/24"], roaming=True)
+    pump = rig.pump(tun_pump, sock, peers=table)
+    pump.start()
+    tun.send(v4("10.0.0.1", "10.9.1.2"))
+    wait_for(lambda: drops(pump, "egress").get("no_peer", 0) == 1, "no endpoint yet")
+    mobile = rig.udp()
+    packet = v4("10.9.1.2", "10.0.0.1")
+    mobile.sendto(packet, sock.getsockname())
+    assert tun.recv(65535) == packet
+    assert table.info(pid)["endpoint"] == mobile.getsockname()
+    events = table.take()
+    assert ("endpoint", pid, mobile.getsockname()) in [(e.kind, e.peer, e.address) for e in events]
+    reply = v4("10.0.0.1", "10.9.1.2", seq=9)
+    tun.send(reply)
+    assert mobile.recv(65535) == reply
+
+
+# ---------------------------------------------------------------- sessions
+
+KEY_AB = bytes(range(32))
+KEY_BA = bytes(range(32, 64))
+
+
+def session_pair(rig, **table_options):
+    """Two session pumps on loopback, each with one peer (the other)."""
+    ends = []
+    socks = [rig.udp(timeout=None), rig.udp(timeout=None)]
+    for n in range(2):
+        table = PeerTable(**table_options)
+        tun_test, tun_pump = rig.tun()
+        other = socks[1 - n].getsockname()
+        pid = table.add("other", endpoint=other,
+                        allowed_ips=["10.8.2.0/24"] if n == 0 else ["10.8.1.0/24"])
+        pump = rig.pump(tun_pump, socks[n], framing="session", peers=table)
+        ends.append((tun_test, pump, table, pid))
+    (ta, pa, tab_a, peer_b), (tb, pb, tab_b, peer_a) = ends
+    tab_a.install_session(peer_b, local_index=11, remote_index=22, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    tab_b.install_session(peer_a, local_index=22, remote_index=11, send_key=KEY_BA,
+                          recv_key=KEY_AB, initiator=False)
+    return ends
+
+
+def test_sessions_carry_packets_both_ways_and_the_responder_promotes(rig):
+    (ta, pa, tab_a, peer_b), (tb, pb, tab_b, peer_a) = session_pair(rig)
+    pa.start()
+    pb.start()
+    assert tab_b.info(peer_a)["sessions"] == {"current": None, "previous": None, "next": 22}
+    # b cannot send before a confirmed the session: no current session.
+    tb.send(v4("10.8.2.1", "10.8.1.1"))
+    wait_for(lambda: drops(pb, "egress").get("no_session", 0) == 1, "no_session counted")
+    packet = v4("10.8.1.1", "10.8.2.1", size=1000, seq=5)
+    ta.send(packet)
+    assert tb.recv(65535) == packet
+    assert tab_b.info(peer_a)["sessions"]["current"] == 22
+    kinds = [e.kind for e in tab_b.take()]
+    assert "promoted" in kinds and "renew" in kinds
+    reply = v4("10.8.2.1", "10.8.1.1", size=300, seq=6)
+    tb.send(reply)
+    assert ta.recv(65535) == reply
+
+
+def test_the_session_wire_format_is_wireguards_data_message(rig):
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    table.install_session(pid, local_index=0x01020304, remote_index=0xA0B0C0D0,
+                          send_key=KEY_AB, recv_key=KEY_BA, initiator=True)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    pump.start()
+    out = v4("10.8.1.1", "10.8.2.1", seq=1)
+    tun.send(out)
+    index, counter, plain = unseal(KEY_AB, other.recv(65535))
+    assert (index, counter, plain) == (0xA0B0C0D0, 0, out)
+    tun.send(out)
+    assert unseal(KEY_AB, other.recv(65535))[1] == 1
+    # In: padded to 16 as WireGuard sends it; the padding is trimmed.
+    packet = v4("10.8.2.1", "10.8.1.1", size=61, seq=2)
+    other.sendto(seal(KEY_BA, 0x01020304, 0, packet + b"\0" * 3), sock.getsockname())
+    assert tun.recv(65535) == packet
+    # A keepalive: authenticated, counted, not delivered.
+    other.sendto(seal(KEY_BA, 0x01020304, 1, b""), sock.getsockname())
+    wait_for(lambda: table.info(pid)["ingress"]["keepalives"] == 1, "keepalive counted")
+    # Replay, forgery, an unknown index, a source outside the allowed IPs.
+    other.sendto(seal(KEY_BA, 0x01020304, 0, packet), sock.getsockname())
+    forged = bytearray(seal(KEY_BA, 0x01020304, 7, packet))
+    forged[-1] ^= 1
+    other.sendto(bytes(forged), sock.getsockname())
+    other.sendto(seal(KEY_BA, 0x05050505, 8, packet), sock.getsockname())
+    other.sendto(seal(KEY_BA, 0x01020304, 9, v4("10.7.0.1", "10.8.1.1")), sock.getsockname())
+    other.sendto(seal(KEY_BA, 0x01020304, 10, b"")[:20], sock.getsockname())
+    wait_for(lambda: all(drops(pump).get(r, 0) == 1 for r in
+                         ("replay", "bad_tag", "no_session", "not_allowed", "too_short")),
+             "each hostile datagram counted once", lambda: drops(pump))
+    assert_quiet(tun)
+
+
+def test_a_session_roams_with_its_authenticated_datagrams(rig):
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    old, new = rig.udp(), rig.udp()
+    pid = table.add("other", endpoint=old.getsockname(), allowed_ips=["10.8.2.0/24"])
+    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    pump.start()
+    # A forgery from elsewhere moves nothing.
+    stranger = rig.udp()
+    stranger.sendto(seal(bytes(32), 1, 0, v4("10.8.2.1", "10.8.1.1")), sock.getsockname())
+    wait_for(lambda: drops(pump).get("bad_tag", 0) == 1, "forgery counted")
+    assert table.info(pid)["endpoint"] == old.getsockname()
+    packet = v4("10.8.2.1", "10.8.1.1")
+    new.sendto(seal(KEY_BA, 1, 0, packet), sock.getsockname())
+    assert tun.recv(65535) == packet
+    assert table.info(pid)["endpoint"] == new.getsockname()
+    tun.send(v4("10.8.1.1", "10.8.2.1"))
+    assert unseal(KEY_AB, new.recv(65535))[2] == v4("10.8.1.1", "10.8.2.1")
+    assert table.info(pid)["roams"] == 1
+
+
+def test_renewal_is_asked_and_hard_limits_refuse(rig):
+    table = PeerTable(rekey_after_messages=3, reject_after_messages=5)
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    pump.start()
+    for seq in range(7):
+        tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
+    counters = [unseal(KEY_AB, other.recv(65535))[1] for _ in range(5)]
+    assert counters == [0, 1, 2, 3, 4]
+    wait_for(lambda: drops(pump, "egress").get("session_expired", 0) == 2, "past the hard limit")
+    assert [e.kind for e in table.take()] == ["renew"]
+    other.sendto(seal(KEY_BA, 1, 5, v4("10.8.2.1", "10.8.1.1")), sock.getsockname())
+    wait_for(lambda: drops(pump).get("session_expired", 0) == 1, "a received counter past the limit")
+    # A new session: sending resumes, counters from 0.
+    table.install_session(pid, local_index=3, remote_index=4, send_key=KEY_BA,
+                          recv_key=KEY_AB, initiator=True)
+    tun.send(v4("10.8.1.1", "10.8.2.1", seq=9))
+    assert unseal(KEY_BA, other.recv(65535))[:2] == (4, 0)
+    assert table.info(pid)["sessions"] == {"current": 3, "previous": 1, "next": None}
+
+
+def test_a_session_expires_with_age(rig):
+    table = PeerTable(reject_after_time=0.2)
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    pump.start()
+    tun.send(v4("10.8.1.1", "10.8.2.1"))
+    other.recv(65535)
+    time.sleep(0.3)
+    tun.send(v4("10.8.1.1", "10.8.2.1"))
+    wait_for(lambda: drops(pump, "egress").get("session_expired", 0) == 1, "too old to send with")
+    assert_quiet(other)
+
+
+def test_install_session_checks_its_arguments():
+    table = PeerTable()
+    pid = table.add("p")
+    with pytest.raises(fp.PumpArgumentError, match="32 bytes"):
+        table.install_session(pid, local_index=1, remote_index=2, send_key=b"x",
+                              recv_key=KEY_AB, initiator=True)
+    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    other = table.add("q")
+    with pytest.raises(fp.PumpArgumentError, match="in use"):
+        table.install_session(other, local_index=1, remote_index=2, send_key=KEY_AB,
+                              recv_key=KEY_BA, initiator=True)
+    table.clear_sessions(pid)
+    assert table.info(pid)["sessions"] == {"current": None, "previous": None, "next": None}
+
+
+# ---------------------------------------------------------------- control channel
+
+def test_control_datagrams_reach_python_and_a_flood_is_bounded(rig):
+    table = PeerTable(control_slots=4)
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    pump.start()
+    peer = rig.udp()
+    for n in range(10):
+        peer.sendto(bytes([1]) + b"hello %d" % n, sock.getsockname())
+    wait_for(lambda: drops(pump).get("control_full", 0) == 6, "the overflow counted")
+    import select
+    assert select.select([table], [], [], 5)[0] == [table]
+    events = table.take()
+    assert [(e.kind, e.address, e.data) for e in events] == [
+        ("control", peer.getsockname(), bytes([1]) + b"hello %d" % n) for n in range(4)]
+    assert select.select([table], [], [], 0)[0] == []
+    assert table.counts()["control_dropped"] == 6
+    pump.send_control(peer.getsockname(), b"\x02reply")
+    assert peer.recv(100) == b"\x02reply"
+    assert_quiet(tun)
+
+
+def test_raw_framing_sends_chosen_types_to_control(rig):
+    table = PeerTable(control_types=[0x01])
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    pump = rig.pump(tun_pump, sock, peers=table)
+    pump.start()
+    peer = rig.udp()
+    peer.sendto(b"\x01knock", sock.getsockname())
+    peer.sendto(b"\x02other", sock.getsockname())
+    wait_for(lambda: drops(pump).get("not_peer", 0) == 1, "an unclassified datagram from no peer dropped")
+    assert [(e.kind, e.data) for e in table.take()] == [("control", b"\x01knock")]
+
+
+# ---------------------------------------------------------------- live changes
+
+def test_thousands_of_changes_per_second_while_packets_flow(rig):
+    """Peers and prefixes added, changed and removed from Python while both
+    loops move packets: nothing crashes, the stable peer's traffic is whole,
+    and every retired snapshot is freed once the loops have passed it."""
+    tun, pump, table, spokes, sock = hub(rig)
+    pump.start()
+    one_id, one = spokes["one"]
+    stop = threading.Event()
+    changes = [0]
+
+    def churn():
+        n = 0
+        while not stop.is_set():
+            pid = table.add(f"tmp{n}", endpoint=("127.0.0.1", 9 + n % 100),
+                            allowed_ips=[f"10.{100 + n % 50}.{n % 250}.0/24"])
+            table.update(pid, allowed_ips=[f"10.{100 + n % 50}.{n % 250}.128/25"])
+            table.update(spokes["two"][0], endpoint=("127.0.0.1", 20000 + n % 1000))
+            table.remove(pid)
+            changes[0] += 4
+            n += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    deadline = time.monotonic() + WAIT
+    sent = 0
+    try:
+        # Until the churn has made 4,000 changes under the traffic (about a
+        # second here; benchmarks/peer_changes.py measures the rate).
+        while changes[0] < 4000:
+            assert time.monotonic() < deadline, f"only {changes[0]} changes in {WAIT} s"
+            for seq in range(32):
+                tun.send(v4("10.0.0.1", "10.9.1.1", size=200, seq=sent + seq))
+            for seq in range(32):
+                assert one.recv(65535) == v4("10.0.0.1", "10.9.1.1", size=200, seq=sent + seq)
+                one.sendto(v4("10.9.1.1", "10.0.0.1", seq=seq), sock.getsockname())
+                assert tun.recv(65535) == v4("10.9.1.1", "10.0.0.1", seq=seq)
+            sent += 32
+    finally:
+        stop.set()
+        worker.join()
+    assert table.info(one_id)["egress"]["packets"] == sent
+    wait_for(lambda: table.counts()["retired_pending"] == 0, "every retired object freed",
+             lambda: table.counts())

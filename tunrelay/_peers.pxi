@@ -1,0 +1,1120 @@
+# Many peers per pump: routing by inner address, per-peer endpoints and
+# counters, sessions installed from Python (framing "session"), and the
+# control channel.  The C half runs in the loops without the GIL; the
+# PeerTable class (the Python half) makes every change.
+#
+# Publication.  What the loops look up per packet (allowed IPs, the peer
+# list, receiver index -> session, endpoint -> peer) is a Snapshot,
+# immutable once published.  A change builds a new snapshot, swaps the
+# pointer, and retires the old one.  Each loop announces a quiescent point
+# once per batch (reader_enter stores the current generation in its epoch;
+# reader_idle stores 0 before it blocks in poll), and a retired object is
+# freed once every loop's epoch is 0 or newer than its retirement: no loop
+# can hold it any more.  The per-packet path takes no lock and reads no
+# counter another thread writes except the epoch it owns.
+#
+# The wire format of framing "session" is WireGuard's transport data message:
+#     04 00 00 00 | receiver index (u32 LE) | counter (u64 LE) | ciphertext | tag
+# ChaCha20-Poly1305 with the nonce 4 zero bytes + counter (LE), no
+# associated data.  An empty plaintext is a keepalive; padding after the
+# packet's own IP length is trimmed.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+from tunrelay.includes.system cimport (
+    AF_INET, AF_INET6, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
+    tr_add64, tr_load64, tr_load_ptr, tr_or32, tr_seq_read_begin, tr_seq_read_retry,
+    tr_seq_write_begin, tr_seq_write_end, tr_store64, tr_store_ptr, tr_xchg32)
+
+cdef enum:
+    SESSION_TYPE_DATA = 4
+    # Retired objects (PeerTable._retire kinds)
+    RETIRE_SNAPSHOT = 0
+    RETIRE_PEER = 1
+    RETIRE_KEYPAIR = 2
+
+
+cdef inline uint32_t get32le(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void put32le(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+
+
+cdef inline uint64_t get64le(const uint8_t *p) noexcept nogil:
+    return get32le(p) | (<uint64_t>get32le(p + 4) << 32)
+
+
+cdef inline void put64le(uint8_t *p, uint64_t v) noexcept nogil:
+    put32le(p, <uint32_t>v)
+    put32le(p + 4, <uint32_t>(v >> 32))
+
+
+# ---------------------------------------------------------------- quiescence
+
+cdef inline Snapshot *reader_enter(PeerShared *sh, int reader) noexcept nogil:
+    """A quiescent point, then the snapshot to use until the next one.  The
+    epoch is stored before the pointer is loaded (both sequentially
+    consistent): a writer that saw this epoch as older than its retirement
+    waits, one that saw it newer knows this load returns the new pointer."""
+    tr_store64(&sh.readers[reader].epoch, tr_load64(&sh.gen))
+    return <Snapshot *>tr_load_ptr(<void **>&sh.current)
+
+
+cdef inline void reader_idle(PeerShared *sh, int reader) noexcept nogil:
+    """Before blocking: this loop holds nothing until reader_enter."""
+    tr_store64(&sh.readers[reader].epoch, 0)
+
+
+# ---------------------------------------------------------------- events
+
+cdef void raise_signal(PeerShared *sh) noexcept nogil:
+    if tr_xchg32(&sh.signalled, 1) == 0:
+        eventfd_write(sh.event_fd, 1)
+
+
+cdef void peer_event(PeerShared *sh, PeerSlot *p, unsigned int bit) noexcept nogil:
+    if tr_or32(&p.events, bit) & bit:
+        return  # already raised and not yet taken
+    tr_xchg32(&sh.events_any, 1)
+    raise_signal(sh)
+
+
+cdef int control_push(PeerShared *sh, const uint8_t *data, size_t length,
+                      const sockaddr_storage *sender, socklen_t sender_len) noexcept nogil:
+    """Queue a control datagram for Python: DROP_NONE, or the drop reason
+    (the queue is full; longer than a slot)."""
+    cdef unsigned int at
+    if length > CONTROL_SLOT:
+        return DROP_OVERSIZE
+    pthread_mutex_lock(&sh.control_lock)
+    if sh.control_count == sh.control_slots:
+        sh.control_dropped += 1
+        pthread_mutex_unlock(&sh.control_lock)
+        return DROP_CONTROL_FULL
+    at = (sh.control_head + sh.control_count) % sh.control_slots
+    memcpy(sh.control_buf + <size_t>at * CONTROL_SLOT, data, length)
+    sh.control_len[at] = <uint32_t>length
+    memset(&sh.control_addr[at], 0, sizeof(sockaddr_storage))
+    memcpy(&sh.control_addr[at], sender, sender_len)
+    sh.control_count += 1
+    sh.control_queued += 1
+    pthread_mutex_unlock(&sh.control_lock)
+    raise_signal(sh)
+    return DROP_NONE
+
+
+# ---------------------------------------------------------------- endpoints
+
+cdef inline bint peer_endpoint(PeerSlot *p, sockaddr_storage *out) noexcept nogil:
+    """Copy the peer's endpoint (sequence lock): False when none is known."""
+    cdef unsigned int seq
+    cdef bint known
+    while True:
+        seq = tr_seq_read_begin(&p.endpoint_seq)
+        known = p.endpoint_known
+        if known:
+            memcpy(out, &p.endpoint, sizeof(sockaddr_storage))
+        if not tr_seq_read_retry(&p.endpoint_seq, seq):
+            return known
+
+
+cdef void peer_roam(PeerShared *sh, PeerSlot *p, const sockaddr_storage *sender,
+                    socklen_t sender_len) noexcept nogil:
+    """An accepted datagram came from `sender`: a roaming peer's endpoint
+    follows it (a read first: no lock when it has not moved)."""
+    cdef sockaddr_storage now
+    if not p.roaming:
+        return
+    if peer_endpoint(p, &now) and same_address(&now, sender):
+        return
+    pthread_mutex_lock(&p.lock)
+    tr_seq_write_begin(&p.endpoint_seq)
+    memset(&p.endpoint, 0, sizeof(sockaddr_storage))
+    memcpy(&p.endpoint, sender, sender_len)
+    p.endpoint_len = sender_len
+    p.endpoint_known = 1
+    tr_seq_write_end(&p.endpoint_seq)
+    p.roams += 1
+    pthread_mutex_unlock(&p.lock)
+    peer_event(sh, p, EVENT_ENDPOINT)
+
+
+cdef inline uint32_t address_hash(const sockaddr_storage *a) noexcept nogil:
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in6 *a6
+    cdef uint32_t h = 2166136261u
+    cdef const uint8_t *p
+    cdef size_t n, i
+    if a.ss_family == AF_INET:
+        a4 = <const sockaddr_in *>a
+        p = <const uint8_t *>&a4.sin_addr
+        n = 4
+        h = (h ^ a4.sin_port) * 16777619u
+    elif a.ss_family == AF_INET6:
+        a6 = <const sockaddr_in6 *>a
+        p = <const uint8_t *>&a6.sin6_addr
+        n = 16
+        h = (h ^ a6.sin6_port) * 16777619u
+        h = (h ^ a6.sin6_scope_id) * 16777619u
+    else:
+        return 0
+    for i in range(n):
+        h = (h ^ p[i]) * 16777619u
+    return h
+
+
+cdef PeerSlot *peer_by_endpoint(const Snapshot *s, const sockaddr_storage *sender) noexcept nogil:
+    cdef uint32_t i, at
+    cdef PeerSlot *p
+    if s.by_endpoint == NULL:
+        return NULL
+    i = address_hash(sender) & s.endpoint_mask
+    while True:
+        at = s.by_endpoint[i]
+        if at == 0:
+            return NULL
+        p = s.peers[at - 1]
+        if p.endpoint_known and same_address(&p.endpoint, sender):
+            return p
+        i = (i + 1) & s.endpoint_mask
+
+
+cdef Keypair *keypair_by_index(const Snapshot *s, uint32_t index) noexcept nogil:
+    cdef uint32_t i
+    cdef Keypair *k
+    if s.by_index == NULL:
+        return NULL
+    i = (index * 2654435761u) & s.index_mask
+    while True:
+        k = s.by_index[i]
+        if k == NULL or k.local_index == index:
+            return k
+        i = (i + 1) & s.index_mask
+
+
+# ---------------------------------------------------------------- sessions
+
+cdef inline bint keypair_expired(PeerShared *sh, Keypair *k, double now) noexcept nogil:
+    return sh.reject_time > 0 and now - k.created >= sh.reject_time
+
+
+cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first,
+                      size_t first_len, uint8_t *second, size_t second_len,
+                      uint8_t *tag) noexcept nogil:
+    """Encrypt the packet (first + second) in place under the session's next
+    counter; write the header and the tag.  DROP_NONE or a drop reason."""
+    cdef PeerShared *sh = st.peers
+    cdef uint8_t nonce[12]
+    cdef int out_len
+    cdef uint64_t counter = tr_add64(&k.send_counter, 1)
+    if counter >= sh.reject_messages or keypair_expired(sh, k, st.eg.now):
+        return DROP_SESSION_EXPIRED
+    if not k.renew_asked and (counter >= sh.rekey_messages or
+                              (sh.rekey_time > 0 and st.eg.now - k.created >= sh.rekey_time)):
+        k.renew_asked = 1
+        peer_event(sh, k.peer, EVENT_RENEW)
+    if st.eg.seal_gen != k.gen:
+        if EVP_EncryptInit_ex(st.eg.seal_ctx, NULL, NULL, k.send_key, NULL) != 1:
+            return DROP_SEND_ERROR
+        st.eg.seal_gen = k.gen
+    header[0] = SESSION_TYPE_DATA
+    header[1] = 0
+    header[2] = 0
+    header[3] = 0
+    put32le(header + 4, k.remote_index)
+    put64le(header + 8, counter)
+    memset(nonce, 0, 4)
+    put64le(nonce + 4, counter)
+    if EVP_EncryptInit_ex(st.eg.seal_ctx, NULL, NULL, NULL, nonce) != 1:
+        return DROP_SEND_ERROR
+    if first_len and EVP_EncryptUpdate(st.eg.seal_ctx, first, &out_len, first, <int>first_len) != 1:
+        return DROP_SEND_ERROR
+    if second_len and EVP_EncryptUpdate(st.eg.seal_ctx, second, &out_len, second, <int>second_len) != 1:
+        return DROP_SEND_ERROR
+    if EVP_EncryptFinal_ex(st.eg.seal_ctx, tag, &out_len) != 1:
+        return DROP_SEND_ERROR
+    if EVP_CIPHER_CTX_ctrl(st.eg.seal_ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tag) != 1:
+        return DROP_SEND_ERROR
+    return DROP_NONE
+
+
+cdef inline bint session_window_fresh(Keypair *k, uint64_t counter) noexcept nogil:
+    if not k.seen or counter > k.top:
+        return True
+    if k.top - counter >= (AEAD_WINDOW_WORDS - 1) * 64:
+        return False
+    return not (k.window[(counter >> 6) % AEAD_WINDOW_WORDS] >> (counter & 63)) & 1
+
+
+cdef inline void session_window_mark(Keypair *k, uint64_t counter) noexcept nogil:
+    cdef uint64_t block, current, steps, i
+    if not k.seen or counter > k.top:
+        block = counter >> 6
+        current = k.top >> 6 if k.seen else block
+        steps = block - current
+        if not k.seen or steps >= AEAD_WINDOW_WORDS:
+            memset(k.window, 0, sizeof(k.window))
+        else:
+            for i in range(1, steps + 1):
+                k.window[(current + i) % AEAD_WINDOW_WORDS] = 0
+        k.top = counter
+        k.seen = True
+    k.window[(counter >> 6) % AEAD_WINDOW_WORDS] |= (<uint64_t>1) << (counter & 63)
+
+
+cdef void promote(PeerShared *sh, Keypair *k) noexcept nogil:
+    """The peer's first datagram under its `next` session authenticated: it
+    has the keys, so it becomes current (current -> previous; the old
+    previous goes to Python to be retired)."""
+    cdef PeerSlot *p = k.peer
+    cdef Keypair *old
+    pthread_mutex_lock(&p.lock)
+    if p.next == k:
+        old = p.previous
+        tr_store_ptr(<void **>&p.previous, p.current)
+        tr_store_ptr(<void **>&p.current, k)
+        tr_store_ptr(<void **>&p.next, NULL)
+        if old != NULL and p.ndropped < 4:
+            p.dropped[p.ndropped] = old
+            p.ndropped += 1
+        elif old != NULL:
+            # Python has not retired the last four yet: keep this one as
+            # previous rather than lose track of it (it will be retired
+            # with the peer or on the next install).
+            tr_store_ptr(<void **>&p.previous, old)
+    pthread_mutex_unlock(&p.lock)
+    peer_event(sh, p, EVENT_PROMOTED)
+
+
+cdef int session_open(PumpState *st, uint8_t *datagram, size_t length,
+                      PeerSlot **peer, size_t *plain) noexcept nogil:
+    """Authenticate and decrypt one session datagram in place.  DROP_NONE
+    with the peer and the plaintext length, or a drop reason."""
+    cdef PeerShared *sh = st.peers
+    cdef Keypair *k
+    cdef PeerSlot *p
+    cdef uint64_t counter
+    cdef uint8_t nonce[12]
+    cdef int out_len
+    cdef size_t body
+    cdef bint fresh
+    if length < SESSION_OVERHEAD:
+        return DROP_TOO_SHORT
+    if datagram[1] or datagram[2] or datagram[3]:
+        return DROP_BAD_FRAME
+    k = keypair_by_index(st.ing.snap, get32le(datagram + 4))
+    if k == NULL:
+        return DROP_NO_SESSION
+    p = k.peer
+    # Only the peer's three sessions: one pushed out by a promotion is over
+    # even while the snapshot still lists it.
+    if k != <Keypair *>tr_load_ptr(<void **>&p.current) and \
+            k != <Keypair *>tr_load_ptr(<void **>&p.previous) and \
+            k != <Keypair *>tr_load_ptr(<void **>&p.next):
+        return DROP_NO_SESSION
+    counter = get64le(datagram + 8)
+    if counter >= sh.reject_messages or keypair_expired(sh, k, st.ing.now):
+        return DROP_SESSION_EXPIRED
+    pthread_mutex_lock(&k.lock)
+    fresh = session_window_fresh(k, counter)
+    pthread_mutex_unlock(&k.lock)
+    if not fresh:
+        return DROP_REPLAY
+    if st.ing.open_gen != k.gen:
+        if EVP_DecryptInit_ex(st.ing.open_ctx, NULL, NULL, k.recv_key, NULL) != 1:
+            return DROP_BAD_TAG
+        st.ing.open_gen = k.gen
+    body = length - SESSION_OVERHEAD
+    memset(nonce, 0, 4)
+    put64le(nonce + 4, counter)
+    if EVP_DecryptInit_ex(st.ing.open_ctx, NULL, NULL, NULL, nonce) != 1 or \
+            EVP_CIPHER_CTX_ctrl(st.ing.open_ctx, EVP_CTRL_AEAD_SET_TAG, AEAD_TAG_LEN,
+                                datagram + length - AEAD_TAG_LEN) != 1:
+        return DROP_BAD_TAG
+    if body and EVP_DecryptUpdate(st.ing.open_ctx, datagram + SESSION_HEADER_LEN, &out_len,
+                                  datagram + SESSION_HEADER_LEN, <int>body) != 1:
+        return DROP_BAD_TAG
+    if EVP_DecryptFinal_ex(st.ing.open_ctx, datagram + SESSION_HEADER_LEN + body, &out_len) != 1:
+        return DROP_BAD_TAG
+    # Authentic: now (and only now) the window moves; a second copy that
+    # raced this one through decryption loses here.
+    pthread_mutex_lock(&k.lock)
+    fresh = session_window_fresh(k, counter)
+    if fresh:
+        session_window_mark(k, counter)
+        k.received += 1
+    pthread_mutex_unlock(&k.lock)
+    if not fresh:
+        return DROP_REPLAY
+    if k == <Keypair *>tr_load_ptr(<void **>&p.next):
+        promote(sh, k)
+    peer[0] = p
+    plain[0] = body
+    return DROP_NONE
+
+
+cdef inline size_t ip_length(const uint8_t *packet, size_t length) noexcept nogil:
+    """The packet's own length from its IP header (padding after it is not
+    the packet's), or `length` when the header cannot say."""
+    cdef size_t total
+    if length >= 20 and packet[0] >> 4 == 4:
+        total = be16(packet + 2)
+    elif length >= 40 and packet[0] >> 4 == 6:
+        total = 40 + be16(packet + 4)
+    else:
+        return length
+    return total if total <= length else length
+
+
+# ---------------------------------------------------------------- egress
+
+cdef int egress_route(PumpState *st, uint8_t *packet, size_t length,
+                      unsigned int slot) noexcept nogil:
+    """Pick the peer of a packet read from the device (longest prefix of its
+    destination), its endpoint and (framing session) its session, for
+    egress slot `slot`.  DROP_NONE, or why the packet cannot go."""
+    cdef const Snapshot *s = st.eg.snap
+    cdef uint32_t at = allowed_lookup(&s.allowed, packet, length, False)
+    cdef PeerSlot *p
+    cdef Keypair *k
+    if at == NO_PEER:
+        return DROP_NO_ROUTE
+    p = s.peers[at - 1]
+    st.eg.peer[slot] = p
+    if not peer_endpoint(p, &st.eg.dest[slot]):
+        tr_add64(&p.egress.drops, 1)
+        return DROP_NO_PEER
+    if st.session:
+        k = <Keypair *>tr_load_ptr(<void **>&p.current)
+        if k == NULL:
+            tr_add64(&p.egress.drops, 1)
+            peer_event(st.peers, p, EVENT_RENEW)
+            return DROP_NO_SESSION
+        st.eg.keys[slot] = k
+    return DROP_NONE
+
+
+# ---------------------------------------------------------------- ingress
+
+cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
+                      const sockaddr_storage *sender, socklen_t sender_len) noexcept nogil:
+    """One datagram on a pump with peers: control, or data from a peer whose
+    inner source it may use.  0, or -1 when the loop must end."""
+    cdef PeerShared *sh = st.peers
+    cdef const Snapshot *s = st.ing.snap
+    cdef Counters *c = &st.ing.c
+    cdef PeerSlot *p = NULL
+    cdef PeerSlot *owner
+    cdef uint8_t *packet = datagram
+    cdef size_t plain = length
+    cdef uint32_t at
+    cdef int reason
+    if length == 0:
+        c.drops[DROP_TOO_SHORT if st.session else DROP_EMPTY] += 1
+        return 0
+    if (datagram[0] != SESSION_TYPE_DATA if st.session else
+            (datagram[0] >> 4 != 4 and datagram[0] >> 4 != 6)) and sh.control_types[datagram[0]]:
+        reason = control_push(sh, datagram, length, sender, sender_len)
+        if reason != DROP_NONE:
+            c.drops[reason] += 1
+        return 0
+    if st.session:
+        if datagram[0] != SESSION_TYPE_DATA:
+            c.drops[DROP_BAD_FRAME] += 1
+            return 0
+        reason = session_open(st, datagram, length, &p, &plain)
+        if reason != DROP_NONE:
+            c.drops[reason] += 1
+            return 0
+        packet = datagram + SESSION_HEADER_LEN
+        peer_roam(sh, p, sender, sender_len)
+        tr_store64(&p.last_seen_ms, <uint64_t>(st.ing.now * 1000) + 1)
+        if plain == 0:
+            tr_add64(&p.ingress.keepalives, 1)
+            return 0
+        plain = ip_length(packet, plain)
+    else:
+        if st.len16:
+            if length <= LEN16_HEADER or be16(datagram) != length - LEN16_HEADER:
+                c.drops[DROP_BAD_FRAME] += 1
+                return 0
+            packet += LEN16_HEADER
+            plain -= LEN16_HEADER
+        p = peer_by_endpoint(s, sender)
+    # The inner source must be the peer's; a raw datagram from an unknown
+    # address is taken only for a roaming peer whose prefixes hold it.
+    at = allowed_lookup(&s.allowed, packet, plain, True)
+    owner = s.peers[at - 1] if at != NO_PEER else NULL
+    if p == NULL:
+        if owner == NULL or not owner.roaming:
+            c.drops[DROP_NOT_PEER] += 1
+            return 0
+        reason = validate_packet(packet, plain, st.tap, st.max_frame)
+        if reason != DROP_NONE:
+            c.drops[reason] += 1
+            return 0
+        p = owner
+        peer_roam(sh, p, sender, sender_len)
+    if owner != p:
+        c.drops[DROP_NOT_ALLOWED] += 1
+        tr_add64(&p.ingress.drops, 1)
+        return 0
+    if not st.session:
+        tr_store64(&p.last_seen_ms, <uint64_t>(st.ing.now * 1000) + 1)
+    reason = validate_packet(packet, plain, st.tap, st.max_frame)
+    if reason != DROP_NONE:
+        c.drops[reason] += 1
+        tr_add64(&p.ingress.drops, 1)
+        return 0
+    tr_add64(&p.ingress.packets, 1)
+    tr_add64(&p.ingress.bytes, plain)
+    return deliver(st, packet, plain)
+
+
+# ---------------------------------------------------------------- the Python half
+
+Event = collections.namedtuple("Event", "kind peer address data", module=__name__)
+Event.__doc__ = """What a PeerTable reports through take(): kind "control" (a
+datagram for the control plane: address, data), "endpoint" (a roaming
+peer moved: peer, address), "renew" (the peer's session asks for renewal,
+or there is none to send with: peer), "promoted" (a next session was
+confirmed by the peer and is current now: peer)."""
+
+_KEEP = ...   # update(): a keyword left out keeps its value
+cdef uint64_t _NO_LIMIT = 0xFFFFFFFFFFFFFFFF
+
+
+class _PeerRecord:
+    __slots__ = ("id", "name", "endpoint", "allowed", "roaming", "slot")
+
+
+cdef void _free_keypair(Keypair *k) noexcept nogil:
+    if k == NULL:
+        return
+    OPENSSL_cleanse(k.send_key, 32)
+    OPENSSL_cleanse(k.recv_key, 32)
+    pthread_mutex_destroy(&k.lock)
+    free(k)
+
+
+cdef void _free_snapshot(Snapshot *s) noexcept nogil:
+    if s == NULL:
+        return
+    trie_free(&s.allowed.v4)
+    trie_free(&s.allowed.v6)
+    free(s.peers)
+    free(s.by_index)
+    free(s.by_endpoint)
+    free(s)
+
+
+cdef uint32_t _table_size(uint32_t count):
+    cdef uint32_t size = 8
+    while size < 2 * count:
+        size *= 2
+    return size
+
+
+@cython.no_gc_clear
+cdef class PeerTable:
+    """The peers of one relay, shared by all its queue pumps: each peer's
+    endpoint, allowed IPs, counters and (framing "session") sessions; the
+    control channel and the events for the control plane.
+
+    Changes (add, update, remove, install_session, ...) are made from
+    Python while the pumps run: each builds a new lookup snapshot and
+    publishes it; the loops never take a lock for it.  ``with
+    table.batch():`` makes many changes one publication.  Not thread-safe
+    on the Python side: one control plane drives a table (the GIL-held
+    methods may be called from any one thread at a time).
+    """
+
+    def __cinit__(self, *, control_types=None, int control_slots=256,
+                  rekey_after_messages=None, rekey_after_time=None,
+                  reject_after_messages=None, reject_after_time=None):
+        cdef void *mem = NULL
+        cdef int t
+        if not 1 <= control_slots <= 65536:
+            raise PumpArgumentError(f"control_slots must be 1..65536, got {control_slots}")
+        if posix_memalign(&mem, 64, sizeof(PeerShared)) != 0:
+            raise MemoryError()
+        self.sh = <PeerShared *>mem
+        memset(self.sh, 0, sizeof(PeerShared))
+        self.sh.event_fd = -1
+        self.sh.gen = 1
+        pthread_mutex_init(&self.sh.control_lock, NULL)
+        self.sh.control_slots = control_slots
+        self.sh.control_buf = <uint8_t *>malloc(<size_t>control_slots * CONTROL_SLOT)
+        self.sh.control_len = <uint32_t *>calloc(control_slots, sizeof(uint32_t))
+        self.sh.control_addr = <sockaddr_storage *>calloc(control_slots, sizeof(sockaddr_storage))
+        if self.sh.control_buf == NULL or self.sh.control_len == NULL or self.sh.control_addr == NULL:
+            raise MemoryError()
+        self.sh.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.sh.event_fd < 0:
+            raise OSError(errno, os.strerror(errno), "eventfd")
+        self.sh.evp = EVP_chacha20_poly1305()
+        self._control_default = control_types is None
+        if control_types is not None:
+            for t in control_types:
+                if not 0 <= t <= 255:
+                    raise PumpArgumentError(f"control_types are first-byte values 0..255, got {t}")
+                self.sh.control_types[t] = 1
+        self.sh.rekey_messages = _limit(rekey_after_messages, "rekey_after_messages")
+        self.sh.reject_messages = _limit(reject_after_messages, "reject_after_messages")
+        self.sh.rekey_time = _seconds(rekey_after_time, "rekey_after_time")
+        self.sh.reject_time = _seconds(reject_after_time, "reject_after_time")
+        self._peers = {}
+        self._retired = []
+        self._indexes = {}
+        self._next_id = 1
+        self._next_gen = 1
+        self._framing = None
+        self._publish()
+
+    def __dealloc__(self):
+        cdef PeerSlot *p
+        if self.sh == NULL:
+            return
+        # No pump can run: each holds a reference to its table.
+        self._reclaim_all()
+        for record in self._peers.values():
+            p = <PeerSlot *><size_t>record.slot
+            _free_peer(p)
+        _free_snapshot(self.sh.current)
+        if self.sh.event_fd >= 0:
+            close(self.sh.event_fd)
+        free(self.sh.control_buf)
+        free(self.sh.control_len)
+        free(self.sh.control_addr)
+        pthread_mutex_destroy(&self.sh.control_lock)
+        free(self.sh)
+        self.sh = NULL
+
+    # ------------------------------------------------------------ publication
+
+    cdef int _publish(self) except -1:
+        """Build the lookup snapshot of the peers as they are, swap it in,
+        and retire the old one."""
+        cdef Snapshot *s
+        cdef PeerSlot *p
+        cdef Keypair *k
+        cdef Keypair *keys[3]
+        cdef uint32_t pos = 0, i, at, size, nkeys = 0, nendpoints = 0
+        cdef const uint8_t *packed
+        cdef Snapshot *old
+        cdef uint64_t g
+        if self._batch_depth:
+            self._dirty = True
+            return 0
+        s = <Snapshot *>calloc(1, sizeof(Snapshot))
+        if s == NULL:
+            raise MemoryError()
+        try:
+            if trie_init(&s.allowed.v4, 32) != 0 or trie_init(&s.allowed.v6, 128) != 0:
+                raise MemoryError()
+            records = list(self._peers.values())
+            s.npeers = len(records)
+            s.peers = <PeerSlot **>calloc(s.npeers + 1, sizeof(PeerSlot *))
+            if s.peers == NULL:
+                raise MemoryError()
+            for record in records:
+                p = <PeerSlot *><size_t>record.slot
+                s.peers[pos] = p
+                for net in record.allowed:
+                    raw = net.network_address.packed
+                    packed = raw
+                    if trie_insert(&s.allowed.v4 if net.version == 4 else &s.allowed.v6,
+                                   packed, net.prefixlen, pos + 1) != 0:
+                        raise MemoryError()
+                if p.endpoint_known:
+                    nendpoints += 1
+                nkeys += 3
+                pos += 1
+            if nendpoints:
+                size = _table_size(nendpoints)
+                s.by_endpoint = <uint32_t *>calloc(size, sizeof(uint32_t))
+                if s.by_endpoint == NULL:
+                    raise MemoryError()
+                s.endpoint_mask = size - 1
+                for pos in range(s.npeers):
+                    p = s.peers[pos]
+                    if not p.endpoint_known:
+                        continue
+                    i = address_hash(&p.endpoint) & s.endpoint_mask
+                    while s.by_endpoint[i] != 0:
+                        i = (i + 1) & s.endpoint_mask
+                    s.by_endpoint[i] = pos + 1
+            if nkeys:
+                size = _table_size(nkeys)
+                s.by_index = <Keypair **>calloc(size, sizeof(Keypair *))
+                if s.by_index == NULL:
+                    raise MemoryError()
+                s.index_mask = size - 1
+                for pos in range(s.npeers):
+                    p = s.peers[pos]
+                    keys[0] = <Keypair *>tr_load_ptr(<void **>&p.current)
+                    keys[1] = <Keypair *>tr_load_ptr(<void **>&p.previous)
+                    keys[2] = <Keypair *>tr_load_ptr(<void **>&p.next)
+                    for i in range(3):
+                        k = keys[i]
+                        if k == NULL:
+                            continue
+                        at = (k.local_index * 2654435761u) & s.index_mask
+                        while s.by_index[at] != NULL:
+                            at = (at + 1) & s.index_mask
+                        s.by_index[at] = k
+        except BaseException:
+            _free_snapshot(s)
+            raise
+        old = self.sh.current
+        tr_store_ptr(<void **>&self.sh.current, s)
+        g = self.sh.gen + 1
+        tr_store64(&self.sh.gen, g)
+        self.publications += 1
+        self._dirty = False
+        if old != NULL:
+            self._retire(RETIRE_SNAPSHOT, old)
+        self._reclaim()
+        return 0
+
+    cdef void _retire(self, int kind, void *ptr):
+        """Free `ptr` once no loop can hold it: after the newest publication."""
+        if ptr != NULL:
+            self._retired.append((kind, <size_t>ptr, self.sh.gen))
+
+    cdef int _reclaim(self):
+        """Free what every loop has passed.  Returns how many wait still."""
+        cdef uint64_t oldest = _NO_LIMIT, epoch
+        cdef int i
+        if not self._retired:
+            return 0
+        for i in range(MAX_READERS):
+            if self.sh.reader_used[i]:
+                epoch = tr_load64(&self.sh.readers[i].epoch)
+                if epoch != 0 and epoch < oldest:
+                    oldest = epoch
+        keep = []
+        for kind, address, gen in self._retired:
+            if gen <= oldest:
+                _free_retired(kind, <void *><size_t>address)
+            else:
+                keep.append((kind, address, gen))
+        self._retired = keep
+        return len(keep)
+
+    def _reclaim_all(self):
+        for kind, address, gen in self._retired:
+            _free_retired(kind, <void *><size_t>address)
+        self._retired = []
+
+    cdef int _register(self) except -1:
+        cdef int i
+        for i in range(MAX_READERS):
+            if not self.sh.reader_used[i]:
+                self.sh.reader_used[i] = 1
+                tr_store64(&self.sh.readers[i].epoch, 0)
+                return i
+        raise PumpArgumentError(f"a PeerTable serves at most {MAX_READERS // 2} pumps")
+
+    def _unregister(self, int reader):
+        tr_store64(&self.sh.readers[reader].epoch, 0)
+        self.sh.reader_used[reader] = 0
+
+    def _use_framing(self, str framing):
+        """The first pump fixes the table's framing (and the default
+        control classifier)."""
+        cdef int t
+        if self._framing is not None and self._framing != framing:
+            raise PumpArgumentError(f"this PeerTable serves framing {self._framing!r}, "
+                                    f"not {framing!r}")
+        if self._framing is None and self._control_default and framing == "session":
+            for t in range(256):
+                self.sh.control_types[t] = t != SESSION_TYPE_DATA
+        self._framing = framing
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Many changes, one publication (when the outermost batch ends)."""
+        self._batch_depth += 1
+        try:
+            yield self
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._dirty:
+                self._publish()
+
+    # ------------------------------------------------------------ peers
+
+    def add(self, str name, *, endpoint=None, allowed_ips=(), bint roaming=True):
+        """A new peer; returns its id (never reused).  ``endpoint``: (host,
+        port) or None (learned: framing session from its first
+        authenticated datagram, raw/len16 from a datagram whose inner source
+        its allowed IPs hold, when ``roaming``).  ``allowed_ips``: networks
+        ("10.9.0.2/32", "fd09::/64"); a network belongs to one peer."""
+        cdef void *mem = NULL
+        cdef PeerSlot *p
+        if not name:
+            raise PumpArgumentError("a peer needs a name")
+        if any(r.name == name for r in self._peers.values()):
+            raise PumpArgumentError(f"a peer named {name!r} exists already")
+        nets = self._networks(allowed_ips, None)
+        if posix_memalign(&mem, 64, sizeof(PeerSlot)) != 0:
+            raise MemoryError()
+        p = <PeerSlot *>mem
+        memset(p, 0, sizeof(PeerSlot))
+        pthread_mutex_init(&p.lock, NULL)
+        p.id = self._next_id
+        p.roaming = roaming
+        record = _PeerRecord()
+        record.id = self._next_id
+        record.name = name
+        record.allowed = nets
+        record.roaming = bool(roaming)
+        record.slot = <size_t>p
+        record.endpoint = None
+        try:
+            if endpoint is not None:
+                _set_endpoint(p, endpoint)
+        except BaseException:
+            pthread_mutex_destroy(&p.lock)
+            free(p)
+            raise
+        self._next_id += 1
+        self._peers[record.id] = record
+        self._publish()
+        return record.id
+
+    def update(self, peer_id, *, endpoint=_KEEP, allowed_ips=_KEEP, roaming=_KEEP):
+        """Change a peer; keywords left out keep their value.  ``endpoint=None``
+        forgets the endpoint (learned again if roaming)."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        nets = self._networks(allowed_ips, peer_id) if allowed_ips is not _KEEP else None
+        if endpoint is not _KEEP:
+            if endpoint is None:
+                pthread_mutex_lock(&p.lock)
+                tr_seq_write_begin(&p.endpoint_seq)
+                p.endpoint_known = 0
+                tr_seq_write_end(&p.endpoint_seq)
+                pthread_mutex_unlock(&p.lock)
+            else:
+                _set_endpoint(p, endpoint)
+        if nets is not None:
+            record.allowed = nets
+        if roaming is not _KEEP:
+            record.roaming = bool(roaming)
+            p.roaming = record.roaming
+        self._publish()
+
+    def remove(self, peer_id):
+        """Take a peer out; its memory is freed once no loop can hold it."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        del self._peers[record.id]
+        self._publish()
+        _retire_peer(self, p)
+        self._reclaim()
+
+    def ids(self):
+        return list(self._peers)
+
+    def __len__(self):
+        return len(self._peers)
+
+    def name(self, peer_id):
+        return self._record(peer_id).name
+
+    def find(self, str name):
+        """The id of the peer called `name`, or None."""
+        for record in self._peers.values():
+            if record.name == name:
+                return record.id
+        return None
+
+    def info(self, peer_id):
+        """One peer: its configuration, where it is, its counters and sessions."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        cdef sockaddr_storage where
+        cdef uint64_t seen = tr_load64(&p.last_seen_ms)
+        cdef Keypair *k
+        endpoint = _sockaddr_tuple(&where) if peer_endpoint(p, &where) else None
+        sessions = {"current": _index_of(p.current), "previous": _index_of(p.previous),
+                    "next": _index_of(p.next)}
+        return {
+            "id": record.id,
+            "name": record.name,
+            "endpoint": endpoint,
+            "allowed_ips": [str(net) for net in record.allowed],
+            "roaming": record.roaming,
+            "roams": p.roams,
+            "last_seen": (None if seen == 0 else
+                          time.time() - (time.monotonic() - (seen - 1) / 1000.0)),
+            "egress": {"packets": p.egress.packets, "bytes": p.egress.bytes,
+                       "drops": p.egress.drops},
+            "ingress": {"packets": p.ingress.packets, "bytes": p.ingress.bytes,
+                        "drops": p.ingress.drops, "keepalives": p.ingress.keepalives},
+            "sessions": sessions,
+        }
+
+    def stats(self):
+        """info() of every peer, keyed by name."""
+        return {record.name: self.info(record.id) for record in self._peers.values()}
+
+    def route(self, address):
+        """The peer whose allowed IPs hold ``address`` longest, or None."""
+        ip = ipaddress.ip_address(address)
+        raw = ip.packed
+        cdef const uint8_t *packed = raw
+        cdef Snapshot *s = self.sh.current
+        cdef uint32_t at = trie_lookup(&s.allowed.v4 if ip.version == 4 else &s.allowed.v6, packed)
+        return None if at == NO_PEER else s.peers[at - 1].id
+
+    def counts(self):
+        """The table's own counters."""
+        self._reclaim()
+        return {"peers": len(self._peers), "publications": self.publications,
+                "retired_pending": len(self._retired),
+                "control_queued": self.sh.control_queued,
+                "control_dropped": self.sh.control_dropped,
+                "control_waiting": self.sh.control_count}
+
+    # ------------------------------------------------------------ sessions
+
+    def install_session(self, peer_id, *, local_index, remote_index, send_key, recv_key,
+                        bint initiator):
+        """Install a session's keys for a peer (framing "session").
+        ``initiator``: it becomes current at once; else it becomes next,
+        and current when the peer's first datagram under it authenticates.
+        ``local_index``: the receiver index the peer puts in its datagrams
+        (unique in the table); ``remote_index``: the one we put in ours."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        cdef Keypair *k
+        cdef Keypair *gone[2]
+        if not (isinstance(send_key, bytes) and len(send_key) == 32
+                and isinstance(recv_key, bytes) and len(recv_key) == 32):
+            raise PumpArgumentError("send_key and recv_key must be 32 bytes each")
+        for label, value in (("local_index", local_index), ("remote_index", remote_index)):
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+                raise PumpArgumentError(f"{label} must be 0..2^32-1, got {value!r}")
+        if local_index in self._live_indexes():
+            raise PumpArgumentError(f"local_index {local_index} is in use by another session")
+        k = <Keypair *>calloc(1, sizeof(Keypair))
+        if k == NULL:
+            raise MemoryError()
+        memcpy(k.send_key, <const uint8_t *>send_key, 32)
+        memcpy(k.recv_key, <const uint8_t *>recv_key, 32)
+        k.local_index = local_index
+        k.remote_index = remote_index
+        k.gen = self._next_gen
+        self._next_gen += 1
+        k.created = tr_monotonic()
+        k.peer = p
+        pthread_mutex_init(&k.lock, NULL)
+        gone[0] = gone[1] = NULL
+        pthread_mutex_lock(&p.lock)
+        if initiator:
+            gone[0] = p.previous
+            gone[1] = p.next
+            tr_store_ptr(<void **>&p.previous, p.current)
+            tr_store_ptr(<void **>&p.next, NULL)
+            tr_store_ptr(<void **>&p.current, k)
+        else:
+            gone[0] = p.next
+            tr_store_ptr(<void **>&p.next, k)
+        pthread_mutex_unlock(&p.lock)
+        self._publish()
+        self._retire(RETIRE_KEYPAIR, gone[0])
+        self._retire(RETIRE_KEYPAIR, gone[1])
+        self._reclaim()
+
+    def clear_sessions(self, peer_id):
+        """Forget every session of a peer (nothing is sent to it until a new
+        one is installed)."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        cdef Keypair *gone[3]
+        pthread_mutex_lock(&p.lock)
+        gone[0] = p.current
+        gone[1] = p.previous
+        gone[2] = p.next
+        tr_store_ptr(<void **>&p.current, NULL)
+        tr_store_ptr(<void **>&p.previous, NULL)
+        tr_store_ptr(<void **>&p.next, NULL)
+        pthread_mutex_unlock(&p.lock)
+        self._publish()
+        for i in range(3):
+            self._retire(RETIRE_KEYPAIR, gone[i])
+        self._reclaim()
+
+    def _live_indexes(self):
+        cdef PeerSlot *p
+        cdef Keypair *k
+        live = set()
+        for record in self._peers.values():
+            p = <PeerSlot *><size_t>record.slot
+            for index in (_index_of(p.current), _index_of(p.previous), _index_of(p.next)):
+                if index is not None:
+                    live.add(index)
+        return live
+
+    # ------------------------------------------------------------ control plane
+
+    def fileno(self):
+        """An fd that is readable while control datagrams or events wait
+        (for asyncio's add_reader, select, poll)."""
+        return self.sh.event_fd
+
+    def take(self):
+        """Drain the control queue and the peers' events: a list of Event,
+        control datagrams first, in arrival order."""
+        cdef eventfd_t value
+        cdef unsigned int bits, i, at
+        cdef PeerSlot *p
+        cdef Keypair *dropped[4]
+        cdef unsigned int ndropped
+        cdef sockaddr_storage where
+        eventfd_read(self.sh.event_fd, &value)
+        tr_xchg32(&self.sh.signalled, 0)
+        events = []
+        pthread_mutex_lock(&self.sh.control_lock)
+        try:
+            while self.sh.control_count:
+                at = self.sh.control_head
+                data = PyBytes_FromStringAndSize(
+                    <char *>self.sh.control_buf + <size_t>at * CONTROL_SLOT, self.sh.control_len[at])
+                events.append(Event("control", None, _sockaddr_tuple(&self.sh.control_addr[at]), data))
+                self.sh.control_head = (at + 1) % self.sh.control_slots
+                self.sh.control_count -= 1
+        finally:
+            pthread_mutex_unlock(&self.sh.control_lock)
+        retire = []
+        if tr_xchg32(&self.sh.events_any, 0):
+            for record in list(self._peers.values()):
+                p = <PeerSlot *><size_t>record.slot
+                bits = tr_xchg32(&p.events, 0)
+                if bits & EVENT_ENDPOINT:
+                    events.append(Event("endpoint", record.id,
+                                        _sockaddr_tuple(&where) if peer_endpoint(p, &where) else None,
+                                        None))
+                if bits & EVENT_RENEW:
+                    events.append(Event("renew", record.id, None, None))
+                if bits & EVENT_PROMOTED:
+                    pthread_mutex_lock(&p.lock)
+                    ndropped = p.ndropped
+                    for i in range(ndropped):
+                        dropped[i] = p.dropped[i]
+                    p.ndropped = 0
+                    pthread_mutex_unlock(&p.lock)
+                    for i in range(ndropped):
+                        retire.append(<size_t>dropped[i])
+                    events.append(Event("promoted", record.id, None, None))
+        if retire or any(e.kind == "endpoint" for e in events):
+            # The snapshot lists endpoints and sessions as they were: a new
+            # one, then the keys pushed out go once no loop holds them.
+            self._publish()
+            for address in retire:
+                self._retire(RETIRE_KEYPAIR, <void *><size_t>address)
+        self._reclaim()
+        return events
+
+    # ------------------------------------------------------------ helpers
+
+    def _record(self, peer_id):
+        try:
+            return self._peers[peer_id]
+        except (KeyError, TypeError):
+            raise PumpArgumentError(f"no peer with id {peer_id!r}") from None
+
+    def _networks(self, allowed_ips, owner):
+        if isinstance(allowed_ips, (str, bytes)):
+            raise PumpArgumentError("allowed_ips is a list of networks, not one string")
+        nets = []
+        for value in allowed_ips:
+            try:
+                net = ipaddress.ip_network(value)
+            except ValueError as exc:
+                raise PumpArgumentError(f"allowed_ips: {exc}") from None
+            if net in nets:
+                raise PumpArgumentError(f"allowed_ips: {net} is given twice")
+            nets.append(net)
+        for record in self._peers.values():
+            if record.id == owner:
+                continue
+            for net in nets:
+                if net in record.allowed:
+                    raise PumpArgumentError(f"allowed_ips: {net} belongs to peer {record.name!r}")
+        return nets
+
+
+cdef void _set_endpoint(PeerSlot *p, endpoint) except *:
+    cdef sockaddr_storage address
+    cdef socklen_t length
+    if not isinstance(endpoint, tuple) or len(endpoint) < 2:
+        raise PumpArgumentError(f"endpoint must be (host, port), got {endpoint!r}")
+    host = str(endpoint[0])
+    family = AF_INET6 if ":" in host else AF_INET
+    try:
+        length = _fill_sockaddr(&address, family, endpoint)
+    except OSError as exc:
+        raise PumpArgumentError(f"endpoint {endpoint!r}: {exc}") from None
+    pthread_mutex_lock(&p.lock)
+    tr_seq_write_begin(&p.endpoint_seq)
+    memcpy(&p.endpoint, &address, sizeof(sockaddr_storage))
+    p.endpoint_len = length
+    p.endpoint_known = 1
+    tr_seq_write_end(&p.endpoint_seq)
+    pthread_mutex_unlock(&p.lock)
+
+
+cdef object _index_of(Keypair *k):
+    return None if k == NULL else k.local_index
+
+
+cdef void _free_peer(PeerSlot *p) noexcept nogil:
+    cdef unsigned int i
+    if p == NULL:
+        return
+    _free_keypair(p.current)
+    _free_keypair(p.previous)
+    _free_keypair(p.next)
+    for i in range(p.ndropped):
+        _free_keypair(p.dropped[i])
+    pthread_mutex_destroy(&p.lock)
+    free(p)
+
+
+cdef void _retire_peer(PeerTable table, PeerSlot *p):
+    table._retire(RETIRE_PEER, p)
+
+
+cdef void _free_retired(int kind, void *ptr) noexcept nogil:
+    if kind == RETIRE_SNAPSHOT:
+        _free_snapshot(<Snapshot *>ptr)
+    elif kind == RETIRE_PEER:
+        _free_peer(<PeerSlot *>ptr)
+    else:
+        _free_keypair(<Keypair *>ptr)
+
+
+cdef uint64_t _limit(value, str name) except? 0:
+    if value is None:
+        return _NO_LIMIT
+    if not isinstance(value, int) or value < 1:
+        raise PumpArgumentError(f"{name} must be a positive int, got {value!r}")
+    return min(value, _NO_LIMIT)
+
+
+cdef double _seconds(value, str name) except? -1:
+    if value is None:
+        return 0
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise PumpArgumentError(f"{name} must be positive seconds, got {value!r}")
+    return float(value)
