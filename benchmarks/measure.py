@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from tunrelay.netns import Testbed
+from tunrelay.testrig.netns import Testbed
 
 IPERF_PORT = 5201
 PING_COUNT = 20

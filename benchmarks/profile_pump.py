@@ -19,7 +19,7 @@ import sys
 import time
 
 from tunrelay._fastpath import Pump
-from tunrelay.transport import SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOCKET_BUFFER_BYTES
+from tunrelay.daemon.transport import SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOCKET_BUFFER_BYTES
 
 SECONDS = 8
 

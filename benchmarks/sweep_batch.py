@@ -11,8 +11,8 @@ import json
 import subprocess
 import time
 
-from tunrelay.netns import Testbed
-from tunrelay.pair import TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import TUNNEL_B, RelayPair
 
 
 def _iperf3(bed: Testbed, *args: str) -> dict:

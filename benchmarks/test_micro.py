@@ -52,7 +52,7 @@ import pytest
 
 from benchmarks.measure import cpu_seconds, cpu_times
 from benchmarks.report import MicroRow
-from tunrelay.transport import SOCKET_BUFFER_BYTES
+from tunrelay.daemon.transport import SOCKET_BUFFER_BYTES
 
 SIZES = (64, 1400)
 DIRECTIONS = ("egress", "ingress")

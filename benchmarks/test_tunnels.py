@@ -14,7 +14,7 @@ import pytest
 from benchmarks.measure import measure_tunnel, wait_for_ping
 from benchmarks.report import TunnelRow
 from benchmarks.tunnels import Unsupported, all_tunnels
-from tunrelay.netns import Testbed
+from tunrelay.testrig.netns import Testbed
 
 TUNNELS = all_tunnels()
 

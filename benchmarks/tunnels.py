@@ -22,8 +22,8 @@ import tempfile
 import time
 
 from tunrelay.errors import TunrelayError
-from tunrelay.netns import Testbed
-from tunrelay.pair import TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import TUNNEL_A, TUNNEL_B, RelayPair
 
 MTU = 1400
 PREFIX = 24

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from tunrelay.netns import Testbed
-from tunrelay.pair import RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import RelayPair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

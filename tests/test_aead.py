@@ -55,8 +55,8 @@ from pumprig import (
 )
 
 from tunrelay import aead
-from tunrelay.config import load, loads
 from tunrelay.counters import DIRECTION_DROPS, DROP_REASONS
+from tunrelay.daemon.config import load, loads
 from tunrelay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

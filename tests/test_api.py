@@ -17,8 +17,9 @@ from conftest import load_fastpath, load_pump_class
 from pumprig import WAIT, Rig
 
 import tunrelay
-from tunrelay import aead, config, framing
+from tunrelay import aead, framing
 from tunrelay._runner import Outcome, Reason
+from tunrelay.daemon import config
 from tunrelay.errors import PumpArgumentError, PumpStateError, TunrelayError
 from tunrelay.pumps import PumpLike
 from tunrelay.pypump import PyPump

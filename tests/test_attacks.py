@@ -44,8 +44,8 @@ from test_hostile import FLOOD
 
 from tunrelay.aead import genkey
 from tunrelay.errors import TunrelayError
-from tunrelay.netns import Testbed
-from tunrelay.pair import PORT, TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import PORT, TUNNEL_A, TUNNEL_B, RelayPair
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""tunrelay.config: good files, bad files (one per rule), endpoints, round trip.
+"""tunrelay.daemon.config: good files, bad files (one per rule), endpoints, round trip.
 
 No root needed: the only system look-ups are pwd/grp for "root" (uid/gid 0).
 """
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tunrelay.config
+import tunrelay.daemon.config
 from tunrelay import aead
-from tunrelay.config import (
+from tunrelay.daemon.config import (
     Config,
     DeviceConfig,
     Endpoint,
@@ -169,7 +169,7 @@ def key_file(directory: Path, name: str = "relay.key") -> Path:
 def test_aead_default_mtu_follows_the_wire_overhead(tmp_path):
     key_file(tmp_path)
     cfg = load_text(tmp_path, AEAD_TCP_SERVER)
-    assert cfg.device.mtu == tunrelay.config.AEAD_DEFAULT_MTU == 1400 - aead.OVERHEAD
+    assert cfg.device.mtu == tunrelay.daemon.config.AEAD_DEFAULT_MTU == 1400 - aead.OVERHEAD
 
 
 @pytest.mark.parametrize("text, role", [
@@ -602,15 +602,27 @@ def test_to_toml_escapes_strings_and_floats(socket_path, name, interval):
 # --------------------------------------------------------------------------
 
 
-def _imports(module: Path) -> set[str]:
-    """What a module imports: top-level names, and ".x" for its siblings."""
+def _imports(name: str) -> set[str]:
+    """What module ``name`` (dotted, in this package) imports: a module of the
+    package by its full dotted name, anything else by its top-level name."""
+    package_dir = Path(tunrelay.__file__).parent.parent
+    path = package_dir / (name.replace(".", "/") + ".py")
+    parent = name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(module.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name if alias.name.startswith("tunrelay.")
+                         else alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            found.add("." + (node.module or "").split(".")[0] if node.level
-                      else node.module.split(".")[0])
+            if not node.level:
+                found.add(node.module if node.module.startswith("tunrelay.")
+                          else node.module.split(".")[0])
+                continue
+            base = parent.rsplit(".", node.level - 1)[0] if node.level > 1 else parent
+            if node.module:
+                found.add(f"{base}.{node.module}")
+            else:  # from .. import aead: the names are modules
+                found.update(f"{base}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -619,21 +631,20 @@ def test_config_imports_only_the_standard_library_and_the_plain_core():
     (or pyroute2 missing): config reaches tunrelay.errors, .aead (key files)
     and .framing (frame sizes, the pump limits), and they reach nothing
     else, directly or through each other."""
-    allowed = {".errors", ".aead", ".framing"}
-    package = Path(tunrelay.config.__file__).parent
-    todo, seen = ["config"], set()
+    allowed = {"tunrelay.errors", "tunrelay.aead", "tunrelay.framing"}
+    todo, seen = ["tunrelay.daemon.config"], set()
     while todo:
         name = todo.pop()
         seen.add(name)
-        for imported in _imports(package / f"{name}.py"):
-            if imported.startswith("."):
-                assert imported in allowed, f"{name}.py imports tunrelay{imported}"
-                if imported[1:] not in seen:
-                    todo.append(imported[1:])
+        for imported in _imports(name):
+            if imported.startswith("tunrelay"):
+                assert imported in allowed, f"{name} imports {imported}"
+                if imported not in seen:
+                    todo.append(imported)
             else:
                 assert imported in sys.stdlib_module_names or imported == "__future__", (
-                    f"{name}.py imports {imported}, which is not in the standard library")
-    assert seen == {"config", "errors", "aead", "framing"}
+                    f"{name} imports {imported}, which is not in the standard library")
+    assert seen == {"tunrelay.daemon.config", *allowed}
 
 
 @pytest.mark.parametrize("text, most", [

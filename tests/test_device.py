@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _root import testbed  # noqa: F401  (a fixture)
 
-from tunrelay.device import open_tun
+from tunrelay.daemon.device import open_tun
 from tunrelay.errors import DeviceError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Shared by every snippet: imports, and helpers that ask iproute2.
 PRELUDE = """
 import ipaddress, json, subprocess
-from tunrelay.config import DeviceConfig
-from tunrelay.device import Device, delete_device, open_tun
+from tunrelay.daemon.config import DeviceConfig
+from tunrelay.daemon.device import Device, delete_device, open_tun
 from tunrelay.errors import DeviceError
 
 def ip_json(*args):
@@ -81,7 +81,7 @@ def test_name_length_counts_bytes_not_characters():
 
 
 def test_missing_tun_module_is_explained(monkeypatch):
-    monkeypatch.setattr("tunrelay.device._TUN_DEV", "/nonexistent/net/tun")
+    monkeypatch.setattr("tunrelay.daemon.device._TUN_DEV", "/nonexistent/net/tun")
     with pytest.raises(DeviceError, match=r"device 'tun7': .* load the tun module: modprobe tun"):
         open_tun("tun7")
 

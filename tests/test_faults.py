@@ -27,8 +27,8 @@ from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair
 from conftest import PUMP_KINDS, ip_packet, load_pump_class
 
 from tunrelay.errors import TunrelayError
-from tunrelay.netns import Testbed
-from tunrelay.pair import DEVICE, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import DEVICE, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IPERF_PORT = 5202

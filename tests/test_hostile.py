@@ -38,7 +38,7 @@ from pumprig import errors as pump_errors
 from pumprig import wait_for as pump_wait_for
 
 from tunrelay.framing import len16_encode
-from tunrelay.pair import PORT, TUNNEL_A, TUNNEL_B
+from tunrelay.testrig.pair import PORT, TUNNEL_A, TUNNEL_B
 
 MTU = 1400
 STOP_BOUND = 2.0    # stop() must return within this, however hostile the peer

@@ -32,10 +32,10 @@ def test_the_core_imports_without_pyroute2():
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     loaded = done.stdout.split()
-    assert "tunrelay.device" not in loaded and "tunrelay.relay" not in loaded, loaded
+    assert "tunrelay.daemon.device" not in loaded and "tunrelay.daemon.relay" not in loaded, loaded
 
 
 def test_the_daemon_still_finds_open_tun():
     done = subprocess.run([sys.executable, "-c", "import tunrelay; print(tunrelay.open_tun.__module__)"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "tunrelay.device", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == "tunrelay.daemon.device", done.stderr

@@ -8,7 +8,7 @@ import _root
 import pytest
 from _root import require_root, testbed  # noqa: F401  (testbed is a fixture)
 
-from tunrelay.netns import Testbed
+from tunrelay.testrig.netns import Testbed
 
 pytestmark = pytest.mark.root
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from tests._root import require_root
-from tunrelay.netns import Testbed
-from tunrelay.pair import DEVICE, TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import DEVICE, TUNNEL_A, TUNNEL_B, RelayPair
 
 pytestmark = pytest.mark.root
 

@@ -19,8 +19,8 @@ import pytest
 from conftest import load_fastpath
 
 from tunrelay import aead
-from tunrelay.config import loads
-from tunrelay.relay import Relay
+from tunrelay.daemon.config import loads
+from tunrelay.daemon.relay import Relay
 
 
 def record(hello: bytes) -> bytes:
@@ -87,8 +87,8 @@ def test_drops_that_point_at_the_other_end_are_logged_once_a_minute(parts, caplo
     drops = {"aead_version": 0, "reflected": 0, "stale_session": 0, "bad_tag": 0}
     monkeypatch.setattr(relay, "stats", lambda: {"ingress": {"drops": dict(drops)}})
     now = [1000.0]
-    monkeypatch.setattr("tunrelay.relay.time.monotonic", lambda: now[0])
-    caplog.set_level("WARNING", logger="tunrelay.relay")
+    monkeypatch.setattr("tunrelay.daemon.relay.time.monotonic", lambda: now[0])
+    caplog.set_level("WARNING", logger="tunrelay.daemon.relay")
     relay._notice_drops()
     assert caplog.records == []
     drops.update(aead_version=3, reflected=2, bad_tag=50)

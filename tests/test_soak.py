@@ -17,8 +17,8 @@ import time
 import pytest
 
 from tests._root import require_root
-from tunrelay.netns import Testbed
-from tunrelay.pair import TUNNEL_B, RelayPair
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import TUNNEL_B, RelayPair
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -171,8 +171,9 @@ def test_an_embedder_type_checks_against_the_stubs(tmp_path):
                     "(.venv/bin/pip install -e '.[test]')", pytrace=False)
     files = [str(ROOT / "tests" / "embedder.py"), str(STUB),
              *(str(PACKAGE / name) for name in TYPED_CORE)]
-    # silent: the daemon's modules (config, device...) are imported through
-    # tunrelay/__init__.py but not held to types yet; the files named here are.
+    # silent: the daemon's modules (tunrelay.daemon: config, device...) are
+    # named in tunrelay/__init__.py for type checkers but not held to types
+    # yet; the files named here are.
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "--follow-imports=silent",
          "--warn-unused-ignores", "--no-color-output", *files],

@@ -1,4 +1,4 @@
-"""Sockets of tunrelay.transport, on loopback only; no root needed."""
+"""Sockets of tunrelay.daemon.transport, on loopback only; no root needed."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tunrelay import transport
 from tunrelay.aead import HELLO_RECORD_LEN
-from tunrelay.config import Endpoint, TransportConfig
+from tunrelay.daemon import transport
+from tunrelay.daemon.config import Endpoint, TransportConfig
+from tunrelay.daemon.lograte import RateLimitedLog
+from tunrelay.daemon.transport import TcpClient, TcpServer, open_udp
 from tunrelay.errors import TransportError
-from tunrelay.lograte import RateLimitedLog
-from tunrelay.transport import TcpClient, TcpServer, open_udp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,7 +235,7 @@ def test_tcp_client_binds_to_listen_address(server, stop):
 
 def test_tcp_client_retries_until_the_server_appears(stop, caplog):
     port = _free_tcp_port()
-    caplog.set_level(logging.DEBUG, logger="tunrelay.transport")
+    caplog.set_level(logging.DEBUG, logger="tunrelay.daemon.transport")
     thread, result = _in_thread(TcpClient(tcp_client(port)).connect, stop)
     time.sleep(0.5)  # a few refused attempts: 0.1, 0.2 s backoff
     srv = TcpServer(TransportConfig("tcp", Endpoint("127.0.0.1", port)))
@@ -454,7 +454,7 @@ LINK_LOCAL = _local_link_local()
 def test_link_local_endpoints_work_end_to_end(stop, caplog):
     """Both ends on this host's own link-local address (delivered locally)."""
     address, name = LINK_LOCAL
-    caplog.set_level(logging.INFO, logger="tunrelay.transport")
+    caplog.set_level(logging.INFO, logger="tunrelay.daemon.transport")
     a, _ = open_udp(TransportConfig("udp", Endpoint(f"{address}%{name}", 0)))
     with a:
         port_a = a.getsockname()[1]
@@ -516,7 +516,7 @@ def test_accept_errors_back_off_doubling_to_a_cap_and_carry_on(server, monkeypat
             return self.is_set()
 
     monkeypatch.setattr(transport.time, "monotonic", clock)
-    caplog.set_level(logging.INFO, logger="tunrelay.transport")
+    caplog.set_level(logging.INFO, logger="tunrelay.daemon.transport")
     errors = [errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EMFILE, errno.EMFILE,
               errno.ECONNABORTED]
     server._sock = FailingListener(server._sock, errors)
@@ -554,8 +554,8 @@ def test_an_unusable_listener_is_still_an_error(server, stop, code):
 
 EMFILE_CHILD = r"""
 import json, logging, os, resource, socket, sys, threading, time
-from tunrelay.config import Endpoint, TransportConfig
-from tunrelay.transport import TcpServer
+from tunrelay.daemon.config import Endpoint, TransportConfig
+from tunrelay.daemon.transport import TcpServer
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 server = TcpServer(TransportConfig("tcp", Endpoint("127.0.0.1", 0)))
@@ -635,7 +635,7 @@ def connect_from(source: str, address: tuple) -> socket.socket:
 
 
 def test_allow_refuses_an_address_outside_the_networks(stop, caplog):
-    caplog.set_level(logging.INFO, logger="tunrelay.transport")
+    caplog.set_level(logging.INFO, logger="tunrelay.daemon.transport")
     with TcpServer(allowing("127.0.0.1", "127.0.0.1/32")) as srv:
         stranger = connect_from("127.0.0.2", srv.address)
         stranger_port = stranger.getsockname()[1]
@@ -748,7 +748,7 @@ def test_an_idle_stranger_does_not_block_a_proving_client(server, stop):
 
 
 def test_strangers_that_send_junk_are_closed_and_counted(server, stop, caplog):
-    caplog.set_level(logging.INFO, logger="tunrelay.transport")
+    caplog.set_level(logging.INFO, logger="tunrelay.daemon.transport")
     junk = [
         record(b"X" * (HELLO_RECORD_LEN - 2)),  # the right size, does not verify
         b"\xff\xff" + CLIENT_HELLO[2:],  # the hello behind a wrong length
@@ -799,7 +799,7 @@ def test_a_hello_behind_a_wrong_length_header_is_not_taken(server, stop):
 
 def test_a_stranger_that_never_sends_is_closed_at_the_deadline(server, stop, monkeypatch, caplog):
     monkeypatch.setattr(transport, "PROOF_DEADLINE_S", 0.3)
-    caplog.set_level(logging.INFO, logger="tunrelay.transport")
+    caplog.set_level(logging.INFO, logger="tunrelay.daemon.transport")
     stranger = socket.create_connection(server.address)
     with stranger:
         thread, result = _in_thread(accept_proven, server, stop)
@@ -907,7 +907,7 @@ def test_poll_hands_out_the_newest_proven_connection(server, stop):
 def test_the_client_gives_up_on_a_server_whose_reply_does_not_verify(server, stop, caplog):
     """A server without the key cannot answer with a hello that verifies:
     the client closes, counts it, backs off and tries again."""
-    caplog.set_level(logging.DEBUG, logger="tunrelay.transport")
+    caplog.set_level(logging.DEBUG, logger="tunrelay.daemon.transport")
     replies = iter([record(b"?" * (HELLO_RECORD_LEN - 2)), SERVER_HELLO])
     accepted: list = []
 
@@ -937,7 +937,7 @@ def test_the_client_gives_up_on_a_server_whose_reply_does_not_verify(server, sto
 
 def test_the_client_gives_up_on_a_server_that_never_answers(stop, monkeypatch, caplog):
     monkeypatch.setattr(transport, "PROOF_DEADLINE_S", 0.2)
-    caplog.set_level(logging.DEBUG, logger="tunrelay.transport")
+    caplog.set_level(logging.DEBUG, logger="tunrelay.daemon.transport")
     with socket.socket() as silent:  # the kernel completes connections; nobody answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)

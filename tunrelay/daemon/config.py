@@ -25,13 +25,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .aead import CIPHERS, ROLES
-from .aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
-from .aead import OVERHEAD as AEAD_OVERHEAD
-from .errors import ConfigError
-from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
+from ..aead import CIPHERS, ROLES
+from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
+from ..aead import OVERHEAD as AEAD_OVERHEAD
+from ..errors import ConfigError
+from ..framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
                       max_frame)
-from .framing import MODES as DEVICE_MODES
+from ..framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
 IFNAMSIZ = 16  # linux/if.h, counting the NUL
@@ -368,7 +368,7 @@ def _with_aead(cfg: Config, tables: dict) -> Config:
     MTU unless one is given."""
     from dataclasses import replace
 
-    from .aead import load_key
+    from ..aead import load_key
     if cfg.relay.engine != "fast":
         raise tables["relay"].error("engine", 'framing = "aead" needs engine = "fast"')
     if cfg.device.queues > AEAD_MAX_QUEUES:

@@ -15,9 +15,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .errors import TunrelayError
+from ..daemon.stats import query
+from ..errors import TunrelayError
 from .netns import Testbed
-from .stats import query
 
 #: Tunnel (overlay) addresses: inside the two namespaces only.
 TUNNEL_A, TUNNEL_B = "10.99.0.1", "10.99.0.2"

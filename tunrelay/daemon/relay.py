@@ -25,17 +25,17 @@ import socket
 import threading
 import time
 
-from . import transport as _transport
-from . import aead as _aead
-from ._runner import FATAL, REPLACED, STOPPED, Outcome
-from .counters import DIRECTIONS, empty_direction
-from .config import Config
+from .. import aead as _aead
+from .._runner import FATAL, REPLACED, STOPPED, Outcome
+from ..counters import DIRECTIONS, empty_direction
+from ..errors import PumpError
 from . import device
+from . import transport as _transport
+from .config import Config
 from .device import Device
-from .errors import PumpError
 from .stats import ControlServer, format_line
 
-log = logging.getLogger("tunrelay.relay")
+log = logging.getLogger("tunrelay.daemon.relay")
 
 #: How often the supervisor looks up from waiting (stop, housekeeping).
 SUPERVISE_SLICE_S = 0.2
@@ -58,9 +58,9 @@ _NOTICES = {
 def pump_class(engine: str):
     """The compiled pump for "fast", the pure-Python one for "python"."""
     if engine == "python":
-        from .pypump import PyPump
+        from ..pypump import PyPump
         return PyPump
-    from ._fastpath import Pump
+    from .._fastpath import Pump
     return Pump
 
 
@@ -69,7 +69,7 @@ class Relay:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = Device(cfg.device, log=logging.getLogger("tunrelay.device"),
+        self.device = Device(cfg.device, log=logging.getLogger("tunrelay.daemon.device"),
                              offload=_offload_wanted(cfg))
         #: One pump per TUN queue (UDP), or the one pump of the TCP connection.
         self.pumps: list = []
@@ -177,7 +177,7 @@ class Relay:
             self.device.open()
             tcfg = self.cfg.transport
             if tcfg.framing == "aead":
-                from ._fastpath import Keyring
+                from .._fastpath import Keyring
                 self.keyring = Keyring(self.cfg.security.key, self.cfg.security.cipher,
                                        self.cfg.security.role)
             if tcfg.protocol == "udp":
@@ -191,10 +191,12 @@ class Relay:
                     log.info("udp: listening on %s%s, peer %s", where, queues,
                              _transport.format_sockaddr(self._peer))
             elif tcfg.is_server:
-                self._server = _transport.TcpServer(tcfg, log=logging.getLogger("tunrelay.transport"))
+                self._server = _transport.TcpServer(
+                    tcfg, log=logging.getLogger("tunrelay.daemon.transport"))
                 self._server.open()
             else:
-                self._client = _transport.TcpClient(tcfg, log=logging.getLogger("tunrelay.transport"))
+                self._client = _transport.TcpClient(
+                    tcfg, log=logging.getLogger("tunrelay.daemon.transport"))
             self._control = ControlServer(self.cfg.control_socket, self.snapshot)
             self._control.open()
         except BaseException:

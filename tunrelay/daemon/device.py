@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
@@ -169,7 +169,7 @@ class Device:
     def __init__(self, cfg: DeviceConfig, log: logging.Logger | None = None,
                  *, offload: str | bool = False) -> None:
         self.cfg = cfg
-        self.log = log or logging.getLogger("tunrelay.device")
+        self.log = log or logging.getLogger("tunrelay.daemon.device")
         self.name: str = cfg.name
         self.fds: tuple[int, ...] = ()
         self.ifindex: int | None = None

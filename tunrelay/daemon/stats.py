@@ -17,10 +17,10 @@ import stat
 import threading
 from typing import Callable
 
-from .counters import DIRECTIONS
-from .errors import TunrelayError
+from ..counters import DIRECTIONS
+from ..errors import TunrelayError
 
-log = logging.getLogger("tunrelay.stats")
+log = logging.getLogger("tunrelay.daemon.stats")
 
 _REQUEST_LIMIT = 64
 _CLIENT_TIMEOUT_S = 2.0

@@ -29,8 +29,8 @@ import ctypes
 import time
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from .aead import HELLO_RECORD_LEN
-from .errors import TransportError
+from ..aead import HELLO_RECORD_LEN
+from ..errors import TransportError
 from .lograte import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -372,7 +372,7 @@ class TcpClient:
         if cfg.peer is None:
             raise TransportError("a TCP client needs a peer address; got none")
         self.cfg = cfg
-        self.log = log or logging.getLogger("tunrelay.transport")
+        self.log = log or logging.getLogger("tunrelay.daemon.transport")
         # Servers that did not prove themselves (no hello, or a bad one).
         self.counts = {"unproven": 0}
 
@@ -511,7 +511,7 @@ class TcpServer:
         if cfg.listen is None:
             raise TransportError("a TCP server needs a listen address; got none")
         self.cfg = cfg
-        self.log = log or logging.getLogger("tunrelay.transport")
+        self.log = log or logging.getLogger("tunrelay.daemon.transport")
         self._sock: socket.socket | None = None
         self._allow = tuple(cfg.allow)
         self._proving: list[_Proving] = []  # oldest first

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import TunrelayError
+from ..errors import TunrelayError
 
-log = logging.getLogger("tunrelay.privileges")
+log = logging.getLogger("tunrelay.daemon.privileges")
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:

@@ -14,8 +14,8 @@ import logging
 import signal
 import sys
 
-from . import __version__
-from .errors import ConfigError, TunrelayError
+from .. import __version__
+from ..errors import ConfigError, TunrelayError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -86,13 +86,13 @@ def cmd_stats(args) -> int:
 
 
 def cmd_genkey(args) -> int:
-    from .aead import genkey
+    from ..aead import genkey
     print(genkey())
     return EXIT_OK
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..testrig.demo import run_demo
     return run_demo(seconds=args.seconds, protocol=args.protocol)
 
 

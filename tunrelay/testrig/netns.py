@@ -25,7 +25,7 @@ import subprocess
 import time
 from typing import Any, Sequence
 
-from .errors import TunrelayError
+from ..errors import TunrelayError
 
 __all__ = ["Testbed", "TestbedError", "link_set"]
 

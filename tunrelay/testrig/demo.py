@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-from .errors import TunrelayError
+from ..daemon.stats import format_table
+from ..errors import TunrelayError
 from .netns import Testbed
 from .pair import TUNNEL6_B, TUNNEL_B, RelayPair
-from .stats import format_table
 
 
 def _say(text: str) -> None:
