@@ -33,7 +33,7 @@ PACKAGE = ROOT / "tunrelay"
 STUB = PACKAGE / "_fastpath.pyi"
 #: Where each class's __cinit__ is written.
 SOURCES = {"Pump": PACKAGE / "_fastpath.pyx", "Keyring": PACKAGE / "_aead.pxi",
-           "PrefixTable": PACKAGE / "_fastpath.pyx"}
+           "PrefixTable": PACKAGE / "_fastpath.pyx", "PeerTable": PACKAGE / "_peers.pxi"}
 #: What tests/embedder.py is checked with, besides the stubs: the typed core.
 TYPED_CORE = ["pumps.py", "pypump.py", "_runner.py", "errors.py", "framing.py", "aead.py",
               "counters.py"]
