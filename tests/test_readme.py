@@ -62,13 +62,17 @@ def _stub_members() -> dict[str, dict[str, ast.FunctionDef]]:
             for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
+#: What the block's "owner.member" lines name.
+OWNERS = {"pump": "Pump", "keyring": "Keyring", "table": "PeerTable"}
+
+
 def _real(owner: str | None, name: str):
     """What a README line names: (its signature's parameters without self,
     its return annotation as text, is it a property)."""
     stub = _stub_members()
     fastpath = load_fastpath()
-    if owner in ("pump", "keyring"):
-        cls = owner.capitalize()
+    if owner in OWNERS:
+        cls = OWNERS[owner]
         node = stub[cls][name]
         is_property = any(ast.unparse(d) == "property" for d in node.decorator_list)
         parameters = None
@@ -77,7 +81,7 @@ def _real(owner: str | None, name: str):
             compiled = inspect.signature(getattr(getattr(fastpath, cls), name))
             parameters = list(compiled.parameters.values())[1:]
         return parameters, ast.unparse(node.returns), is_property
-    if name in ("Pump", "Keyring"):
+    if name in OWNERS.values():
         # __cinit__ has no signature inspect can read: the stub's __init__,
         # which tests/test_stubs.py holds to the .pyx and the compiled class.
         namespace: dict = {}
@@ -117,9 +121,10 @@ def test_the_readme_signatures_are_the_code():
     # Nothing public left out: every member of the extension's classes, and
     # the names an embedder starts from.
     stub = _stub_members()
-    for cls, owner in (("Pump", "pump"), ("Keyring", "keyring")):
+    for owner, cls in OWNERS.items():
         public = {n for n in stub[cls] if not n.startswith("_")}
         assert public <= {n for o, n in seen if o == owner}, (
             f"README lacks {owner}.{sorted(public - {n for o, n in seen if o == owner})}")
-    for name in ("Pump", "PyPump", "Keyring", "Relay", "open_tun", "load_config", "loads_config"):
+    for name in ("Pump", "PyPump", "Keyring", "PeerTable", "Relay", "open_tun", "load_config",
+                 "loads_config"):
         assert (None, name) in seen, f"README lacks {name}(...)"

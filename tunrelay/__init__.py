@@ -26,7 +26,7 @@ from .pypump import PyPump
 if TYPE_CHECKING:
     # What a type checker sees (Pump from _fastpath.pyi); at run time they
     # load on first use, below.
-    from ._fastpath import Pump
+    from ._fastpath import Event, PeerTable, Pump
     from .daemon.config import Config, load as load_config, loads as loads_config
     from .daemon.device import open_tun
     from .daemon.relay import Relay
@@ -38,6 +38,8 @@ else:
     # pump imports neither tunrelay.daemon nor pyroute2.
     _LAZY = {
         "Pump": ("._fastpath", "Pump"),
+        "PeerTable": ("._fastpath", "PeerTable"),
+        "Event": ("._fastpath", "Event"),
         "Config": (".daemon.config", "Config"),
         "load_config": (".daemon.config", "load"),
         "loads_config": (".daemon.config", "loads"),
@@ -53,7 +55,7 @@ else:
         return getattr(import_module(module, __name__), attribute)
 
 
-__all__ = ["Pump", "PyPump", "PumpLike", "Relay", "Outcome", "Reason", "open_tun", "Config",
+__all__ = ["Pump", "PeerTable", "Event", "PyPump", "PumpLike", "Relay", "Outcome", "Reason", "open_tun", "Config",
            "load_config", "loads_config", "TunrelayError", "ConfigError",
            "DeviceError", "TransportError", "PumpError", "PumpArgumentError",
            "PumpStateError"]
