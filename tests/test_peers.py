@@ -443,3 +443,32 @@ def test_thousands_of_changes_per_second_while_packets_flow(rig):
     assert table.info(one_id)["egress"]["packets"] == sent
     wait_for(lambda: table.counts()["retired_pending"] == 0, "every retired object freed",
              lambda: table.counts())
+
+
+def test_one_replay_window_whatever_queue_a_datagram_lands_on(rig):
+    """Two queue pumps share a table: a datagram accepted by one is a replay
+    for the other, and one sending counter serves both (no nonce twice)."""
+    table = PeerTable()
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                          recv_key=KEY_BA, initiator=True)
+    queues = []
+    for _ in range(2):
+        tun, tun_pump = rig.tun()
+        queues.append((tun, rig.pump(tun_pump, rig.udp(timeout=None), framing="session",
+                                     peers=table)))
+    packet = v4("10.8.2.1", "10.8.1.1")
+    datagram = seal(KEY_BA, 1, 0, packet)
+    (tun_a, pump_a), (tun_b, pump_b) = queues
+    pump_a._feed(datagram, sender=other.getsockname())
+    assert tun_a.recv(65535) == packet
+    pump_b._feed(datagram, sender=other.getsockname())
+    assert drops(pump_b).get("replay", 0) == 1
+    assert_quiet(tun_b)
+    for tun, pump in queues:
+        pump.start()
+    for tun, pump in queues:
+        tun.send(v4("10.8.1.1", "10.8.2.1"))
+    counters = sorted(unseal(KEY_AB, other.recv(65535))[1] for _ in queues)
+    assert counters == [0, 1]
