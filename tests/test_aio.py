@@ -382,6 +382,52 @@ def test_events_left_by_the_pumps_are_delivered_on_stop(rig):
     asyncio.run(main())
 
 
+def test_an_async_callback_may_stop_the_async_pump(rig):
+    table = PeerTable()
+    sock = rig.udp(timeout=None)
+    pump = rig.pump(rig.tun()[1], sock, framing="session", peers=table)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        finished = [loop.create_future(), loop.create_future()]
+
+        async with AsyncPump(pump, peers=table) as ap:
+            def bye(n: int) -> Any:
+                async def callback(event: Any) -> None:
+                    outcome = await ap.stop()      # not cancelled by its own stop()
+                    finished[n].set_result(outcome)
+                return callback
+
+            ap.on("control", bye(0))
+            ap.on("control", bye(1))               # two at once do not wait for each other
+            rig.udp().sendto(b"\x03bye", sock.getsockname())
+            assert await within(asyncio.gather(*finished), "the callbacks' stop()") == [
+                Outcome(Reason.STOPPED)] * 2
+            assert not pump.running and not ap.reading
+
+    asyncio.run(main())
+
+
+def test_an_async_pump_left_running_on_a_closed_loop_does_not_hold_its_table(rig):
+    table = PeerTable()
+    first = rig.pump(rig.tun()[1], rig.udp(timeout=None), framing="session", peers=table)
+    second = rig.pump(rig.tun()[1], rig.udp(timeout=None), framing="session", peers=table)
+    left: list[AsyncPump] = []
+
+    async def forget() -> None:
+        ap = AsyncPump(first, peers=table)
+        await ap.start()                           # and never stopped
+        left.append(ap)
+
+    async def again() -> None:
+        async with AsyncPump(second, peers=table) as ap:
+            assert ap.reading
+
+    asyncio.run(forget())
+    asyncio.run(again())
+    assert first.running                           # rig.close() stops it
+
+
 def test_send_control_goes_through_the_first_pump(rig):
     table = PeerTable()
     sock = rig.udp(timeout=None)

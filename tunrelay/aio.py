@@ -54,9 +54,10 @@ import collections
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol, Self, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, get_args, runtime_checkable
 
 from ._runner import Outcome, Reason
 from .errors import PumpArgumentError, PumpStateError
@@ -168,9 +169,10 @@ class AsyncPump:
     loop.  ``queue_size`` bounds the control events waiting in
     ``events()``.  See the module docstring for the design."""
 
-    #: Tables an AsyncPump drains now: two readers of one eventfd would
-    #: steal each other's events.
-    _tables_in_use: set[int] = set()
+    #: The AsyncPump draining each table (by id) now: two readers of one
+    #: eventfd would steal each other's events.  Weak: one that was
+    #: dropped without stop() does not hold its table forever.
+    _readers: weakref.WeakValueDictionary[int, AsyncPump] = weakref.WeakValueDictionary()
 
     def __init__(self, *pumps: PumpLike, peers: PeerTable | None = None,
                  queue_size: int = 1024) -> None:
@@ -190,6 +192,7 @@ class AsyncPump:
         self._queue = EventQueue(queue_size)
         self._callbacks: dict[str, list[EventCallback]] = {kind: [] for kind in KINDS}
         self._tasks: set[asyncio.Future[object]] = set()
+        self._stoppers: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: list[asyncio.Future[Outcome]] = []
         self._first: asyncio.Future[Outcome] | None = None
@@ -221,7 +224,9 @@ class AsyncPump:
     @property
     def dropped_events(self) -> int:
         """Control events dropped from the ``events()`` queue (the oldest
-        first) because its consumer fell behind."""
+        first) because its consumer fell behind (or there is none: an
+        AsyncPump used with callbacks only counts all but the last
+        ``queue_size`` control events here)."""
         return self._queue.dropped
 
     @property
@@ -238,8 +243,11 @@ class AsyncPump:
         if self._first is not None:
             raise PumpStateError("this AsyncPump was started already; make a new one")
         loop = asyncio.get_running_loop()
-        if self._peers is not None and id(self._peers) in AsyncPump._tables_in_use:
-            raise PumpStateError("another AsyncPump reads this PeerTable's events")
+        if self._peers is not None:
+            other = AsyncPump._readers.get(id(self._peers))
+            if other is not None and other._reading and not (
+                    other._loop is not None and other._loop.is_closed()):
+                raise PumpStateError("another AsyncPump reads this PeerTable's events")
         started: list[PumpLike] = []
         try:
             for pump in self._pumps:
@@ -258,7 +266,7 @@ class AsyncPump:
         for future in self._ended:
             future.add_done_callback(self._pump_ended)
         if self._peers is not None:
-            AsyncPump._tables_in_use.add(id(self._peers))
+            AsyncPump._readers[id(self._peers)] = self
             loop.add_reader(self._peers.fileno(), self._readable)
             self._reading = True
 
@@ -273,17 +281,25 @@ class AsyncPump:
         """Signal every pump to stop and wait (off the loop) until all have
         ended; returns ``wait()``'s outcome, or None if some pump did not
         end within ``timeout`` s (its fds must then stay open).  Callback
-        tasks still running are cancelled.  Calling it again is fine."""
+        tasks still running are cancelled, except the one calling stop().
+        Calling it again is fine."""
         if self._first is None:
             raise PumpStateError("AsyncPump.stop() before start()")
+        current = asyncio.current_task()
+        if current is not None:
+            self._stoppers.add(current)
         for pump in self._pumps:
             pump.request_stop()
         done, pending = await asyncio.wait(self._ended, timeout=timeout)
         if pending:
             return None
-        self._finish()   # normally done already by the last watcher
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for future in self._ended:      # each a no-op once its callback ran
+            self._pump_ended(future)
+        # Callback tasks were cancelled; wait for them to end, but not for
+        # one that is in stop() itself (two such would wait for each other).
+        others = [task for task in self._tasks if task not in self._stoppers]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
         return self._first.result()
 
     async def __aenter__(self) -> Self:
@@ -347,10 +363,12 @@ class AsyncPump:
             assert self._loop is not None
             self._loop.remove_reader(self._peers.fileno())
             self._reading = False
-            AsyncPump._tables_in_use.discard(id(self._peers))
+            if AsyncPump._readers.get(id(self._peers)) is self:
+                del AsyncPump._readers[id(self._peers)]
         self._queue.close()
         for task in self._tasks:
-            task.cancel()
+            if task not in self._stoppers:   # a callback that called stop() carries on
+                task.cancel()
 
     # ------------------------------------------------------------ events
 
