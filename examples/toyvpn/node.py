@@ -36,8 +36,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self
 
-from tunrelay import Outcome
-from tunrelay._fastpath import Event, PeerTable, Pump
+from tunrelay import Event, Outcome, PeerTable, Pump
 from tunrelay.aio import AsyncPump
 from tunrelay.pumps import Address, FileDescriptorLike
 
