@@ -234,9 +234,9 @@ def test_events_arrive_through_async_for(rig):
             at_a = await within(collect(ap_a, {"control", "renew"}), "control and renew at a")
             at_b = await within(collect(ap_b, {"endpoint", "promoted"}), "endpoint and promoted at b")
         assert at_a["control"].data == b"\x01hello" and at_a["control"].peer is None
-        assert at_a["renew"] == Event("renew", a[3], None, None)
+        assert at_a["renew"] == Event("renew", a[3], None, None, 11)   # a's session 11 asks
         assert at_b["endpoint"] == Event("endpoint", b[3], a[4].getsockname(), None)
-        assert at_b["promoted"] == Event("promoted", b[3], None, None)
+        assert at_b["promoted"] == Event("promoted", b[3], None, None, 22)
         assert b[2].info(b[3])["sessions"]["current"] == 22
         assert ap_a.dropped_events == ap_b.dropped_events == 0
 

@@ -316,7 +316,7 @@ def test_renewal_is_asked_and_hard_limits_refuse(rig):
     counters = [unseal(KEY_AB, other.recv(65535))[1] for _ in range(5)]
     assert counters == [0, 1, 2, 3, 4]
     wait_for(lambda: drops(pump, "egress").get("session_expired", 0) == 2, "past the hard limit")
-    assert [e.kind for e in table.take()] == ["renew"]
+    assert [(e.kind, e.session) for e in table.take()] == [("renew", 1)]
     other.sendto(seal(KEY_BA, 1, 5, v4("10.8.2.1", "10.8.1.1")), sock.getsockname())
     wait_for(lambda: drops(pump).get("session_expired", 0) == 1, "a received counter past the limit")
     # A new session: sending resumes, counters from 0.
@@ -343,6 +343,46 @@ def test_a_session_expires_with_age(rig):
     tun.send(v4("10.8.1.1", "10.8.2.1"))
     wait_for(lambda: drops(pump, "egress").get("session_expired", 0) == 1, "too old to send with")
     assert_quiet(other)
+    # Past its hard limit a session asks for renewal (no rekey threshold was set).
+    assert [(e.kind, e.session) for e in table.take()] == [("renew", 1)]
+
+
+def test_a_keepalive_confirms_a_session_to_the_responder(rig):
+    (ta, pa, tab_a, peer_b), (tb, pb, tab_b, peer_a) = session_pair(rig)
+    pa.start()
+    pb.start()
+    pa.send_keepalive(peer_b)
+    wait_for(lambda: tab_b.info(peer_a)["ingress"]["keepalives"] == 1, "the keepalive arrived")
+    assert tab_b.info(peer_a)["sessions"]["current"] == 22
+    assert [(e.kind, e.session) for e in tab_b.take()] == [("promoted", 22)]
+    packet = v4("10.8.2.1", "10.8.1.1", seq=3)
+    tb.send(packet)          # b may send now, without a's data first
+    assert ta.recv(65535) == packet
+    assert_quiet(tb)
+    with pytest.raises(fp.PumpStateError, match="no current session"):
+        pb.send_keepalive(tab_b.add("nobody", endpoint=("127.0.0.1", 9)))
+    with pytest.raises(fp.PumpArgumentError, match="framing 'session'"):
+        rig.pump(rig.tun()[1], rig.udp(timeout=None), peers=PeerTable()).send_keepalive(1)
+
+
+def test_no_session_asks_for_renewal_at_most_once_a_second(rig):
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    pump = rig.pump(tun_pump, rig.udp(timeout=None), framing="session", peers=table)
+    pump.start()
+    tun.send(v4("10.8.1.1", "10.8.2.1"))
+    wait_for(lambda: drops(pump, "egress").get("no_session", 0) == 1, "no_session")
+    assert [(e.kind, e.peer, e.session) for e in table.take()] == [("renew", pid, None)]
+    renewals = 0
+    for seq in range(20):
+        tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
+        wait_for(lambda: drops(pump, "egress").get("no_session", 0) == seq + 2, "counted")
+        renewals += sum(e.kind == "renew" for e in table.take())
+    # Taken after every packet, yet no new "renew" within the second (one,
+    # should the machine have taken a second over these 20 packets).
+    assert renewals <= 1
 
 
 def test_install_session_checks_its_arguments():

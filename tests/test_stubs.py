@@ -35,7 +35,7 @@ STUB = PACKAGE / "_fastpath.pyi"
 SOURCES = {"Pump": PACKAGE / "_fastpath.pyx", "Keyring": PACKAGE / "_aead.pxi",
            "PrefixTable": PACKAGE / "_fastpath.pyx", "PeerTable": PACKAGE / "_peers.pxi"}
 #: What tests/embedder.py is checked with, besides the stubs: the typed core.
-TYPED_CORE = ["pumps.py", "pypump.py", "_runner.py", "errors.py", "framing.py", "aead.py",
+TYPED_CORE = ["pumps.py", "pypump.py", "_runner.py", "errors.py", "framing.py", "aead.py", "aio.py",
               "counters.py"]
 
 

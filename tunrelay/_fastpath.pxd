@@ -138,6 +138,7 @@ cdef enum:
     EVENT_ENDPOINT = 1        # PeerSlot.events bits
     EVENT_RENEW = 2
     EVENT_PROMOTED = 4
+    PEER_DROPPED = 4          # keys a promotion pushed out, waiting for Python
 
 
 # One direction's counters of one peer, alone on its cache line: several
@@ -189,9 +190,11 @@ cdef struct PeerSlot:
     Keypair *current          # atomic pointers, changed under lock
     Keypair *previous
     Keypair *next
-    Keypair *dropped[4]       # pushed out by a promotion in a loop: Python retires them
+    Keypair *dropped[4]       # PEER_DROPPED: pushed out by a promotion in a loop; Python retires them
     unsigned int ndropped
     unsigned int events       # EVENT_* bits for Python (atomic)
+    uint64_t renew_session    # the local index + 1 of the session that asked for renewal (0: none)
+    double renew_unkeyed_at   # when "renew" was last raised for want of a session
 
 
 # What a loop reads per packet: immutable once published.  A change builds
@@ -364,6 +367,8 @@ cdef class PeerTable:
     cdef readonly uint64_t publications
     cdef bint _control_default
     cdef object _framing
+    cdef EVP_CIPHER_CTX *_ctx     # seals keepalives from Python (GIL held)
+    cdef uint64_t _ctx_gen
 
     cdef int _publish(self) except -1
     cdef void _retire(self, int kind, void *ptr)

@@ -89,6 +89,8 @@ class Pump:
         """Swap in a new socket (a TCP reconnect) while stopped."""
     def send_control(self, address: Address, data: _Bytes) -> None:
         """One datagram through the pump's own socket (same port as data)."""
+    def send_keepalive(self, peer_id: int) -> None:
+        """A sealed empty packet to a peer (framing "session")."""
     def start(self) -> None: ...
     def request_stop(self) -> None: ...
     def stop(self, timeout: float | None = None) -> Outcome | None: ...
@@ -105,6 +107,7 @@ class Event(NamedTuple):
     peer: int | None
     address: Address | None
     data: bytes | None
+    session: int | None = None
 
 class PeerTable:
     """The peers of one relay, shared by its pumps: endpoints, allowed IPs,

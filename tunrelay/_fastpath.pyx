@@ -449,10 +449,14 @@ cdef class Pump:
         if direction == "egress":
             with nogil:
                 status = egress_loop(st)
+                if st.peers != NULL:
+                    reader_idle(st.peers, st.eg.reader)   # a stopped loop holds nothing
             err = st.eg.exit_errno
         else:
             with nogil:
                 status = ingress_loop(st)
+                if st.peers != NULL:
+                    reader_idle(st.peers, st.ing.reader)
             err = st.ing.exit_errno
         return Outcome(_STATUS_REASONS[status], direction, err)
 
@@ -523,6 +527,16 @@ cdef class Pump:
                        <sockaddr *>&to, to_len)
         if r < 0:
             raise OSError(errno, os.strerror(errno), "send_control")
+
+    def send_keepalive(self, peer_id):
+        """Send a peer a keepalive (framing "session": an empty packet sealed
+        by the data path's counter, so no nonce is used twice) through this
+        pump's socket.  It confirms a fresh session to a responder waiting
+        for our first datagram, and keeps NAT mappings open."""
+        if self.peers is None or not self.st.session:
+            raise PumpArgumentError("send_keepalive() is for framing 'session' with peers=")
+        datagram, endpoint = self.peers._keepalive(peer_id)
+        self.send_control(endpoint, datagram)
 
     @property
     def learns_peer(self):

@@ -204,25 +204,31 @@ cdef inline bint keypair_expired(PeerShared *sh, Keypair *k, double now) noexcep
     return sh.reject_time > 0 and now - k.created >= sh.reject_time
 
 
-cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first,
-                      size_t first_len, uint8_t *second, size_t second_len,
-                      uint8_t *tag) noexcept nogil:
-    """Encrypt the packet (first + second) in place under the session's next
-    counter; write the header and the tag.  DROP_NONE or a drop reason."""
-    cdef PeerShared *sh = st.peers
+cdef void ask_renewal(PeerShared *sh, PeerSlot *p, Keypair *k, double now) noexcept nogil:
+    """Raise "renew" for a peer: its session `k` asks (NULL: there is none to
+    send with).  Without a session, at most once a second: a packet per
+    attempt must not become a handshake per packet."""
+    if k == NULL:
+        if now - p.renew_unkeyed_at < 1.0:
+            return
+        p.renew_unkeyed_at = now
+        p.renew_session = 0
+    else:
+        p.renew_session = <uint64_t>k.local_index + 1
+    peer_event(sh, p, EVENT_RENEW)
+
+
+cdef int seal_with(EVP_CIPHER_CTX *ctx, uint64_t *ctx_gen, Keypair *k, uint64_t counter,
+                   uint8_t *header, uint8_t *first, size_t first_len, uint8_t *second,
+                   size_t second_len, uint8_t *tag) noexcept nogil:
+    """Encrypt first + second in place under `counter`, write the header and
+    the tag.  `ctx` is rekeyed only when it holds another session."""
     cdef uint8_t nonce[12]
     cdef int out_len
-    cdef uint64_t counter = tr_add64(&k.send_counter, 1)
-    if counter >= sh.reject_messages or keypair_expired(sh, k, st.eg.now):
-        return DROP_SESSION_EXPIRED
-    if not k.renew_asked and (counter >= sh.rekey_messages or
-                              (sh.rekey_time > 0 and st.eg.now - k.created >= sh.rekey_time)):
-        k.renew_asked = 1
-        peer_event(sh, k.peer, EVENT_RENEW)
-    if st.eg.seal_gen != k.gen:
-        if EVP_EncryptInit_ex(st.eg.seal_ctx, NULL, NULL, k.send_key, NULL) != 1:
+    if ctx_gen[0] != k.gen:
+        if EVP_EncryptInit_ex(ctx, NULL, NULL, k.send_key, NULL) != 1:
             return DROP_SEND_ERROR
-        st.eg.seal_gen = k.gen
+        ctx_gen[0] = k.gen
     header[0] = SESSION_TYPE_DATA
     header[1] = 0
     header[2] = 0
@@ -231,17 +237,47 @@ cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first
     put64le(header + 8, counter)
     memset(nonce, 0, 4)
     put64le(nonce + 4, counter)
-    if EVP_EncryptInit_ex(st.eg.seal_ctx, NULL, NULL, NULL, nonce) != 1:
+    if EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1:
         return DROP_SEND_ERROR
-    if first_len and EVP_EncryptUpdate(st.eg.seal_ctx, first, &out_len, first, <int>first_len) != 1:
+    if first_len and EVP_EncryptUpdate(ctx, first, &out_len, first, <int>first_len) != 1:
         return DROP_SEND_ERROR
-    if second_len and EVP_EncryptUpdate(st.eg.seal_ctx, second, &out_len, second, <int>second_len) != 1:
+    if second_len and EVP_EncryptUpdate(ctx, second, &out_len, second, <int>second_len) != 1:
         return DROP_SEND_ERROR
-    if EVP_EncryptFinal_ex(st.eg.seal_ctx, tag, &out_len) != 1:
+    if EVP_EncryptFinal_ex(ctx, tag, &out_len) != 1:
         return DROP_SEND_ERROR
-    if EVP_CIPHER_CTX_ctrl(st.eg.seal_ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tag) != 1:
+    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tag) != 1:
         return DROP_SEND_ERROR
     return DROP_NONE
+
+
+cdef int session_counter(PeerShared *sh, Keypair *k, double now, uint64_t *counter) noexcept nogil:
+    """Take the session's next send counter (atomically: every queue sends
+    with it, and a nonce is never used twice).  DROP_NONE, or
+    DROP_SESSION_EXPIRED past a hard limit (and renewal is asked)."""
+    counter[0] = tr_add64(&k.send_counter, 1)
+    if counter[0] >= sh.reject_messages or keypair_expired(sh, k, now):
+        if not k.renew_asked:
+            k.renew_asked = 1
+            ask_renewal(sh, k.peer, k, now)
+        return DROP_SESSION_EXPIRED
+    if not k.renew_asked and (counter[0] >= sh.rekey_messages or
+                              (sh.rekey_time > 0 and now - k.created >= sh.rekey_time)):
+        k.renew_asked = 1
+        ask_renewal(sh, k.peer, k, now)
+    return DROP_NONE
+
+
+cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first,
+                      size_t first_len, uint8_t *second, size_t second_len,
+                      uint8_t *tag) noexcept nogil:
+    """Egress: seal a packet under the session's next counter.  DROP_NONE or
+    a drop reason."""
+    cdef uint64_t counter
+    cdef int reason = session_counter(st.peers, k, st.eg.now, &counter)
+    if reason != DROP_NONE:
+        return reason
+    return seal_with(st.eg.seal_ctx, &st.eg.seal_gen, k, counter, header, first, first_len,
+                     second, second_len, tag)
 
 
 cdef inline bint session_window_fresh(Keypair *k, uint64_t counter) noexcept nogil:
@@ -271,25 +307,26 @@ cdef inline void session_window_mark(Keypair *k, uint64_t counter) noexcept nogi
 cdef void promote(PeerShared *sh, Keypair *k) noexcept nogil:
     """The peer's first datagram under its `next` session authenticated: it
     has the keys, so it becomes current (current -> previous; the old
-    previous goes to Python to be retired)."""
+    previous goes to Python to be retired).  While Python has not taken
+    the ones pushed out before (PEER_DROPPED of them wait), the promotion
+    waits too: the next datagram tries again, nothing is lost track of."""
     cdef PeerSlot *p = k.peer
     cdef Keypair *old
+    cdef bint done = False
     pthread_mutex_lock(&p.lock)
     if p.next == k:
         old = p.previous
-        tr_store_ptr(<void **>&p.previous, p.current)
-        tr_store_ptr(<void **>&p.current, k)
-        tr_store_ptr(<void **>&p.next, NULL)
-        if old != NULL and p.ndropped < 4:
-            p.dropped[p.ndropped] = old
-            p.ndropped += 1
-        elif old != NULL:
-            # Python has not retired the last four yet: keep this one as
-            # previous rather than lose track of it (it will be retired
-            # with the peer or on the next install).
-            tr_store_ptr(<void **>&p.previous, old)
+        if old == NULL or p.ndropped < PEER_DROPPED:
+            if old != NULL:
+                p.dropped[p.ndropped] = old
+                p.ndropped += 1
+            tr_store_ptr(<void **>&p.previous, p.current)
+            tr_store_ptr(<void **>&p.current, k)
+            tr_store_ptr(<void **>&p.next, NULL)
+            done = True
     pthread_mutex_unlock(&p.lock)
-    peer_event(sh, p, EVENT_PROMOTED)
+    if done:
+        peer_event(sh, p, EVENT_PROMOTED)
 
 
 cdef int session_open(PumpState *st, uint8_t *datagram, size_t length,
@@ -394,7 +431,7 @@ cdef int egress_route(PumpState *st, uint8_t *packet, size_t length,
         k = <Keypair *>tr_load_ptr(<void **>&p.current)
         if k == NULL:
             tr_add64(&p.egress.drops, 1)
-            peer_event(st.peers, p, EVENT_RENEW)
+            ask_renewal(st.peers, p, NULL, st.eg.now)
             return DROP_NO_SESSION
         st.eg.keys[slot] = k
     return DROP_NONE
@@ -447,18 +484,22 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
             packet += LEN16_HEADER
             plain -= LEN16_HEADER
         p = peer_by_endpoint(s, sender)
-    # The inner source must be the peer's; a raw datagram from an unknown
-    # address is taken only for a roaming peer whose prefixes hold it.
+    # A raw datagram from an unknown address is taken only for a roaming
+    # peer whose prefixes hold its inner source, and only when it is a valid
+    # packet.  A packet from a known peer is checked (so junk counts as what
+    # it is), then its inner source must be the peer's.
     at = allowed_lookup(&s.allowed, packet, plain, True)
     owner = s.peers[at - 1] if at != NO_PEER else NULL
+    if p == NULL and (owner == NULL or not owner.roaming):
+        c.drops[DROP_NOT_PEER] += 1
+        return 0
+    reason = validate_packet(packet, plain, st.tap, st.max_frame)
+    if reason != DROP_NONE:
+        c.drops[reason] += 1
+        if p != NULL:
+            tr_add64(&p.ingress.drops, 1)
+        return 0
     if p == NULL:
-        if owner == NULL or not owner.roaming:
-            c.drops[DROP_NOT_PEER] += 1
-            return 0
-        reason = validate_packet(packet, plain, st.tap, st.max_frame)
-        if reason != DROP_NONE:
-            c.drops[reason] += 1
-            return 0
         p = owner
         peer_roam(sh, p, sender, sender_len)
     if owner != p:
@@ -467,11 +508,6 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
         return 0
     if not st.session:
         tr_store64(&p.last_seen_ms, <uint64_t>(st.ing.now * 1000) + 1)
-    reason = validate_packet(packet, plain, st.tap, st.max_frame)
-    if reason != DROP_NONE:
-        c.drops[reason] += 1
-        tr_add64(&p.ingress.drops, 1)
-        return 0
     tr_add64(&p.ingress.packets, 1)
     tr_add64(&p.ingress.bytes, plain)
     return deliver(st, packet, plain)
@@ -479,12 +515,15 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
 
 # ---------------------------------------------------------------- the Python half
 
-Event = collections.namedtuple("Event", "kind peer address data", module=__name__)
+Event = collections.namedtuple("Event", "kind peer address data session", defaults=(None,),
+                               module=__name__)
 Event.__doc__ = """What a PeerTable reports through take(): kind "control" (a
 datagram for the control plane: address, data), "endpoint" (a roaming
 peer moved: peer, address), "renew" (the peer's session asks for renewal,
 or there is none to send with: peer), "promoted" (a next session was
-confirmed by the peer and is current now: peer)."""
+confirmed by the peer and is current now: peer).  ``session``: for
+"renew" the local index of the session that asks (None: there is no
+session to send with), for "promoted" the one that became current."""
 
 _KEEP = ...   # update(): a keyword left out keeps its value
 cdef uint64_t _NO_LIMIT = 0xFFFFFFFFFFFFFFFF
@@ -559,6 +598,9 @@ cdef class PeerTable:
         if self.sh.event_fd < 0:
             raise OSError(errno, os.strerror(errno), "eventfd")
         self.sh.evp = EVP_chacha20_poly1305()
+        self._ctx = EVP_CIPHER_CTX_new()
+        if self._ctx == NULL or EVP_EncryptInit_ex(self._ctx, self.sh.evp, NULL, NULL, NULL) != 1:
+            raise MemoryError()
         self._control_default = control_types is None
         if control_types is not None:
             for t in control_types:
@@ -587,6 +629,7 @@ cdef class PeerTable:
             p = <PeerSlot *><size_t>record.slot
             _free_peer(p)
         _free_snapshot(self.sh.current)
+        EVP_CIPHER_CTX_free(self._ctx)
         if self.sh.event_fd >= 0:
             close(self.sh.event_fd)
         free(self.sh.control_buf)
@@ -954,6 +997,26 @@ cdef class PeerTable:
             self._retire(RETIRE_KEYPAIR, gone[i])
         self._reclaim()
 
+    def _keepalive(self, peer_id):
+        """A keepalive for a peer (an empty packet sealed under its current
+        session's next counter) and where to send it."""
+        record = self._record(peer_id)
+        cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
+        cdef Keypair *k = <Keypair *>tr_load_ptr(<void **>&p.current)
+        cdef sockaddr_storage where
+        cdef uint64_t counter
+        cdef uint8_t datagram[SESSION_OVERHEAD]
+        if k == NULL:
+            raise PumpStateError(f"peer {record.name!r} has no current session to send with")
+        if not peer_endpoint(p, &where):
+            raise PumpStateError(f"peer {record.name!r} has no endpoint yet")
+        if session_counter(self.sh, k, tr_monotonic(), &counter) != DROP_NONE:
+            raise PumpStateError(f"peer {record.name!r}: its session is past its limits")
+        if seal_with(self._ctx, &self._ctx_gen, k, counter, datagram, NULL, 0, NULL, 0,
+                     datagram + SESSION_HEADER_LEN) != DROP_NONE:
+            raise MemoryError("OpenSSL refused to seal")
+        return PyBytes_FromStringAndSize(<char *>datagram, SESSION_OVERHEAD), _sockaddr_tuple(&where)
+
     def _live_indexes(self):
         cdef PeerSlot *p
         cdef Keypair *k
@@ -1005,7 +1068,9 @@ cdef class PeerTable:
                                         _sockaddr_tuple(&where) if peer_endpoint(p, &where) else None,
                                         None))
                 if bits & EVENT_RENEW:
-                    events.append(Event("renew", record.id, None, None))
+                    asked = p.renew_session
+                    events.append(Event("renew", record.id, None, None,
+                                        None if asked == 0 else <uint32_t>(asked - 1)))
                 if bits & EVENT_PROMOTED:
                     pthread_mutex_lock(&p.lock)
                     ndropped = p.ndropped
@@ -1015,7 +1080,7 @@ cdef class PeerTable:
                     pthread_mutex_unlock(&p.lock)
                     for i in range(ndropped):
                         retire.append(<size_t>dropped[i])
-                    events.append(Event("promoted", record.id, None, None))
+                    events.append(Event("promoted", record.id, None, None, _index_of(p.current)))
         if retire or any(e.kind == "endpoint" for e in events):
             # The snapshot lists endpoints and sessions as they were: a new
             # one, then the keys pushed out go once no loop holds them.
