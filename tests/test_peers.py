@@ -512,3 +512,25 @@ def test_one_replay_window_whatever_queue_a_datagram_lands_on(rig):
         tun.send(v4("10.8.1.1", "10.8.2.1"))
     counters = sorted(unseal(KEY_AB, other.recv(65535))[1] for _ in queues)
     assert counters == [0, 1]
+
+
+def test_peers_sharing_an_endpoint_are_told_apart_by_nothing(rig):
+    """Raw framing finds a peer by its endpoint: of peers configured at one
+    address the first one added owns it (one map entry, so a crowd at one
+    address costs every datagram nothing extra), and the others' inner
+    sources from there are not_allowed."""
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    shared = rig.udp()
+    first = table.add("first", endpoint=shared.getsockname(), allowed_ips=["10.9.1.0/24"],
+                      roaming=False)
+    table.add("second", endpoint=shared.getsockname(), allowed_ips=["10.9.2.0/24"],
+              roaming=False)
+    pump = rig.pump(tun_pump, sock, peers=table)
+    pump.start()
+    shared.sendto(v4("10.9.2.1", "10.0.0.1"), sock.getsockname())
+    shared.sendto(v4("10.9.1.1", "10.0.0.1", seq=1), sock.getsockname())
+    assert tun.recv(65535) == v4("10.9.1.1", "10.0.0.1", seq=1)
+    wait_for(lambda: drops(pump).get("not_allowed", 0) == 1, "not_allowed")
+    assert table.info(first)["ingress"]["packets"] == 1

@@ -358,6 +358,8 @@ cdef struct PumpState:
 cdef class PeerTable:
     cdef PeerShared *sh
     cdef dict _peers
+    cdef dict _names          # name -> id
+    cdef dict _owners         # network -> the id of the peer it belongs to
     cdef list _retired
     cdef dict _indexes
     cdef int _batch_depth

@@ -530,7 +530,9 @@ cdef uint64_t _NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 
 
 class _PeerRecord:
-    __slots__ = ("id", "name", "endpoint", "allowed", "roaming", "slot")
+    # allowed: the networks (ipaddress objects); packed: the same as
+    # (is IPv6, address bytes, prefix length), what a publication inserts.
+    __slots__ = ("id", "name", "endpoint", "allowed", "packed", "roaming", "slot")
 
 
 cdef void _free_keypair(Keypair *k) noexcept nogil:
@@ -612,6 +614,8 @@ cdef class PeerTable:
         self.sh.rekey_time = _seconds(rekey_after_time, "rekey_after_time")
         self.sh.reject_time = _seconds(reject_after_time, "reject_after_time")
         self._peers = {}
+        self._names = {}
+        self._owners = {}
         self._retired = []
         self._indexes = {}
         self._next_id = 1
@@ -669,11 +673,10 @@ cdef class PeerTable:
             for record in records:
                 p = <PeerSlot *><size_t>record.slot
                 s.peers[pos] = p
-                for net in record.allowed:
-                    raw = net.network_address.packed
+                for v6, raw, length in record.packed:
                     packed = raw
-                    if trie_insert(&s.allowed.v4 if net.version == 4 else &s.allowed.v6,
-                                   packed, net.prefixlen, pos + 1) != 0:
+                    if trie_insert(&s.allowed.v6 if v6 else &s.allowed.v4,
+                                   packed, length, pos + 1) != 0:
                         raise MemoryError()
                 if p.endpoint_known:
                     nendpoints += 1
@@ -689,10 +692,15 @@ cdef class PeerTable:
                     p = s.peers[pos]
                     if not p.endpoint_known:
                         continue
+                    # One entry per address (the first peer there wins): peers
+                    # sharing an endpoint must not make a long probe chain
+                    # that every datagram walks.
                     i = address_hash(&p.endpoint) & s.endpoint_mask
-                    while s.by_endpoint[i] != 0:
+                    while s.by_endpoint[i] != 0 and not same_address(
+                            &s.peers[s.by_endpoint[i] - 1].endpoint, &p.endpoint):
                         i = (i + 1) & s.endpoint_mask
-                    s.by_endpoint[i] = pos + 1
+                    if s.by_endpoint[i] == 0:
+                        s.by_endpoint[i] = pos + 1
             if nkeys:
                 size = _table_size(nkeys)
                 s.by_index = <Keypair **>calloc(size, sizeof(Keypair *))
@@ -804,7 +812,7 @@ cdef class PeerTable:
         cdef PeerSlot *p
         if not name:
             raise PumpArgumentError("a peer needs a name")
-        if any(r.name == name for r in self._peers.values()):
+        if name in self._names:
             raise PumpArgumentError(f"a peer named {name!r} exists already")
         nets = self._networks(allowed_ips, None)
         if posix_memalign(&mem, 64, sizeof(PeerSlot)) != 0:
@@ -817,7 +825,8 @@ cdef class PeerTable:
         record = _PeerRecord()
         record.id = self._next_id
         record.name = name
-        record.allowed = nets
+        record.allowed = []
+        record.packed = []
         record.roaming = bool(roaming)
         record.slot = <size_t>p
         record.endpoint = None
@@ -830,6 +839,8 @@ cdef class PeerTable:
             raise
         self._next_id += 1
         self._peers[record.id] = record
+        self._names[name] = record.id
+        self._own(record, nets)
         self._publish()
         return record.id
 
@@ -849,7 +860,7 @@ cdef class PeerTable:
             else:
                 _set_endpoint(p, endpoint)
         if nets is not None:
-            record.allowed = nets
+            self._own(record, nets)
         if roaming is not _KEEP:
             record.roaming = bool(roaming)
             p.roaming = record.roaming
@@ -860,6 +871,8 @@ cdef class PeerTable:
         record = self._record(peer_id)
         cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
         del self._peers[record.id]
+        del self._names[record.name]
+        self._own(record, [])
         self._publish()
         _retire_peer(self, p)
         self._reclaim()
@@ -875,10 +888,7 @@ cdef class PeerTable:
 
     def find(self, str name):
         """The id of the peer called `name`, or None."""
-        for record in self._peers.values():
-            if record.name == name:
-                return record.id
-        return None
+        return self._names.get(name)
 
     def info(self, peer_id):
         """One peer: its configuration, where it is, its counters and sessions."""
@@ -1109,14 +1119,22 @@ cdef class PeerTable:
                 raise PumpArgumentError(f"allowed_ips: {exc}") from None
             if net in nets:
                 raise PumpArgumentError(f"allowed_ips: {net} is given twice")
+            holder = self._owners.get(net, owner)
+            if holder != owner:
+                raise PumpArgumentError(
+                    f"allowed_ips: {net} belongs to peer {self._peers[holder].name!r}")
             nets.append(net)
-        for record in self._peers.values():
-            if record.id == owner:
-                continue
-            for net in nets:
-                if net in record.allowed:
-                    raise PumpArgumentError(f"allowed_ips: {net} belongs to peer {record.name!r}")
         return nets
+
+    def _own(self, record, nets):
+        """Give `record` exactly the networks `nets` (checked by _networks)."""
+        for net in record.allowed:
+            del self._owners[net]
+        for net in nets:
+            self._owners[net] = record.id
+        record.allowed = nets
+        record.packed = [(net.version == 6, net.network_address.packed, net.prefixlen)
+                         for net in nets]
 
 
 cdef void _set_endpoint(PeerSlot *p, endpoint) except *:
