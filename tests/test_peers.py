@@ -534,3 +534,34 @@ def test_peers_sharing_an_endpoint_are_told_apart_by_nothing(rig):
     assert tun.recv(65535) == v4("10.9.1.1", "10.0.0.1", seq=1)
     wait_for(lambda: drops(pump).get("not_allowed", 0) == 1, "not_allowed")
     assert table.info(first)["ingress"]["packets"] == 1
+
+
+def test_an_ipv6_socket_reaches_ipv4_peers(rig):
+    """A dual-stack (IPv6) socket: IPv4 endpoints are written as the kernel
+    reports their datagrams (::ffff:a.b.c.d), and shown as given."""
+    table = PeerTable()
+    v4_peer = rig.udp()
+    v6_peer = rig.udp(socket.AF_INET6)
+    one = table.add("v4", endpoint=v4_peer.getsockname(), allowed_ips=["10.9.1.0/24"],
+                    roaming=False)
+    two = table.add("v6", endpoint=v6_peer.getsockname()[:2], allowed_ips=["fd09::/64"],
+                    roaming=False)
+    tun, tun_pump = rig.tun()
+    sock = rig.keep(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    port = sock.getsockname()[1]
+    pump = rig.pump(tun_pump, sock, peers=table)
+    pump.start()
+    tun.send(v4("10.0.0.1", "10.9.1.2"))
+    tun.send(v6("fd00::1", "fd09::2"))
+    assert v4_peer.recv(65535) == v4("10.0.0.1", "10.9.1.2")
+    assert v6_peer.recv(65535) == v6("fd00::1", "fd09::2")
+    v4_peer.sendto(v4("10.9.1.2", "10.0.0.1"), ("127.0.0.1", port))
+    assert tun.recv(65535) == v4("10.9.1.2", "10.0.0.1")
+    assert table.info(one)["endpoint"] == v4_peer.getsockname()
+    assert table.info(one)["ingress"]["packets"] == 1
+    assert table.info(two)["endpoint"] == v6_peer.getsockname()[:2]
+    v4_only = rig.udp(timeout=None)
+    with pytest.raises(fp.PumpArgumentError, match="one address family"):
+        Pump(rig.tun()[1], v4_only, peers=table)

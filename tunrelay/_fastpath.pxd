@@ -369,6 +369,7 @@ cdef class PeerTable:
     cdef readonly uint64_t publications
     cdef bint _control_default
     cdef object _framing
+    cdef int _family              # the pumps' socket family (0: no pump yet)
     cdef EVP_CIPHER_CTX *_ctx     # seals keepalives from Python (GIL held)
     cdef uint64_t _ctx_gen
 

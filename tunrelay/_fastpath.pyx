@@ -413,6 +413,7 @@ cdef class Pump:
         if self.st.peers != NULL:
             if peer is not None:
                 raise PumpArgumentError("with peers=, endpoints belong to the PeerTable")
+            self.peers._use_family(_sockopt(self.st.sock_fd, SO_DOMAIN))
             return 0  # each datagram's peer comes from the table
         if self.st.aead.on:
             # Datagrams from anywhere are tried: the peer is whoever

@@ -621,6 +621,7 @@ cdef class PeerTable:
         self._next_id = 1
         self._next_gen = 1
         self._framing = None
+        self._family = 0
         self._publish()
 
     def __dealloc__(self):
@@ -777,6 +778,22 @@ cdef class PeerTable:
         tr_store64(&self.sh.readers[reader].epoch, 0)
         self.sh.reader_used[reader] = 0
 
+    def _use_family(self, int family):
+        """The first pump's socket family is every pump's: endpoints given
+        before are rewritten for it (IPv4 on an IPv6 socket: mapped)."""
+        cdef PeerSlot *p
+        if self._family != 0 and self._family != family:
+            raise PumpArgumentError("the pumps of one PeerTable need sockets of one address "
+                                    "family (an IPv6 socket also reaches IPv4 peers)")
+        if self._family == family:
+            return
+        self._family = family
+        for record in self._peers.values():
+            p = <PeerSlot *><size_t>record.slot
+            if record.endpoint is not None and p.endpoint_known:
+                _set_endpoint(p, record.endpoint, family)
+        self._publish()
+
     def _use_framing(self, str framing):
         """The first pump fixes the table's framing (and the default
         control classifier)."""
@@ -829,10 +846,10 @@ cdef class PeerTable:
         record.packed = []
         record.roaming = bool(roaming)
         record.slot = <size_t>p
-        record.endpoint = None
+        record.endpoint = endpoint
         try:
             if endpoint is not None:
-                _set_endpoint(p, endpoint)
+                _set_endpoint(p, endpoint, self._family)
         except BaseException:
             pthread_mutex_destroy(&p.lock)
             free(p)
@@ -858,7 +875,8 @@ cdef class PeerTable:
                 tr_seq_write_end(&p.endpoint_seq)
                 pthread_mutex_unlock(&p.lock)
             else:
-                _set_endpoint(p, endpoint)
+                _set_endpoint(p, endpoint, self._family)
+            record.endpoint = endpoint
         if nets is not None:
             self._own(record, nets)
         if roaming is not _KEEP:
@@ -897,7 +915,7 @@ cdef class PeerTable:
         cdef sockaddr_storage where
         cdef uint64_t seen = tr_load64(&p.last_seen_ms)
         cdef Keypair *k
-        endpoint = _sockaddr_tuple(&where) if peer_endpoint(p, &where) else None
+        endpoint = _shown(&where) if peer_endpoint(p, &where) else None
         sessions = {"current": _index_of(p.current), "previous": _index_of(p.previous),
                     "next": _index_of(p.next)}
         return {
@@ -1063,7 +1081,7 @@ cdef class PeerTable:
                 at = self.sh.control_head
                 data = PyBytes_FromStringAndSize(
                     <char *>self.sh.control_buf + <size_t>at * CONTROL_SLOT, self.sh.control_len[at])
-                events.append(Event("control", None, _sockaddr_tuple(&self.sh.control_addr[at]), data))
+                events.append(Event("control", None, _shown(&self.sh.control_addr[at]), data))
                 self.sh.control_head = (at + 1) % self.sh.control_slots
                 self.sh.control_count -= 1
         finally:
@@ -1075,7 +1093,7 @@ cdef class PeerTable:
                 bits = tr_xchg32(&p.events, 0)
                 if bits & EVENT_ENDPOINT:
                     events.append(Event("endpoint", record.id,
-                                        _sockaddr_tuple(&where) if peer_endpoint(p, &where) else None,
+                                        _shown(&where) if peer_endpoint(p, &where) else None,
                                         None))
                 if bits & EVENT_RENEW:
                     asked = p.renew_session
@@ -1137,13 +1155,20 @@ cdef class PeerTable:
                          for net in nets]
 
 
-cdef void _set_endpoint(PeerSlot *p, endpoint) except *:
+cdef void _set_endpoint(PeerSlot *p, endpoint, int family) except *:
+    """Write a peer's endpoint as the table's sockets address it: `family`
+    is theirs (0 before a pump attached): an IPv4 endpoint on an IPv6
+    socket is ::ffff:a.b.c.d, as the kernel reports its datagrams."""
     cdef sockaddr_storage address
     cdef socklen_t length
     if not isinstance(endpoint, tuple) or len(endpoint) < 2:
         raise PumpArgumentError(f"endpoint must be (host, port), got {endpoint!r}")
     host = str(endpoint[0])
-    family = AF_INET6 if ":" in host else AF_INET
+    if family == AF_INET and ":" in host:
+        raise PumpArgumentError(f"endpoint {endpoint!r}: an IPv6 address, and this table's "
+                                "sockets are IPv4")
+    if family == 0:
+        family = AF_INET6 if ":" in host else AF_INET
     try:
         length = _fill_sockaddr(&address, family, endpoint)
     except OSError as exc:
@@ -1155,6 +1180,17 @@ cdef void _set_endpoint(PeerSlot *p, endpoint) except *:
     p.endpoint_known = 1
     tr_seq_write_end(&p.endpoint_seq)
     pthread_mutex_unlock(&p.lock)
+
+
+cdef object _shown(sockaddr_storage *address):
+    """An address as Python shows it, an IPv4-mapped IPv6 one as IPv4 (the
+    table's callers give and compare plain IPv4 endpoints)."""
+    cdef sockaddr_in6 *v6 = <sockaddr_in6 *>address
+    cdef const uint8_t *b = <const uint8_t *>&v6.sin6_addr
+    if address.ss_family == AF_INET6 and memcmp(b, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+        return socket.inet_ntop(socket.AF_INET, PyBytes_FromStringAndSize(<char *>b + 12, 4)), \
+            ntohs(v6.sin6_port)
+    return _sockaddr_tuple(address)
 
 
 cdef object _index_of(Keypair *k):
