@@ -23,6 +23,7 @@ from tunrelay.daemon.config import (
     Config,
     DeviceConfig,
     Endpoint,
+    PeerConfig,
     RelayConfig,
     StatsConfig,
     TransportConfig,
@@ -302,6 +303,189 @@ def test_load_accepts_str_and_path(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# [[peer]] tables
+# --------------------------------------------------------------------------
+
+HUB = """\
+[device]
+address = ["10.77.0.1/24", "fd77::1/64"]
+
+[[peer]]
+name = "spoke1"
+endpoint = "198.18.1.2:55555"
+allowed_ips = ["10.77.0.2/32", "fd77::2/128"]
+
+[[peer]]
+name = "spoke2"
+roaming = true
+allowed_ips = ["10.77.0.3/32"]
+"""
+
+
+def peer(name: str = "p", *lines: str, endpoint: str | None = "192.0.2.7:1",
+         allowed: str = '["10.0.0.2/32"]') -> str:
+    """One [[peer]] table's text."""
+    text = f'[[peer]]\nname = "{name}"\n' if name is not None else "[[peer]]\n"
+    if endpoint is not None:
+        text += f'endpoint = "{endpoint}"\n'
+    if allowed is not None:
+        text += f"allowed_ips = {allowed}\n"
+    return text + "".join(line + "\n" for line in lines)
+
+
+def test_peers_are_read_in_order_with_their_defaults(tmp_path):
+    cfg = load_text(tmp_path, HUB)
+    assert cfg.peers == (
+        PeerConfig(name="spoke1", endpoint=Endpoint("198.18.1.2", 55555), roaming=False,
+                   allowed_ips=(ip_network("10.77.0.2/32"), ip_network("fd77::2/128"))),
+        PeerConfig(name="spoke2", endpoint=None, roaming=True,
+                   allowed_ips=(ip_network("10.77.0.3/32"),)),
+    )
+    # The rest is a plain UDP relay without a [transport] peer.
+    assert cfg.transport == TransportConfig(protocol="udp", listen=Endpoint("0.0.0.0", 55555),
+                                            peer=None, framing="raw")
+
+
+def test_roaming_is_off_unless_asked_for(tmp_path):
+    """raw and len16 authenticate nothing: an endpoint moves only when the
+    peer's table says roaming = true."""
+    assert load_text(tmp_path, peer("a")).peers[0].roaming is False
+    assert load_text(tmp_path, peer("a", "roaming = true")).peers[0].roaming is True
+    cfg = load_text(tmp_path, '[transport]\nframing = "len16"\n' + peer("a"))
+    assert cfg.transport.framing == "len16" and cfg.peers[0].roaming is False
+
+
+def test_a_peer_without_endpoint_is_learned_when_it_roams(tmp_path):
+    cfg = load_text(tmp_path, peer("a", "roaming = true", endpoint=None))
+    assert cfg.peers[0].endpoint is None and cfg.peers[0].roaming
+
+
+def test_no_peers_is_the_point_to_point_relay(tmp_path):
+    assert load_text(tmp_path, "").peers == ()
+    cfg = load_text(tmp_path, '[transport]\npeer = "192.0.2.7:55555"\nlearn = "never"\n')
+    assert cfg.peers == () and cfg.transport.learn == "never"
+
+
+def test_peer_endpoints_take_the_transport_peer_syntax(tmp_path):
+    cfg = load_text(tmp_path, peer("a", endpoint="[2001:db8::7]:5") + peer("b", endpoint="relay-b.example:6",
+                                                                       allowed='["10.0.0.3/32"]')
+                    + peer("c", endpoint="[fe80::1%eth0]:7", allowed='["10.0.0.4/32"]'))
+    assert [p.endpoint for p in cfg.peers] == [Endpoint("2001:db8::7", 5),
+                                              Endpoint("relay-b.example", 6),
+                                              Endpoint("fe80::1%eth0", 7)]
+
+
+def test_an_ipv6_peer_endpoint_makes_the_default_listen_dual_stack(tmp_path):
+    cfg = load_text(tmp_path, peer("a") + peer("b", endpoint="[2001:db8::7]:5", allowed='["10.0.0.3/32"]'))
+    assert cfg.transport.listen == Endpoint("::", 55555)
+    assert load_text(tmp_path, peer("a")).transport.listen == Endpoint("0.0.0.0", 55555)
+    # An IPv4 peer behind an explicit dual-stack wildcard is fine.
+    cfg = load_text(tmp_path, '[transport]\nlisten = "[::]:4000"\n' + peer("a"))
+    assert cfg.transport.listen == Endpoint("::", 4000)
+
+
+def test_overlapping_networks_of_two_peers_are_allowed(tmp_path):
+    """Longest prefix wins: a /24 to one peer and a /32 inside it to another
+    is routing, not a conflict; only the same network twice is."""
+    cfg = load_text(tmp_path, peer("a", allowed='["10.0.0.0/24"]')
+                    + peer("b", endpoint="192.0.2.8:1", allowed='["10.0.0.2/32"]'))
+    assert [p.allowed_ips for p in cfg.peers] == [(ip_network("10.0.0.0/24"),),
+                                                 (ip_network("10.0.0.2/32"),)]
+
+
+def test_many_peers_may_have_many_queues(tmp_path):
+    """The PeerTable is shared by every queue's pump, so a learned endpoint
+    is known to all of them (unlike a learned [transport] peer)."""
+    cfg = load_text(tmp_path, "[device]\nqueues = 4\n" + peer("a", "roaming = true", endpoint=None))
+    assert cfg.device.queues == 4
+
+
+# What a refusal of [[peer]] with TCP, aead or TAP says works instead.
+PEERS_WORK_WITH = ['[[peer]] tables work with protocol = "udp", mode = "tun" and framing "raw" or "len16"',
+                   'authenticated multi-peer is the "session" framing', "control plane",
+                   "embedding API", "WireGuard"]
+
+
+# (file text, dotted key, what the message must say), run by test_bad_file.
+BAD_PEERS = [
+    # the table itself
+    ('[peer]\nname = "a"\n', "peer", ["expected [[peer]] tables (double brackets", "got a table [peer]"]),
+    ('peer = "192.0.2.7:1"\n', "peer",
+     ["expected [[peer]] tables", 'got a string "192.0.2.7:1"', "shorthand", "[transport] table"]),
+    ('peer = [1, 2]\n', "peer", ["expected [[peer]] tables", "got an array of 2 items"]),
+    ('[[peers]]\nname = "a"\n', "peers", ["unknown table", "did you mean 'peer'?"]),
+    (peer("a", "allowed = 1"), "peer #1.allowed", ["unknown key", "expected one of: name, endpoint, "
+                                                   "allowed_ips, roaming", "did you mean 'allowed_ips'?"]),
+    # name
+    (peer(None), "peer #1.name", ["expected a name for this peer", "tunrelay stats"]),
+    ('[[peer]]\nname = 5\nallowed_ips = ["10.0.0.2/32"]\n', "peer #1.name",
+     ["expected a string", "got an integer 5"]),
+    (peer(""), "peer #1.name", ["expected 1 to 64 printable characters", 'got ""']),
+    (peer("x" * 65), "peer #1.name", ["expected 1 to 64 printable characters"]),
+    (peer("a\\tb"), "peer #1.name", ["expected 1 to 64 printable characters", '"a\\tb"']),
+    (peer("a") + peer("a", endpoint="192.0.2.8:1", allowed='["10.0.0.3/32"]'), "peer #2.name",
+     ["expected a name of its own", 'got "a"', "another [[peer]] has"]),
+    # endpoint
+    (peer("a", endpoint="192.0.2.7"), 'peer #1 "a".endpoint', ["expected 'host:port'", "missing ':port'"]),
+    (peer("a", endpoint="192.0.2.7:0"), 'peer #1 "a".endpoint', ["expected a port from 1 to 65535"]),
+    (peer("a", endpoint="2001:db8::1:55555"), 'peer #1 "a".endpoint', ["expected an IPv6 address in brackets"]),
+    (peer("a", endpoint="0.0.0.0:1"), 'peer #1 "a".endpoint', ["expected a reachable address"]),
+    (peer("a", endpoint="[fe80::1]:1"), 'peer #1 "a".endpoint', ["expected a link-local address with its interface"]),
+    ('[[peer]]\nname = "a"\nendpoint = 5\nallowed_ips = ["10.0.0.2/32"]\n', 'peer #1 "a".endpoint',
+     ["expected a string 'host:port'", "got an integer 5"]),
+    (peer("a", endpoint=None), 'peer #1 "a".endpoint',
+     ['expected an endpoint "host:port", or roaming = true', "could never be reached"]),
+    (peer("a", "roaming = false", endpoint=None), 'peer #1 "a".endpoint', ["could never be reached"]),
+    (peer("a") + peer("b", allowed='["10.0.0.3/32"]'), 'peer #2 "b".endpoint',
+     ["expected an endpoint of this peer's own", 'peer "a"\'s', "could not be told apart"]),
+    ('[transport]\nlisten = "0.0.0.0:1"\n' + peer("a", endpoint="[2001:db8::7]:1"), 'peer #1 "a".endpoint',
+     ["expected the address family of [transport] listen 0.0.0.0:1", "got [2001:db8::7]:1",
+      'listen = "[::]:1" reaches both']),
+    ('[transport]\nlisten = "[2001:db8::1]:1"\n' + peer("a"), 'peer #1 "a".endpoint',
+     ["expected the address family of [transport] listen [2001:db8::1]:1", "got 192.0.2.7:1"]),
+    # roaming
+    (peer("a", 'roaming = "yes"'), 'peer #1 "a".roaming', ["expected true or false", 'got a string "yes"']),
+    # allowed_ips
+    (peer("a", allowed=None), 'peer #1 "a".allowed_ips', ["expected the networks routed to this peer"]),
+    (peer("a", allowed="[]"), 'peer #1 "a".allowed_ips', ["expected at least one network", "empty array"]),
+    (peer("a", allowed='"10.0.0.2/32"'), 'peer #1 "a".allowed_ips', ["expected an array of strings", "got a string"]),
+    (peer("a", allowed='["10.0.0.1/24"]'), 'peer #1 "a".allowed_ips',
+     ["host bits set", "did you mean '10.0.0.0/24'?"]),
+    (peer("a", allowed='["fd00::1/64"]'), 'peer #1 "a".allowed_ips', ["host bits set", "did you mean 'fd00::/64'?"]),
+    (peer("a", allowed='["10.0.0.2"]'), 'peer #1 "a".allowed_ips', ["(CIDR)", "got '10.0.0.2'"]),
+    (peer("a", allowed='["10.0.0.0/33"]'), 'peer #1 "a".allowed_ips', ["expected a network", "'10.0.0.0/33'"]),
+    (peer("a", allowed='["10.0.0.2/32", "10.0.0.2/32"]'), 'peer #1 "a".allowed_ips',
+     ["expected each entry once", "'10.0.0.2/32' twice"]),
+    (peer("a", allowed='["10.0.0.0/24", "fd00::/64"]')
+     + peer("b", endpoint="192.0.2.8:1", allowed='["fd00:0::/64"]'), 'peer #2 "b".allowed_ips',
+     ["expected each network in one peer only", "'fd00::/64'", 'peer "a" has too']),
+    # with other tables
+    ('[transport]\npeer = "192.0.2.9:1"\n' + peer("a"), "transport.peer",
+     ["expected no [transport] peer with [[peer]] tables", "one-peer shorthand", "as a [[peer]] table"]),
+    ('[transport]\nprotocol = "tcp"\n' + peer("a"), "transport.protocol",
+     ['expected "udp" with [[peer]] tables, got "tcp"', "a TCP connection carries one peer",
+      *PEERS_WORK_WITH]),
+    ('[transport]\nframing = "aead"\n[security]\nkey_file = "relay.key"\nrole = "a"\n' + peer("a"),
+     "transport.framing", ['expected "raw" or "len16" with [[peer]] tables, got "aead"',
+                           *PEERS_WORK_WITH]),
+    ('[device]\nmode = "tap"\n' + peer("a"), "device.mode",
+     ['expected "tun" with [[peer]] tables, got "tap"', "inner IP address", *PEERS_WORK_WITH]),
+    ('[relay]\nengine = "python"\n' + peer("a"), "relay.engine",
+     ['expected "fast" with [[peer]] tables', "the Python pump serves one peer"]),
+    ('[transport]\nlearn = "once"\n' + peer("a"), "transport.learn",
+     ["does not apply with [[peer]] tables", "roaming = true", "remove learn"]),
+    ('[transport]\nlearn = "never"\n' + peer("a"), "transport.learn", ["does not apply with [[peer]] tables"]),
+]
+
+
+def test_peer_errors_name_the_peer_as_the_file_does(tmp_path):
+    """By its place among the [[peer]] tables and, once read, its name."""
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, peer("a") + peer("b", endpoint="192.0.2.8:1", allowed='["10.0.0.1/24"]'))
+    assert str(info.value).startswith(f'{tmp_path / "relay.toml"}: [peer #2 "b"] allowed_ips: expected')
+
+
+# --------------------------------------------------------------------------
 # Bad files: (file text, dotted key, what the message must say)
 # --------------------------------------------------------------------------
 
@@ -452,6 +636,7 @@ BAD = [
     ("[stats]\ninterval = nan\n", "stats.interval", ["0 or more", "got nan"]),
     ("[stats]\ninterval = inf\n", "stats.interval", ["0 or more", "got inf"]),
     (f'[stats]\nsocket = "/{"x" * 107}"\n', "stats.socket", ["expected a path of at most 107 bytes", "got 108 bytes"]),
+    *[(text, key, expected) for text, key, expected in BAD_PEERS],
 ]
 
 
@@ -565,6 +750,10 @@ GOOD = [
     AEAD_TCP_CLIENT,
     AEAD_TCP_SERVER + 'role = "b"\n',
     '[transport]\nframing = "aead"\npeer = "192.0.2.7:1"\n[security]\nkey_file = "relay.key"\nrole = "b"\n',
+    HUB,
+    '[device]\nqueues = 2\n[transport]\nframing = "len16"\nlisten = "[::]:4000"\n[[peer]]\nname = "a b"\n'
+    'endpoint = "192.0.2.7:1"\nallowed_ips = ["0.0.0.0/0", "::/0"]\nroaming = true\n'
+    '[[peer]]\nname = "c"\nendpoint = "[2001:db8::7]:2"\nallowed_ips = ["10.9.0.0/16"]\n',
 ]
 
 
@@ -669,3 +858,4 @@ def test_an_aead_tcp_mtu_must_leave_room_for_header_and_tag(tmp_path):
         loads(text.format(65535))
     assert info.value.key == "device.mtu"
     assert loads(text.format(65495)).device.mtu == 65495
+

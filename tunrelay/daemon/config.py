@@ -54,6 +54,9 @@ ENGINES = ("fast", "python")
 # takes the source of the first valid datagram until restart; "never" does
 # not learn (a peer must be configured).  aead roams instead (see _learn).
 LEARN = ("once", "never")
+# [[peer]] tables: a relay with many peers (a PeerTable), routed by each
+# peer's allowed IPs.  Names show in logs and `tunrelay stats`.
+PEER_NAME_MAX = 64
 
 
 # --------------------------------------------------------------------------
@@ -270,8 +273,28 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """One ``[[peer]]`` table: a peer of a relay with many peers.
+
+    ``allowed_ips`` (networks) are the inner addresses routed to the peer
+    and the only inner sources accepted from it.  ``endpoint`` None: learned
+    from the peer's datagrams, which needs ``roaming``; with ``roaming`` a
+    given endpoint also follows the peer (raw and len16 authenticate
+    nothing, so it is off unless asked for).
+    """
+
+    name: str
+    allowed_ips: tuple = ()  # of ipaddress.IPv4Network / IPv6Network
+    endpoint: Endpoint | None = None
+    roaming: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole file.  ``path`` is where it came from, for messages only."""
+    """A whole file.  ``path`` is where it came from, for messages only.
+
+    ``peers`` holds the ``[[peer]]`` tables: empty for a point-to-point
+    relay (``[transport] peer``, or a learned peer)."""
 
     path: str = "<string>"
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -279,6 +302,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    peers: tuple = ()  # of PeerConfig
 
     @property
     def control_socket(self) -> str:
@@ -313,14 +337,18 @@ def loads(text: str, path: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"not valid TOML: {e}") from None
     tables = _split_tables(data, path)
+    peer_tables = _split_peers(data, path)
     cfg = Config(
         path=path,
         device=_read_device(tables["device"]),
-        transport=_read_transport(tables["transport"]),
+        transport=_read_transport(tables["transport"], many_peers=bool(peer_tables)),
         relay=_read_relay(tables["relay"]),
         stats=_read_stats(tables["stats"]),
         security=_read_security(tables["security"]),
+        peers=_read_peers(peer_tables),
     )
+    if cfg.peers:
+        cfg = _with_peers(cfg, tables, peer_tables)
     _check_across_tables(cfg, tables)
     if cfg.transport.framing == "aead":
         cfg = _with_aead(cfg, tables)
@@ -427,10 +455,10 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
             raise tables["device"].error(
                 "queues", f'{cfg.device.queues} queues need [transport] protocol = "udp"; '
                 'a TCP tunnel is one connection: use queues = 1')
-        if cfg.transport.peer is None:
+        if cfg.transport.peer is None and not cfg.peers:
             raise tables["device"].error(
-                "queues", f"{cfg.device.queues} queues need [transport] peer: "
-                "a peer learned by one queue is unknown to the others")
+                "queues", f"{cfg.device.queues} queues need [transport] peer (or [[peer]] "
+                "tables): a peer learned by one queue is unknown to the others")
     if cfg.relay.offload is True:
         if cfg.device.mode != "tun":
             raise tables["relay"].error(
@@ -441,6 +469,9 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
                 "offload", 'true needs engine = "fast" (the Python pump has no offloads); '
                 'use "auto" or false')
 
+
+# The keys of a [[peer]] table.
+_PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming")
 
 # The keys each table accepts, as written in the file.
 _KEYS = {
@@ -465,6 +496,8 @@ class _Table:
 def _split_tables(data: dict, path: str) -> dict[str, _Table]:
     """Check the top level (only the known tables) and each table's keys."""
     for name, value in data.items():
+        if name == "peer":
+            continue  # [[peer]]: _split_peers
         if name not in _KEYS:
             raise ConfigError(path, name, _unknown_top_level(name, value))
         if not isinstance(value, dict):
@@ -477,11 +510,37 @@ def _split_tables(data: dict, path: str) -> dict[str, _Table]:
     return tables
 
 
+def _split_peers(data: dict, path: str) -> list[_Table]:
+    """The ``[[peer]]`` tables (an array of tables), each with its keys
+    checked.  Each is named by its place and, once read, its name:
+    ``[peer #2 "spoke1"] allowed_ips``."""
+    value = data.get("peer")
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        raise ConfigError(path, "peer", "expected [[peer]] tables (double brackets: an array of "
+                                        "tables, one per peer), got a table [peer]")
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        hint = ("; the one-peer shorthand is peer = \"host:port\" in the [transport] table"
+                if isinstance(value, str) else "")
+        raise ConfigError(path, "peer", f"expected [[peer]] tables, one per peer, got "
+                                        f"{_found(value)}{hint}")
+    tables = []
+    for number, item in enumerate(value, 1):
+        table = _Table(path, f"peer #{number}", item)
+        for key in item:
+            if key not in _PEER_KEYS:
+                raise table.error(key, _unknown(key, _PEER_KEYS, "key"))
+        tables.append(table)
+    return tables
+
+
 def _unknown_top_level(name: str, value: Any) -> str:
     """A key above the first table header is usually a setting put in the
     wrong place; say which table it belongs to."""
-    if isinstance(value, dict):
-        return _unknown(name, tuple(_KEYS), "table")
+    if isinstance(value, dict) or (isinstance(value, list) and value
+                                   and all(isinstance(item, dict) for item in value)):
+        return _unknown(name, (*_KEYS, "peer"), "table")
     owners = [table for table, keys in _KEYS.items() if name in keys]
     if owners:
         return f"unknown top-level key; '{name}' belongs in the [{owners[0]}] table"
@@ -694,7 +753,7 @@ def _queues(table: _Table) -> int:
 # ---- [transport] ----------------------------------------------------------
 
 
-def _read_transport(table: _Table) -> TransportConfig:
+def _read_transport(table: _Table, many_peers: bool = False) -> TransportConfig:
     protocol = _choice(table, "protocol", PROTOCOLS, TransportConfig.protocol)
     listen = _endpoint(table, "listen", min_port=0)
     peer = _endpoint(table, "peer", min_port=1)
@@ -709,6 +768,9 @@ def _read_transport(table: _Table) -> TransportConfig:
             and listen.family != peer.family:
         raise table.error("listen", f"expected the same address family as peer {peer}, got {listen}: "
                                     f"a socket of one family cannot reach an address of the other")
+    if many_peers and "learn" in table.data:
+        raise table.error("learn", "does not apply with [[peer]] tables: a [[peer]] without "
+                                   "endpoint is learned when it has roaming = true; remove learn")
     return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing,
                            learn=_learn(table, protocol, peer, framing),
                            allow=_allow(table, protocol, peer))
@@ -764,6 +826,127 @@ def _endpoint(table: _Table, key: str, min_port: int) -> Endpoint | None:
         raise table.error(key, f"expected a port from {min_port} to 65535, got {value!r} "
                                f"(port {endpoint.port})")
     return endpoint
+
+
+# ---- [[peer]] ---------------------------------------------------------------
+
+# Why [[peer]] takes UDP, TUN and framing raw/len16 only, and what else there is.
+_PEERS_WORK_WITH = ('[[peer]] tables work with protocol = "udp", mode = "tun" and framing '
+                    '"raw" or "len16"; authenticated multi-peer is the "session" framing, '
+                    "driven by a control plane through the embedding API (PeerTable), and "
+                    "WireGuard is the coming issue")
+
+
+def _read_peers(tables: list[_Table]) -> tuple:
+    """Each [[peer]] on its own; names and networks across peers are
+    checked here too (a network routes to one peer)."""
+    peers: list[PeerConfig] = []
+    owners: dict = {}  # network -> name of the peer that has it
+    endpoints: dict = {}  # Endpoint -> name
+    for table in tables:
+        name = _peer_name(table, [p.name for p in peers])
+        table.name = f"{table.name} {_toml_string(name)}"
+        endpoint = _endpoint(table, "endpoint", min_port=1)
+        if endpoint is not None and endpoint.host in ("0.0.0.0", "::"):
+            raise table.error("endpoint", f"expected a reachable address, got {endpoint} (the "
+                                          f"unspecified address only makes sense for listen)")
+        if endpoint is not None and endpoint in endpoints:
+            raise table.error("endpoint", f"expected an endpoint of this peer's own, got {endpoint}, "
+                                          f"which is peer {_toml_string(endpoints[endpoint])}'s: "
+                                          "datagrams from it could not be told apart")
+        if endpoint is not None:
+            endpoints[endpoint] = name
+        roaming = _boolean(table, "roaming", PeerConfig.roaming)
+        if endpoint is None and not roaming:
+            raise table.error("endpoint", 'expected an endpoint "host:port", or roaming = true to '
+                                          "learn it from the peer's datagrams: without either the "
+                                          "peer could never be reached")
+        allowed = _allowed_ips(table)
+        for network in allowed:
+            if network in owners:
+                raise table.error("allowed_ips", f"expected each network in one peer only, got "
+                                                 f"'{network}', which peer "
+                                                 f"{_toml_string(owners[network])} has too: a "
+                                                 "packet to it would have two places to go")
+            owners[network] = name
+        peers.append(PeerConfig(name=name, allowed_ips=allowed, endpoint=endpoint, roaming=roaming))
+    return tuple(peers)
+
+
+def _peer_name(table: _Table, taken: list[str]) -> str:
+    if "name" not in table.data:
+        raise table.error("name", 'expected a name for this peer (name = "spoke1"): logs and '
+                                  "`tunrelay stats` show peers by name")
+    name = _string(table, "name", "")
+    if not name or len(name) > PEER_NAME_MAX or not name.isprintable():
+        raise table.error("name", f"expected 1 to {PEER_NAME_MAX} printable characters, got "
+                                  f"{_toml_string(name)}")
+    if name in taken:
+        raise table.error("name", f"expected a name of its own, got {_toml_string(name)}, which "
+                                  "another [[peer]] has")
+    return name
+
+
+def _allowed_ips(table: _Table) -> tuple:
+    """The peer's networks: required, at least one, strict (host bits set
+    is an error), each once."""
+    if "allowed_ips" not in table.data:
+        raise table.error("allowed_ips", "expected the networks routed to this peer, like "
+                                         '["10.0.0.2/32", "fd00::2/128"]: a peer without them '
+                                         "would get no packets and have none accepted")
+    networks = _no_duplicates(table, "allowed_ips", [
+        _network(table, text, "allowed_ips")
+        for text in _string_list(table, "allowed_ips", single_ok=False)])
+    if not networks:
+        raise table.error("allowed_ips", "expected at least one network like '10.0.0.2/32', got "
+                                         "an empty array (the peer would get no packets and have "
+                                         "none accepted)")
+    return networks
+
+
+def _with_peers(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Config:
+    """[[peer]] tables: what they need of the other tables, and the listen
+    address's family.  Point-to-point settings are refused, not ignored."""
+    from dataclasses import replace
+    t = cfg.transport
+    if t.peer is not None:
+        raise tables["transport"].error(
+            "peer", f"expected no [transport] peer with [[peer]] tables, got {t.peer}: [transport] "
+            "peer is the one-peer shorthand; write that peer as a [[peer]] table (with its "
+            "allowed_ips), or remove the [[peer]] tables")
+    if t.protocol != "udp":
+        raise tables["transport"].error(
+            "protocol", f'expected "udp" with [[peer]] tables, got "{t.protocol}": a TCP '
+            f"connection carries one peer. {_PEERS_WORK_WITH}")
+    if t.framing not in ("raw", "len16"):
+        raise tables["transport"].error(
+            "framing", f'expected "raw" or "len16" with [[peer]] tables, got "{t.framing}": '
+            f"its key and sessions are those of one peer. {_PEERS_WORK_WITH}")
+    if cfg.device.mode != "tun":
+        raise tables["device"].error(
+            "mode", f'expected "tun" with [[peer]] tables, got "{cfg.device.mode}": peers are '
+            f"chosen by the inner IP address, which a TAP device's Ethernet frames do not "
+            f"route by. {_PEERS_WORK_WITH}")
+    if cfg.relay.engine != "fast":
+        raise tables["relay"].error(
+            "engine", f'expected "fast" with [[peer]] tables, got "{cfg.relay.engine}": the '
+            "Python pump serves one peer")
+    listen = t.listen
+    if "listen" not in tables["transport"].data and any(
+            p.endpoint is not None and p.endpoint.family == socket.AF_INET6 for p in cfg.peers):
+        # Dual stack: an IPv6 socket on "::" reaches IPv4 peers too.
+        listen = Endpoint("::", DEFAULT_PORT)
+    for table, peer in zip(peer_tables, cfg.peers):
+        family = None if peer.endpoint is None else peer.endpoint.family
+        if family is None or listen.family is None or family == listen.family:
+            continue
+        if family == socket.AF_INET and listen.host == "::":
+            continue  # dual stack
+        raise table.error("endpoint", f"expected the address family of [transport] listen "
+                                      f"{listen}, got {peer.endpoint}: a socket of one family "
+                                      'cannot reach an address of the other (listen = "[::]:'
+                                      f'{listen.port}" reaches both)')
+    return replace(cfg, transport=replace(t, listen=listen))
 
 
 # ---- [relay] and [stats] --------------------------------------------------
@@ -825,7 +1008,8 @@ def to_toml(cfg: Config) -> str:
                    "group": d.group, "queues": d.queues},
         "transport": {"protocol": t.protocol, "listen": t.listen, "peer": t.peer,
                       "framing": t.framing,
-                      "learn": t.learn if t.protocol == "udp" and t.framing != "aead" else None,
+                      "learn": (t.learn if t.protocol == "udp" and t.framing != "aead"
+                                and not cfg.peers else None),
                       "allow": t.allow or None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
         "stats": {"interval": s.interval, "socket": s.socket},
@@ -836,6 +1020,12 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for name, values in tables.items():
         lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None)
+        lines.append("")
+    for peer in cfg.peers:
+        lines.append("[[peer]]")
+        values = {"name": peer.name, "endpoint": peer.endpoint,
+                  "allowed_ips": peer.allowed_ips, "roaming": peer.roaming}
         lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None)
         lines.append("")
     return "\n".join(lines)
