@@ -67,6 +67,13 @@ def cmd_check(args) -> int:
     t = cfg.transport
     role = ("udp" if t.protocol == "udp" else
             "tcp server" if t.is_server else "tcp client")
+    if cfg.peers:
+        peers = ", ".join(f"{p.name} {p.endpoint or '(learned)'}{' roaming' if p.roaming else ''}"
+                          for p in cfg.peers)
+        print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
+              f"mtu {cfg.device.mtu}, {role}, framing {t.framing}, listen {t.listen}, "
+              f"{len(cfg.peers)} peers: {peers}")
+        return EXIT_OK
     print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
           f"mtu {cfg.device.mtu}, {role}, framing {t.framing}"
           f"{f' (role {cfg.security.role})' if t.framing == 'aead' else ''}, "

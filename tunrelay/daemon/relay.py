@@ -6,7 +6,9 @@ blocked on.
 
 Supervision (``run()``, in the caller's thread):
 - UDP: one socket for the relay's life; the pump runs until stopped or
-  until the device vanishes.
+  until the device vanishes.  With ``[[peer]]`` tables, one PeerTable
+  holds the peers and is shared by every queue's pump (routed by allowed
+  IPs); its endpoint events are drained here and logged.
 - TCP client: connect (with capped exponential backoff), pump until the
   connection ends, reconnect.  The device stays up throughout.
 - TCP server: accept one peer, pump until it goes, accept the next.
@@ -89,6 +91,10 @@ class Relay:
         self._device_lost = False
         #: aead: the keys and peer sessions all pumps share (made in open()).
         self.keyring = None
+        #: [[peer]]: the PeerTable all pumps share (made in open()), and the
+        #: endpoint last logged for each of its peers (by id).
+        self.peers = None
+        self._peer_endpoints: dict[int, tuple | None] = {}
         self._endpoint = None
         self._noticed: dict[str, tuple[int, float]] = {}
         self._newcomer: socket.socket | None = None  # a proven connection waiting to take over
@@ -139,7 +145,20 @@ class Relay:
                         else self._client_counts()),
             "uptime": time.monotonic() - self._started,
             **self.stats(),
+            **({"peers": self._peers_snapshot()} if self.peers is not None else {}),
         }
+
+    def _peers_snapshot(self) -> dict:
+        """The PeerTable's stats(), per peer name, with the endpoint as text
+        ("198.18.1.2:55555", None while unknown), as JSON carries it."""
+        peers = {}
+        for name, info in self.peers.stats().items():
+            info = dict(info)
+            endpoint = info.get("endpoint")
+            info["endpoint"] = _format_endpoint(endpoint) if endpoint is not None else None
+            info.pop("sessions", None)  # framing session only; [[peer]] is raw/len16
+            peers[name] = info
+        return peers
 
     def _aead_snapshot(self) -> dict | None:
         if self.keyring is None:
@@ -153,6 +172,8 @@ class Relay:
     def _peer_mode(self) -> str:
         """How the peer is chosen, for `tunrelay stats`."""
         tcfg = self.cfg.transport
+        if self.cfg.peers:
+            return f"{len(self.cfg.peers)} [[peer]] table(s), routed by allowed IPs"
         if tcfg.protocol == "tcp":
             return "tcp server" if tcfg.is_server else "tcp client"
         if tcfg.framing == "aead":
@@ -184,7 +205,13 @@ class Relay:
                 self._udp, self._peer = _transport.open_udp_queues(tcfg, len(self.device.fds))
                 where = _transport.format_sockaddr(self._udp[0].getsockname())
                 queues = f" ({len(self._udp)} sockets, steered by CPU)" if len(self._udp) > 1 else ""
-                if self._peer is None:
+                if self.cfg.peers:
+                    self.peers = self._peer_table(self._udp[0])
+                    log.info("udp: listening on %s%s, %d peers: %s", where, queues,
+                             len(self.cfg.peers), self._describe_peers())
+                    if len(self.cfg.peers) > 1:
+                        _warn_if_not_forwarding(self.cfg.peers)
+                elif self._peer is None:
                     log.info("udp: listening on %s%s, peer to be learned from the first valid datagram",
                              where, queues)
                 else:
@@ -202,6 +229,33 @@ class Relay:
         except BaseException:
             self.close()
             raise
+
+    def _peer_table(self, sock: socket.socket):
+        """The [[peer]] tables as one PeerTable; each endpoint resolved now,
+        in the form the socket reports senders (IPv4 on a dual-stack socket:
+        ::ffff:a.b.c.d), so the pumps recognise the peer's datagrams."""
+        from .._fastpath import PeerTable
+        table = PeerTable()
+        with table.batch():
+            for peer in self.cfg.peers:
+                endpoint = None
+                if peer.endpoint is not None:
+                    endpoint = _transport.resolve_for_socket(peer.endpoint, sock,
+                                                             f"peer {peer.name!r} endpoint")
+                table.add(peer.name, endpoint=endpoint, roaming=peer.roaming,
+                          allowed_ips=[str(network) for network in peer.allowed_ips])
+        self._peer_endpoints = {pid: table.info(pid)["endpoint"] for pid in table.ids()}
+        return table
+
+    def _describe_peers(self) -> str:
+        parts = []
+        for pid in self.peers.ids():
+            info = self.peers.info(pid)
+            where = (_format_endpoint(info["endpoint"]) if info["endpoint"] is not None
+                     else "endpoint to be learned")
+            parts.append(f"{info['name']} at {where}{' (roaming)' if info['roaming'] else ''} "
+                         f"for {', '.join(info['allowed_ips'])}")
+        return "; ".join(parts)
 
     def run(self) -> None:
         """Pump until stop(); raises PumpError when the device is gone."""
@@ -312,12 +366,15 @@ class Relay:
             options["gso"] = False  # offload = false: no UDP GSO either
         if self.keyring is not None:
             options.update(key=self.keyring)
+        if self.peers is not None:
+            options.update(peers=self.peers)  # endpoints are the table's: no peer=
+        else:
+            options.update(peer=self._peer if self._udp else None)
         for fd, sock in zip(self.device.fds, socks):
             self.pumps.append(self._pump_class(
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
-                batch=self.cfg.relay.batch,
-                peer=self._peer if self._udp else None, **options))
+                batch=self.cfg.relay.batch, **options))
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))
@@ -380,7 +437,30 @@ class Relay:
                 self._endpoint = endpoint
         if self.keyring is not None:
             self._notice_drops()
+        if self.peers is not None:
+            self._log_peer_events()
         return False
+
+    def _log_peer_events(self) -> None:
+        """Drain the PeerTable's events (its eventfd would stay readable
+        otherwise) and log each endpoint a peer was found at or moved to."""
+        for event in self.peers.take():
+            if event.kind != "endpoint" or event.peer is None:
+                continue
+            try:
+                info = self.peers.info(event.peer)
+            except (KeyError, ValueError):
+                continue
+            before = self._peer_endpoints.get(event.peer)
+            now = info["endpoint"]
+            if now == before:
+                continue
+            self._peer_endpoints[event.peer] = now
+            if before is None:
+                log.info("peer %s: at %s (learned)", info["name"], _format_endpoint(now))
+            else:
+                log.info("peer %s: moved from %s to %s (roaming)", info["name"],
+                         _format_endpoint(before), _format_endpoint(now))
 
     def _notice_drops(self) -> None:
         """Log the drops that point at a misconfigured or older other end
@@ -436,6 +516,40 @@ class Relay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _format_endpoint(sockaddr: tuple) -> str:
+    """A peer's endpoint for people: an IPv4 address seen through a
+    dual-stack socket (::ffff:a.b.c.d) shown as plain IPv4."""
+    host = sockaddr[0]
+    if host.startswith("::ffff:") and "." in host:
+        return _transport.format_sockaddr((host[7:], sockaddr[1]))
+    return _transport.format_sockaddr(sockaddr)
+
+
+#: Where the kernel says whether it forwards, per family, in this namespace.
+_FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+_FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+
+
+def _warn_if_not_forwarding(peers) -> None:
+    """A hub's spokes reach each other through the kernel (device -> routing
+    -> device): with forwarding off it drops their packets.  Warn for each
+    family some peer's allowed IPs use."""
+    families = {network.version for peer in peers for network in peer.allowed_ips}
+    for version in sorted(families):
+        path = _FORWARDING[version]
+        try:
+            with open(path) as f:
+                on = f.read().strip() != "0"
+        except OSError:
+            continue  # IPv6 disabled: nothing to forward
+        if not on:
+            key = _FORWARDING_SYSCTL[version]
+            log.warning("hub: IPv%d forwarding is off in this network namespace (%s = 0): "
+                        "%d peers reach each other only through the kernel, which drops their "
+                        "packets; turn it on (sysctl -w %s=1) if they should", version, key,
+                        len(peers), key)
 
 
 def _hello_order(hello: bytes) -> tuple[int, int]:

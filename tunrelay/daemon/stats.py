@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import Callable
 
 from ..counters import DIRECTIONS
@@ -65,7 +66,30 @@ def format_table(snapshot: dict) -> str:
         lines.append("")
     for row in rows:
         lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}")
+    if snapshot.get("peers"):
+        lines.append("")
+        lines.extend(format_peers(snapshot["peers"]))
     return "\n".join(lines)
+
+
+def format_peers(peers: dict, now: float | None = None) -> list[str]:
+    """One line per peer of a relay with [[peer]] tables: name, endpoint,
+    how long ago it was last heard from, packets and bytes received (rx,
+    from the peer) and sent (tx, to it), and drops."""
+    now = time.time() if now is None else now
+    rows = [("peer", "endpoint", "last seen", "rx pkts", "rx bytes", "tx pkts", "tx bytes",
+             "drops rx/tx")]
+    for name, info in peers.items():
+        seen = info.get("last_seen")
+        ago = "never" if seen is None else f"{max(0.0, now - seen):.1f} s ago"
+        rx, tx = info["ingress"], info["egress"]
+        rows.append((name, info.get("endpoint") or "(unknown)", ago, str(rx["packets"]),
+                     str(rx["bytes"]), str(tx["packets"]), str(tx["bytes"]),
+                     f"{rx['drops']}/{tx['drops']}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in rows]
 
 
 def format_line(snapshot: dict) -> str:

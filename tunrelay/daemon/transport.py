@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .config import Endpoint, TransportConfig
 
 __all__ = ["open_udp", "open_udp_queues", "TcpClient", "TcpServer", "resolve_peer",
-           "format_sockaddr", "PROOF_DEADLINE_S", "MAX_PROVING"]
+           "resolve_for_socket", "format_sockaddr", "PROOF_DEADLINE_S", "MAX_PROVING"]
 
 # A burst of 64-packet batches at 1.5 KB is ~100 KB per wake-up; the default
 # buffers (~200 KB) overflow as soon as the reader is descheduled for a
@@ -204,6 +204,26 @@ def _plan(cfg: TransportConfig, socktype: int) -> _Plan:
 def resolve_peer(cfg: TransportConfig, socktype: int = socket.SOCK_DGRAM) -> tuple | None:
     """The peer's sockaddr in the form a socket opened for ``cfg`` reports it."""
     return _plan(cfg, socktype).peer
+
+
+def resolve_for_socket(ep: Endpoint, sock: socket.socket, what: str) -> tuple:
+    """``ep``'s sockaddr in the form ``sock``'s recvfrom reports it, so a
+    sender can be compared with ``==`` (a [[peer]] endpoint): an address of
+    the socket's own family, else, on a dual-stack IPv6 socket, an IPv4 one
+    as ``::ffff:a.b.c.d``."""
+    found = _resolve(ep, socket.SOCK_DGRAM, what)
+    for family, sockaddr in found:
+        if family == sock.family:
+            return sockaddr
+    if (sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::"
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)):
+        for family, sockaddr in found:
+            if family == socket.AF_INET:
+                return _as_family(socket.AF_INET6, sockaddr)
+    local = format_sockaddr(sock.getsockname())
+    raise TransportError(f"{what} {ep}: no address this socket ({local}) can reach: expected "
+                         f"{'an IPv4' if sock.family == socket.AF_INET else 'an IPv6'} address "
+                         f'(listen = "[::]:port" reaches both families)')
 
 
 # -- socket set-up -------------------------------------------------------------
