@@ -24,6 +24,14 @@
   evictions, replay windows, tags checked with OpenSSL through ctypes, and
   its counts()), and property checks of what the coalescer wrote
   (offload).
+* Peers (fuzz_peers.py): ``decode_peers`` (a PeerTable, its peers and
+  sessions, then steps: datagrams sealed as WireGuard's transport data
+  message with `cryptography`'s ChaCha20-Poly1305 or not quite, raw IP
+  packets, control datagrams, from chosen senders; take(), installs,
+  updates), ``PeerTableModel`` (the spec of a pump with peers receiving),
+  ``PeerRig``/``run_peers`` (a fresh table and pump per input, every
+  check after every message) and ``PEER_BUGS`` (minimal reproductions
+  of the bugs it found; the harness steers around those still there).
 * ``Rig``: the pumps (one per configuration, made once and reused), a UDP
   socket, a TCP connection and the TUN stand-in.  ``feed_datagram`` and
   ``feed_stream_chunk`` run one message / one recv() through the compiled
@@ -42,11 +50,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import ipaddress
 import socket
 import struct
+import sys
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tunrelay import aead as aead_keys
 from tunrelay import counters as counter_names
@@ -1267,3 +1281,1207 @@ def run_stream(rig: Rig, src: Source) -> None:
                             f"({_show(chunk, 16)}): {exc}") from None
         if bad:
             break
+
+
+# ================================================================ peers (PeerTable ingress)
+#
+# fuzz_peers.py: a pump with a PeerTable, framing "session" (WireGuard's
+# transport data message) or "raw", fed datagrams from chosen senders
+# through Pump._feed(..., sender=...).  Each input is a fresh table and
+# pump: decode_peers() turns the input into a PeerCase (the table, then
+# steps: datagrams, GRO messages, take(), install_session(),
+# clear_sessions(), update()), pure and independent of any state;
+# run_peers() plays it, resolving what depends on state (a session's next
+# counter, a peer's endpoint, a replay) against PeerModel, and checks
+# the pump against PeerModel after every step.  PeerModel is the spec
+# (tunrelay's notes on the PeerTable API and the docstrings of
+# _peers.pxi): it decides from the bytes and the sender alone.
+
+SESSION_HEADER, SESSION_TAG = 16, 16
+SESSION_OVERHEAD = SESSION_HEADER + SESSION_TAG
+SESSION_TYPE_DATA = 4
+#: _fastpath.pxd: the replay window ((AEAD_WINDOW_WORDS - 1) * 64 counters;
+#: session_window_fresh refuses a counter `top - counter >= 8192` behind
+#: the newest accepted) and the longest control datagram queued.
+SESSION_WINDOW = AEAD_WINDOW
+CONTROL_SLOT = 2048
+#: What a PeerTable without reject_after_messages refuses: counters from
+#: 2^64 - 1 on (_NO_LIMIT; `counter >= reject_messages`).
+NO_LIMIT = U64
+#: promote() keeps at most this many pushed-out sessions for take() to retire.
+PROMOTED_PENDING = 4
+
+PEER_MTUS = (1400, 68, 576, 1280, 9000)
+PEER_REJECTS = (None, 1, 3, 20, 9000, 2**40)
+#: Endpoints the table is configured with (host strings as a user writes
+#: them; "%1": lo's scope, a link-local address needs one).
+ENDPOINT_POOL = (("10.0.0.2", 51820), ("10.0.0.3", 51820), ("10.0.0.2", 51821),
+                 ("10.0.0.4", 51820), ("fd00::2", 51820), ("fe80::2%1", 51820))
+#: Senders the harness sends from, besides the peers' endpoints: some are
+#: the pool's endpoints, some nobody's.  An AF_INET socket cannot receive
+#: from an IPv6 address: there the IPv6 ones stand for V4_STAND_IN's.
+SENDER_POOL = (("10.0.0.2", 51820), ("10.0.0.3", 51820), ("10.0.0.2", 51821),
+               ("10.0.0.4", 51820), ("192.0.2.7", 4500), ("10.0.0.5", 1),
+               ("fd00::2", 51820), ("fe80::2", 51820, 0, 1), ("fd00::3", 51820))
+V4_STAND_IN = (("192.0.2.8", 4500), ("10.0.0.2", 51822), ("10.0.0.6", 51820))
+#: A table of IPv4 sockets refuses IPv6 endpoints (PumpArgumentError):
+#: there its first peers take these instead of ENDPOINT_POOL's IPv6 ones.
+V4_ENDPOINTS = {4: ("10.0.0.6", 51820), 5: ("10.0.0.7", 51820)}
+#: Allowed IPs to choose from: nested prefixes (the longest prefix decides
+#: the owner), host routes, default routes.
+NET_POOL = ("10.9.0.0/16", "10.9.1.0/24", "10.9.1.128/25", "10.9.1.7/32", "10.10.0.0/16",
+            "0.0.0.0/0", "fd09::/32", "fd09:0:1::/48", "fd09:0:1::7/128", "fd0a::/32", "::/0",
+            "10.9.2.0/24", "fd09:0:2::/48")
+#: Receiver indexes to install (unique among live sessions; edges of u32).
+LOCAL_INDEXES = (1, 2, 3, 4, 5, 6, 7, 8, 0, 0xFFFFFFFF, 0x80000000, 0x01020304)
+#: Inner addresses nobody's prefixes in NET_POOL hold (but the defaults).
+NOBODY = {4: ipaddress.ip_address("192.0.2.1"), 6: ipaddress.ip_address("2001:db8::1")}
+INNER_DST = {4: ipaddress.ip_address("10.0.0.1"), 6: ipaddress.ip_address("fd00::1")}
+
+
+def session_key(serial: int) -> bytes:
+    """The receive key of the harness' `serial`-th installed session."""
+    return hashlib.sha256(b"tunrelay fuzz_peers %d" % serial).digest()
+
+
+def session_seal(key: bytes, index: int, counter: int, plaintext: bytes) -> bytes:
+    """WireGuard's transport data message: 04 00 00 00 | index (u32 LE) |
+    counter (u64 LE) | ChaCha20-Poly1305(plaintext) | tag; nonce = 4 zero
+    bytes + counter (LE), no associated data."""
+    nonce = b"\0" * 4 + struct.pack("<Q", counter)
+    return struct.pack("<BxxxIQ", SESSION_TYPE_DATA, index, counter) + \
+        ChaCha20Poly1305(key).encrypt(nonce, plaintext, None)
+
+
+# ---------------------------------------------------------------- addresses
+#
+# An address as the C struct holds it: (family 4|6, packed, port, scope).
+# The pump's socket decides a sender's form (on an AF_INET6 socket an IPv4
+# sender is ::ffff:a.b.c.d, as the kernel reports it), and the table's
+# endpoints' (its first pump's socket family is the table's).  The spec
+# compares addresses as the same host and port whatever the form
+# (spec_key); the table shows a mapped one as IPv4.
+
+def _v6_packed(host: str, scope: int) -> tuple[bytes, int]:
+    if "%" in host:
+        host, _, name = host.partition("%")
+        scope = int(name) if name.isdigit() else socket.if_nametoindex(name)
+    return socket.inet_pton(socket.AF_INET6, host), scope
+
+
+def sender_address(sender: tuple, family: int) -> tuple:
+    """What Pump._feed makes of sender=(host, port[, flow, scope]) on a
+    socket of `family` (_fill_sockaddr)."""
+    host, port = sender[0], sender[1]
+    scope = sender[3] if len(sender) > 3 else 0
+    if family == 4:
+        return (4, socket.inet_pton(socket.AF_INET, host), port, 0)
+    if ":" not in host:
+        host = "::ffff:" + host
+    packed, scope = _v6_packed(host, scope)
+    return (6, packed, port, scope)
+
+
+def endpoint_address(endpoint: tuple, family: int) -> tuple | None:
+    """What PeerTable.add/update(endpoint=...) stores on a table whose
+    pumps' sockets are of `family`: as those sockets address it (IPv4 on
+    an IPv6 socket: ::ffff:a.b.c.d); None: refused (IPv6 on IPv4)."""
+    if family == 4 and ":" in str(endpoint[0]):
+        return None
+    return sender_address(endpoint, family)
+
+
+def spec_key(address: tuple) -> tuple:
+    """Same host and port, whatever the form: IPv4 as ::ffff:a.b.c.d."""
+    family, packed, port, scope = address
+    if family == 4:
+        packed = b"\0" * 10 + b"\xff\xff" + packed
+    return (packed, port, scope)
+
+
+def address_tuple(address: tuple) -> tuple:
+    """How the table shows an address (info(), events): an IPv4-mapped
+    one as IPv4."""
+    family, packed, port, scope = address
+    if family == 6 and packed[:12] == b"\0" * 10 + b"\xff\xff":
+        family, packed = 4, packed[12:]
+    if family == 4:
+        return (socket.inet_ntop(socket.AF_INET, packed), port)
+    host = socket.inet_ntop(socket.AF_INET6, packed)
+    return (host, port, 0, scope) if scope else (host, port)
+
+
+def v4_form(endpoint: tuple, family: int) -> tuple:
+    """An IPv4 endpoint written as the socket of `family` reports the
+    address (::ffff:a.b.c.d on AF_INET6): steers around
+    v4_endpoint_on_v6_socket (see PEER_BUGS)."""
+    if family == 6 and ":" not in str(endpoint[0]):
+        return ("::ffff:" + endpoint[0],) + tuple(endpoint[1:])
+    return endpoint
+
+
+# ---------------------------------------------------------------- the decoded case
+
+@dataclass
+class PeerPlan:
+    endpoint: int | None            # ENDPOINT_POOL index
+    nets: tuple                     # NET_POOL strings
+    roaming: bool
+
+
+@dataclass
+class InstallPlan:
+    peer: int                       # which peer (mod the number of peers)
+    local_index: int
+    initiator: bool
+
+
+@dataclass
+class DatagramPlan:
+    sender: int                     # 0-2: a peer's endpoint; 3..: SENDER_POOL
+    kind: str
+    peer: int = 0                   # whose nets / sessions the harness plays
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class PeerStep:
+    op: str                         # datagram, gro, take, install, clear, update
+    datagrams: list = field(default_factory=list)
+    segment: int = 0                # gro: 0 = the first datagram's length
+    install: InstallPlan | None = None
+    peer: int = 0
+    what: int = 0                   # update: 0 roaming toggled, 1 endpoint, 2 endpoint None,
+    endpoint: int = 0               # 3 remove(), 4 allowed_ips
+    nets: tuple = ()
+
+
+@dataclass
+class PeerCase:
+    framing: str
+    family: int
+    mtu: int
+    offload: bool
+    control_types: tuple | None
+    control_slots: int
+    reject_messages: int | None
+    reject_time: float | None
+    peers: list
+    installs: list
+    steps: list
+
+    @property
+    def limit(self) -> int:
+        return max_frame("tun", self.mtu)
+
+    @property
+    def ingress_slot(self) -> int:
+        """The longest message Pump._feed takes (_size_slots)."""
+        slot = IP_LENGTH_MAX + 1 if self.offload else AEAD_OVERHEAD + self.limit + 1
+        return max(slot, CONTROL_SLOT + 1)
+
+
+def decode_peers(src: Source) -> PeerCase:
+    """The table and the steps of one input.  Pull ranges depend on
+    earlier pulls only (never on the pump or the model): a seed decodes
+    the same wherever it runs."""
+    case = decode_peer_setup(src)
+    case.steps = [decode_peer_step(src, case.framing, case.limit)
+                  for _ in range(src.int("p_steps", 1, 32))]
+    return case
+
+
+def decode_peer_setup(src: Source) -> PeerCase:
+    """The pump, the table, its peers and their first sessions."""
+    framing = src.choice("p_framing", ("session", "raw"))
+    family = src.choice("p_family", (4, 6))
+    mtu = src.choice("p_mtu", PEER_MTUS)
+    offload = src.int("p_offload", 0, 1) == 1
+    control = src.int("p_control", 0, 3)
+    if control == 0:
+        control_types = None          # the default: session -> every type but 4; raw -> none
+    elif control == 1:
+        control_types = (1, 2, 3)     # WireGuard's handshake types
+    elif control == 2:
+        control_types = tuple(src.int("p_control_type", 0, 255)
+                              for _ in range(src.int("p_control_n", 1, 4)))
+    else:
+        control_types = ()
+    control_slots = src.choice("p_control_slots", (256, 1, 2))
+    reject = src.choice("p_reject", PEER_REJECTS)
+    reject_time = src.choice("p_reject_time", (None, 3600.0))
+    peers, used_nets, used_endpoints = [], set(), set()
+    for _ in range(src.int("p_peers", 2, 3)):
+        endpoint = src.int("p_endpoint", 0, len(ENDPOINT_POOL))
+        if endpoint == len(ENDPOINT_POOL) or endpoint in used_endpoints:
+            endpoint = None           # none (learned), or another peer's: none
+        else:
+            used_endpoints.add(endpoint)
+        nets = []
+        for _ in range(src.int("p_nets", 0, 3)):
+            net = NET_POOL[src.int("p_net", 0, len(NET_POOL) - 1)]
+            if net not in used_nets:  # a network belongs to one peer
+                used_nets.add(net)
+                nets.append(net)
+        peers.append(PeerPlan(endpoint, tuple(nets), src.int("p_roaming", 0, 1) == 1))
+    installs = []
+    if framing == "session":
+        for peer in range(len(peers)):
+            for _ in range(src.int("p_sessions", 0, 3)):
+                installs.append(decode_install(src, peer))
+    return PeerCase(framing, family, mtu, offload, control_types, control_slots, reject,
+                    reject_time, peers, installs, [])
+
+
+def decode_install(src: Source, peer: int) -> InstallPlan:
+    return InstallPlan(peer, LOCAL_INDEXES[src.int("p_index", 0, len(LOCAL_INDEXES) - 1)],
+                       src.int("p_initiator", 0, 1) == 1)
+
+
+def decode_peer_step(src: Source, framing: str, limit: int) -> PeerStep:
+    op = src.int("p_op", 0, 15)
+    if op <= 10:
+        return PeerStep("datagram", [decode_peer_datagram(src, framing, limit)])
+    if op == 11:    # a UDP_GRO message: datagrams from one sender, back to back
+        count = src.int("p_gro", 2, 8)
+        datagrams = [decode_peer_datagram(src, framing, limit) for _ in range(count)]
+        segment = 0 if src.int("p_segment_exact", 0, 3) else src.int("p_segment", 1, 0xFFFF)
+        return PeerStep("gro", datagrams, segment)
+    if op == 12:
+        return PeerStep("install", install=decode_install(src, src.int("p_install_peer", 0, 2)))
+    if op == 13:
+        return PeerStep("take")
+    if op == 14:
+        return PeerStep("clear", peer=src.int("p_clear_peer", 0, 2))
+    what = src.int("p_update", 0, 4)
+    step = PeerStep("update", peer=src.int("p_update_peer", 0, 2), what=what)
+    if what == 1:
+        step.endpoint = src.int("p_update_endpoint", 0, len(ENDPOINT_POOL) - 1)
+    elif what == 4:
+        step.nets = tuple(NET_POOL[src.int("p_net", 0, len(NET_POOL) - 1)]
+                          for _ in range(src.int("p_nets", 0, 3)))
+    return step
+
+
+def decode_inner(src: Source, limit: int) -> dict:
+    """An IP packet: its version, where its source comes from (the
+    peer's prefixes, another peer's, any bytes, nobody's), its size, and
+    maybe a lie in its header."""
+    args = {"version": src.choice("p_ip_version", (4, 6)),
+            "src": src.int("p_src", 0, 5),
+            "net": src.int("p_src_net", 0, 7),
+            "host": src.int("p_src_host", 0, 0xFFFF)}
+    if args["src"] == 4:
+        args["src_bytes"] = src.bytes("p_src_bytes", 16)
+    if src.int("p_ip_big", 0, 7) == 7:
+        args["size"] = src.int("p_ip_size", 0, limit + 2)
+    else:
+        args["size"] = src.int("p_ip_small", 0, 200)
+    args["lie"] = src.int("p_ip_lie", 0, 7)
+    if args["lie"] >= 4:
+        args["lie_arg"] = src.int("p_ip_lie_arg", 0, 255)
+    return args
+
+
+def decode_peer_datagram(src: Source, framing: str, limit: int) -> DatagramPlan:
+    sender = src.int("p_sender", 0, 2 + len(SENDER_POOL))
+    kind = src.int("p_kind", 0, 15)
+    peer = src.int("p_peer", 0, 2)
+    if kind == 10:      # a control type (or any first byte), up to past a control slot
+        return DatagramPlan(sender, "first_byte", peer,
+                            {"byte": src.int("p_byte", 0, 255),
+                             "length": src.int("p_length", 1, CONTROL_SLOT + 8)})
+    if kind == 11:
+        data = src.bytes("p_junk", src.int("p_junk_len", 0, 200))
+        return DatagramPlan(sender, "junk", peer, {"data": data})
+    if kind == 12:
+        return DatagramPlan(sender, "empty", peer)
+    if kind == 13:      # one of the last 64 datagrams, byte for byte
+        return DatagramPlan(sender, "replay", peer, {"back": src.int("p_replay", 0, 63)})
+    if framing == "raw":
+        return DatagramPlan(sender, "packet", peer, {"inner": decode_inner(src, limit)})
+    if kind == 14:      # type 4 and a made-up header and body: authenticates under nothing
+        return DatagramPlan(sender, "forged_header", peer,
+                            {"index": LOCAL_INDEXES[src.int("p_index", 0, len(LOCAL_INDEXES) - 1)],
+                             "counter": src.int("p_forged_counter", 0, 64),
+                             "body": src.bytes("p_forged", src.int("p_forged_len", 0, 120))})
+    args = {"slot": src.int("p_slot", 0, 4),
+            "serial": src.int("p_serial", 0, 15),
+            "counter": src.int("p_counter", 0, 9)}
+    if args["counter"] in (4, 5, 6, 7, 8, 9):
+        args["counter_arg"] = src.int("p_counter_arg", 0, U64)
+    if kind == 15:
+        inner = None    # a keepalive: an empty plaintext
+    else:
+        inner = decode_inner(src, limit)
+        args["pad"] = src.int("p_pad", 0, 3)
+        if args["pad"] >= 2:
+            args["pad_len"] = src.int("p_pad_len", 1, 40)
+    args["inner"] = inner
+    mutation = src.int("p_mutation", 0, 15)
+    args["mutation"] = mutation
+    if mutation >= 10:
+        args["mutation_at"] = src.int("p_mutation_at", 0, 0xFFFF)
+        args["mutation_arg"] = src.int("p_mutation_arg", 1, 255)
+    return DatagramPlan(sender, "sealed", peer, args)
+
+
+# ---------------------------------------------------------------- the model
+
+@dataclass(eq=False)
+class SessionModel:
+    serial: int
+    peer: "PeerModel"
+    local_index: int
+    key: bytes
+    window: ReplayWindow = field(default_factory=ReplayWindow)
+    sent_top: int = -1              # the newest counter the harness sealed with it
+    _cipher: object = None
+
+    def open(self, datagram: bytes) -> bytes | None:
+        if self._cipher is None:
+            self._cipher = ChaCha20Poly1305(self.key)
+        try:
+            return self._cipher.decrypt(b"\0" * 4 + bytes(datagram[8:16]), bytes(datagram[16:]), None)
+        except InvalidTag:
+            return None
+
+
+@dataclass(eq=False)
+class PeerModel:
+    id: int
+    name: str
+    endpoint: tuple | None          # address (family, packed, port, scope)
+    nets: list
+    roaming: bool
+    packets: int = 0
+    bytes: int = 0
+    drops: int = 0
+    keepalives: int = 0
+    roams: int = 0
+    seen: bool = False
+    current: SessionModel | None = None
+    previous: SessionModel | None = None
+    next: SessionModel | None = None
+    events: set = field(default_factory=set)
+    pushed_out: int = 0             # promoted-out sessions take() has not collected
+
+    def sessions(self):
+        return [s for s in (self.current, self.previous, self.next) if s is not None]
+
+
+@dataclass
+class Outcome:
+    """What one datagram does: delivered (the packet), a keepalive, a
+    control datagram, or a drop (reason; the peer it is counted against)."""
+    kind: str
+    reason: str | None = None
+    packet: bytes | None = None
+    peer: PeerModel | None = None
+
+
+class PeerTableModel:
+    """The spec of a PeerTable and its pump receiving: peer_receive() of
+    _peers.pxi as the API notes and its docstrings describe it."""
+
+    def __init__(self, case: PeerCase) -> None:
+        self.case = case
+        self.framing = case.framing
+        self.family = case.family
+        self.limit = case.limit
+        if case.control_types is None:
+            self.control_types = set(range(256)) - {SESSION_TYPE_DATA} if case.framing == "session" else set()
+        else:
+            self.control_types = set(case.control_types)
+        self.reject = NO_LIMIT if case.reject_messages is None else min(case.reject_messages, NO_LIMIT)
+        self.peers: list[PeerModel] = []
+        self.sessions: list[SessionModel] = []   # every one installed, in order
+        self.control: list[tuple] = []          # waiting: (address tuple, data)
+        self.control_queued = 0
+        self.control_dropped = 0
+        self.serial = 0
+
+    # ------------------------------------------------------------ table changes
+
+    def live_indexes(self) -> set:
+        return {s.local_index for p in self.peers for s in p.sessions()}
+
+    def install(self, peer: PeerModel, local_index: int, initiator: bool) -> SessionModel | None:
+        """None when the table must refuse it (the index is live)."""
+        if local_index in self.live_indexes():
+            return None
+        session = SessionModel(self.serial, peer, local_index, session_key(self.serial))
+        self.serial += 1
+        self.sessions.append(session)
+        if initiator:
+            peer.previous, peer.current, peer.next = peer.current, session, None
+        else:
+            peer.next = session
+        return session
+
+    def clear(self, peer: PeerModel) -> None:
+        peer.current = peer.previous = peer.next = None
+
+    def remove(self, peer: PeerModel) -> None:
+        """remove(): its sessions end (their indexes are free again), its
+        endpoint and prefixes are nobody's, its events are gone."""
+        self.clear(peer)
+        self.peers.remove(peer)
+
+    def endpoint_owner(self, address) -> PeerModel | None:
+        """The peer whose endpoint the address is: of peers sharing one,
+        the first added (raw framing cannot tell them apart)."""
+        key = spec_key(address)
+        return next((p for p in self.peers if p.endpoint is not None and spec_key(p.endpoint) == key),
+                    None)
+
+    def take(self) -> list[tuple]:
+        """Events as take() returns them (kind, peer, address, data,
+        session): control datagrams in arrival order, then per peer (in
+        the order added) endpoint, renew, promoted."""
+        events = [("control", None, address, data, None) for address, data in self.control]
+        self.control = []
+        for p in self.peers:
+            if "endpoint" in p.events:
+                events.append(("endpoint", p.id, address_tuple(p.endpoint) if p.endpoint else None,
+                               None, None))
+            # ("renew": raised by sending only; the harness never sends.)
+            if "promoted" in p.events:     # session: the one current now
+                events.append(("promoted", p.id, None, None,
+                               p.current.local_index if p.current else None))
+            p.events = set()
+            p.pushed_out = 0
+        return events
+
+    # ------------------------------------------------------------ receiving
+
+    def owner_of_source(self, packet: bytes) -> PeerModel | None:
+        """The peer whose allowed IPs hold the packet's source longest; None
+        when nobody's do or the packet is too short to have one."""
+        if not packet:
+            return None
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            address = ipaddress.IPv4Address(bytes(packet[12:16]))
+        elif version == 6 and len(packet) >= 40:
+            address = ipaddress.IPv6Address(bytes(packet[8:24]))
+        else:
+            return None
+        best, best_len = None, -1
+        for p in self.peers:
+            for net in p.nets:
+                if net.version == address.version and address in net and net.prefixlen > best_len:
+                    best, best_len = p, net.prefixlen
+        return best
+
+    def roam(self, p: PeerModel, sender) -> None:
+        """An accepted datagram came from `sender`: a roaming peer's
+        endpoint follows it (no move when it is the same host and port)."""
+        if not p.roaming:
+            return
+        if p.endpoint is not None and spec_key(p.endpoint) == spec_key(sender):
+            return
+        p.endpoint = sender
+        p.roams += 1
+        p.events.add("endpoint")
+
+    def control_push(self, datagram: bytes, sender) -> Outcome:
+        if len(datagram) > CONTROL_SLOT:
+            return Outcome("drop", "oversize")
+        if len(self.control) == self.case.control_slots:
+            self.control_dropped += 1
+            return Outcome("drop", "control_full")
+        self.control.append((address_tuple(sender), bytes(datagram)))
+        self.control_queued += 1
+        return Outcome("control")
+
+    def receive(self, datagram: bytes, sender) -> Outcome:
+        """One datagram from `sender` (an address): what the pump must do."""
+        session = self.framing == "session"
+        if not datagram:
+            return Outcome("drop", "too_short" if session else "empty")
+        first = datagram[0]
+        is_data = first == SESSION_TYPE_DATA if session else first >> 4 in (4, 6)
+        if not is_data and first in self.control_types:
+            return self.control_push(datagram, sender)
+        if session:
+            opened = self.open_session(datagram)
+            if isinstance(opened, str):
+                return Outcome("drop", opened)
+            p, plain = opened
+            self.roam(p, sender)
+            p.seen = True
+            if not plain:
+                p.keepalives += 1
+                return Outcome("keepalive", peer=p)
+            packet = trim_to_ip_length(plain)
+        else:
+            packet = bytes(datagram)
+            p = self.endpoint_owner(sender)
+        # From an unknown address: only for a roaming peer whose prefixes
+        # hold the inner source (else not_peer, before anything else is
+        # said about it).  Then the packet is checked (junk counts as what
+        # it is; against the peer when it is known), then its source.
+        owner = self.owner_of_source(packet)
+        if p is None and (owner is None or not owner.roaming):
+            return Outcome("drop", "not_peer")
+        reason = validate(packet, "tun", self.limit)
+        if reason:
+            if p is not None:
+                p.drops += 1
+            return Outcome("drop", reason, peer=p)
+        if p is None:
+            p = owner
+            self.roam(p, sender)      # a valid packet: the roaming peer moves here
+        if owner is not p:
+            p.drops += 1
+            return Outcome("drop", "not_allowed", peer=p)
+        if not session:
+            p.seen = True
+        p.packets += 1
+        p.bytes += len(packet)
+        return Outcome("deliver", packet=packet, peer=p)
+
+    def open_session(self, datagram: bytes):
+        """(peer, plaintext) or the drop reason, in session_open()'s order:
+        length, header, receiver index (a live session: some peer's
+        current, previous or next), the hard limit, the replay window,
+        then the tag; an authentic `next` is promoted."""
+        if datagram[0] != SESSION_TYPE_DATA:
+            return "bad_frame"
+        if len(datagram) < SESSION_OVERHEAD:
+            return "too_short"
+        if datagram[1] or datagram[2] or datagram[3]:
+            return "bad_frame"
+        index = int.from_bytes(datagram[4:8], "little")
+        k = next((s for p in self.peers for s in p.sessions() if s.local_index == index), None)
+        if k is None:
+            return "no_session"
+        counter = int.from_bytes(datagram[8:16], "little")
+        if counter >= self.reject:
+            return "session_expired"
+        if not k.window.fresh(counter):
+            return "replay"
+        plain = k.open(datagram)
+        if plain is None:
+            return "bad_tag"
+        k.window.mark(counter)
+        p = k.peer
+        if p.next is k:
+            # Confirmed: next -> current -> previous; the old previous is
+            # pushed out, for take() to retire.  While PROMOTED_PENDING
+            # wait for take(), the promotion waits too (k stays next, is
+            # used, and the next datagram under it tries again; no event).
+            if p.previous is None or p.pushed_out < PROMOTED_PENDING:
+                if p.previous is not None:
+                    p.pushed_out += 1
+                p.previous, p.current, p.next = p.current, k, None
+                p.events.add("promoted")
+        return p, plain
+
+
+def trim_to_ip_length(plain: bytes) -> bytes:
+    """The packet without the padding behind its own IP length (a header
+    that cannot say: as it is)."""
+    if len(plain) >= 20 and plain[0] >> 4 == 4:
+        total = be16(plain, 2)
+    elif len(plain) >= 40 and plain[0] >> 4 == 6:
+        total = 40 + be16(plain, 4)
+    else:
+        return plain
+    return plain[:total] if total <= len(plain) else plain
+
+
+# ---------------------------------------------------------------- building datagrams
+
+def inner_packet(model: PeerTableModel, peer: PeerModel, args: dict) -> bytes:
+    """The IP packet `args` describes, its source resolved against the
+    table (the peer's own prefixes, another peer's, bytes, nobody's)."""
+    version = args["version"]
+    mode = args["src"]
+    if mode <= 3:
+        owners = [peer] if mode <= 2 else [p for p in model.peers if p is not peer]
+        nets = [n for p in owners for n in p.nets if n.version == version]
+        if nets:
+            net = nets[args["net"] % len(nets)]
+            source = net.network_address + args["host"] % net.num_addresses
+        else:
+            source = NOBODY[version]
+    elif mode == 4:
+        source = ipaddress.ip_address(fill(args["src_bytes"], 4 if version == 4 else 16))
+    else:
+        source = NOBODY[version]
+    size = args["size"]
+    if version == 4:
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size & 0xFFFF, 0x1234, DF, 64, UDP, 0,
+                             source.packed, INNER_DST[4].packed)
+    else:
+        header = struct.pack("!IHBB16s16s", 6 << 28, max(0, size - 40) & 0xFFFF, UDP, 64,
+                             source.packed, INNER_DST[6].packed)
+    packet = bytearray((header + PATTERN[len(header):max(size, len(header))])[:size])
+    lie, arg = args["lie"], args.get("lie_arg", 0)
+    if lie == 4 and len(packet) >= 6:     # a length field off by a little
+        at = 2 if version == 4 else 4
+        packet[at:at + 2] = ((be16(packet, at) + arg % 7 - 3) & 0xFFFF).to_bytes(2, "big")
+    elif lie == 5 and packet:             # another version / header length
+        packet[0] = arg
+    elif lie == 6:                        # cut short
+        del packet[max(0, len(packet) - arg % 8 - 1):]
+    elif lie == 7:                        # trailing bytes
+        packet += PATTERN[:arg % 8 + 1]
+    return bytes(packet)
+
+
+def pick_session(model: PeerTableModel, peer: PeerModel, args: dict) -> SessionModel | None:
+    """current, previous, next of the peer, any installed session (maybe
+    pushed out or cleared), or one no peer holds any more."""
+    slot = args["slot"]
+    session = (peer.current, peer.previous, peer.next)[slot] if slot <= 2 else None
+    if slot == 4:
+        dead = [s for s in model.sessions if s not in s.peer.sessions()]
+        session = dead[args["serial"] % len(dead)] if dead else None
+    if session is None and model.sessions:
+        session = model.sessions[args["serial"] % len(model.sessions)]
+    return session
+
+
+def session_counter(model: PeerTableModel, session: SessionModel, args: dict) -> int:
+    """A fresh counter, one a little or far ahead (by about the window),
+    one behind (within the window or at its edge), any, or one at the
+    hard limit."""
+    top = max(session.sent_top, -1 if session.window.top is None else session.window.top)
+    mode, arg = args["counter"], args.get("counter_arg", 0)
+    if mode <= 3:
+        counter = top + 1
+    elif mode == 4:
+        counter = top + 1 + arg % (3 * SESSION_WINDOW)
+    elif mode == 5:
+        counter = top + SESSION_WINDOW - 8 + arg % 17
+    elif mode == 6:
+        counter = top - arg % (SESSION_WINDOW + 100)
+    elif mode == 7:
+        counter = top - (SESSION_WINDOW - 8 + arg % 17)
+    elif mode == 8:
+        counter = arg
+    else:
+        counter = model.reject - 2 + arg % 4
+    return min(max(counter, 0), U64)
+
+
+def build_datagram(model: PeerTableModel, plan: DatagramPlan, history: list) -> bytes:
+    peer = model.peers[plan.peer % len(model.peers)]
+    args = plan.args
+    if plan.kind == "first_byte":
+        return fill(bytes([args["byte"]]), args["length"])
+    if plan.kind == "junk":
+        return bytes(args["data"])
+    if plan.kind == "empty":
+        return b""
+    if plan.kind == "replay":
+        return history[-1 - args["back"] % len(history)] if history else b""
+    if plan.kind == "packet":
+        return inner_packet(model, peer, args["inner"])
+    if plan.kind == "forged_header":
+        return struct.pack("<BxxxIQ", SESSION_TYPE_DATA, args["index"], args["counter"]) + bytes(args["body"])
+    # sealed
+    session = pick_session(model, peer, args)
+    if session is None:     # nothing installed: an index nobody has
+        index, key, counter = LOCAL_INDEXES[args["serial"] % len(LOCAL_INDEXES)], session_key(U64), 0
+    else:
+        index, key, counter = session.local_index, session.key, session_counter(model, session, args)
+        session.sent_top = max(session.sent_top, counter)
+    if args["inner"] is None:
+        plaintext = b""
+    else:
+        plaintext = inner_packet(model, session.peer if session else peer, args["inner"])
+        pad = args["pad"]
+        if pad == 1:      # WireGuard pads to 16
+            plaintext += bytes(-len(plaintext) % 16)
+        elif pad == 2:
+            plaintext += bytes(args["pad_len"])
+        elif pad == 3:
+            plaintext += PATTERN[:args["pad_len"]]
+    mutation, at, arg = args["mutation"], args.get("mutation_at", 0), args.get("mutation_arg", 0)
+    if mutation == 13:    # sealed with another key: a forgery
+        key = session_key(U64 - 1 - at % 4)
+    if mutation == 14:    # another receiver index (maybe another live session's)
+        index = LOCAL_INDEXES[at % len(LOCAL_INDEXES)]
+    datagram = bytearray(session_seal(key, index, counter, plaintext))
+    if mutation == 10:    # a bit (or a few) flipped anywhere
+        datagram[at % len(datagram)] ^= arg
+    elif mutation == 11:  # cut short
+        del datagram[max(0, len(datagram) - at % 48 - 1):]
+    elif mutation == 12:  # a header byte (type, reserved, index, counter) set
+        datagram[at % SESSION_HEADER] = arg
+    elif mutation == 15:  # bytes behind the tag
+        datagram += PATTERN[:arg % 16 + 1]
+    return bytes(datagram)
+
+
+def resolve_sender(model: PeerTableModel, pick: int) -> tuple:
+    """The (host, port[, flow, scope]) a datagram comes from: a peer's
+    endpoint now (0-2), or one of SENDER_POOL."""
+    if pick <= 2:
+        peer = model.peers[pick % len(model.peers)]
+        if peer.endpoint is not None and (model.family == 6 or peer.endpoint[0] == 4):
+            return address_tuple(peer.endpoint)
+        pick += 3
+    sender = SENDER_POOL[pick - 3]
+    if model.family == 4 and ":" in sender[0]:
+        sender = V4_STAND_IN[(pick - 3) % len(V4_STAND_IN)]
+    return sender
+
+
+# ---------------------------------------------------------------- known bugs
+#
+# Each probe is a minimal reproduction: (expected, got) on a fresh table
+# and pump.  tests/test_fuzz.py fails while one differs
+# (test_peer_ingress_bug_is_fixed); while one is present, run_peers steers
+# around it (see PeerRig.steer) so that fuzzing goes on finding others:
+# the model stays the spec.
+
+def _v4(src: str, size: int = 40) -> bytes:
+    return (struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, 0, DF, 64, UDP, 0,
+                        socket.inet_aton(src), INNER_DST[4].packed) + PATTERN)[:size]
+
+
+def bug_v4_endpoint_on_v6_socket(rig: "PeerRig"):
+    """A peer added with endpoint ("10.0.0.2", 51820), not roaming, on a
+    pump whose UDP socket is AF_INET6 (dual stack): a raw datagram from
+    10.0.0.2:51820 (the kernel reports ::ffff:10.0.0.2) carrying a packet
+    from the peer's prefix.  Expected: delivered.  The table stores the
+    endpoint as AF_INET (_set_endpoint picks the family from the host
+    string), the sender is AF_INET6, and same_address() compares families
+    first: dropped as not_peer.  (Framing session, roaming: every
+    authenticated datagram from the configured endpoint "moves" it:
+    roams +1, an endpoint event, the endpoint reported as ::ffff:...)"""
+    from tunrelay._fastpath import PeerTable, Pump
+    table = PeerTable()
+    table.add("a", endpoint=("10.0.0.2", 51820), allowed_ips=["10.9.1.0/24"], roaming=False)
+    pump = Pump(rig.standin.pump_end, rig.socks[6], peers=table, mtu=1400, batch=1)
+    packet = _v4("10.9.1.1")
+    pump._feed(packet, sender=("10.0.0.2", 51820))
+    got = rig.standin.collect()
+    return [packet], got
+
+
+def bug_stale_endpoint_index(rig: "PeerRig"):
+    """Framing raw, peers a (10.9.1.0/24) and b (10.9.2.0/24), both roaming,
+    endpoints 10.0.0.2 and 10.0.0.3.  a roams: a valid packet from
+    10.9.1.1 arrives from 192.0.2.7:4500 (delivered, a's endpoint moves
+    there).  Then, before the control plane calls take(), from
+    192.0.2.7:4500: a packet from 10.9.2.1 (b's prefix).  Expected: the
+    sender is a's endpoint, so not_allowed (counted against a), and b
+    stays where it is.  Got: the snapshot's endpoint index (by_endpoint)
+    still files a under its old address; peer_by_endpoint() misses, the
+    packet is taken as b's roaming and delivered, and b's endpoint moves
+    to a's (both peers share it).  peer_roam() changes the endpoint
+    without a publication; only take() publishes one."""
+    from tunrelay._fastpath import PeerTable, Pump
+    table = PeerTable()
+    a = table.add("a", endpoint=("10.0.0.2", 51820), allowed_ips=["10.9.1.0/24"], roaming=True)
+    b = table.add("b", endpoint=("10.0.0.3", 51820), allowed_ips=["10.9.2.0/24"], roaming=True)
+    pump = Pump(rig.standin.pump_end, rig.socks[4], peers=table, mtu=1400, batch=1)
+    pump._feed(_v4("10.9.1.1"), sender=("192.0.2.7", 4500))
+    first = rig.standin.collect()
+    pump._feed(_v4("10.9.2.1"), sender=("192.0.2.7", 4500))
+    second = rig.standin.collect()
+    got = {"delivered": [len(first), len(second)], "b's endpoint": table.info(b)["endpoint"],
+           "a's drops": table.info(a)["ingress"]["drops"],
+           "not_allowed": pump.stats()["ingress"]["drops"]["not_allowed"]}
+    expected = {"delivered": [1, 0], "b's endpoint": ("10.0.0.3", 51820), "a's drops": 1,
+                "not_allowed": 1}
+    return expected, got
+
+
+def bug_promotion_loses_current(rig: "PeerRig"):
+    """Framing session: sessions 1..7 installed one by one as next
+    (initiator=False), each confirmed by a datagram under it, take() not
+    called.  promote() parks each pushed-out previous for take() to
+    retire, at most 4 (sessions 1-4, on promotions 3-6).  Expected: no
+    session is lost track of: a datagram still in flight under 6 (current
+    before the 7th confirmation) is delivered, and once take() ran, the
+    next datagram under 7 makes it current with 6 as previous.  Before
+    the fix (promote(): `elif old != NULL: previous = old`) the 7th
+    promotion kept 5 as previous: 6 was in no slot and no list (never
+    freed) and its datagrams were no_session."""
+    from tunrelay._fastpath import PeerTable, Pump
+    table = PeerTable()
+    pid = table.add("a", endpoint=("10.0.0.2", 51820), allowed_ips=["10.9.1.0/24"])
+    pump = Pump(rig.standin.pump_end, rig.socks[4], framing="session", peers=table, mtu=1400, batch=1)
+    packet = _v4("10.9.1.1")
+    sender = ("10.0.0.2", 51820)
+    for serial in range(1, 8):
+        table.install_session(pid, local_index=serial, remote_index=100 + serial, send_key=bytes(32),
+                              recv_key=session_key(serial), initiator=False)
+        pump._feed(session_seal(session_key(serial), serial, 0, packet), sender=sender)
+    delivered = len(rig.standin.collect())
+    pump._feed(session_seal(session_key(6), 6, 1, packet), sender=sender)
+    in_flight = len(rig.standin.collect())
+    table.take()
+    pump._feed(session_seal(session_key(7), 7, 1, packet), sender=sender)
+    got = {"delivered": delivered, "in flight under 6": in_flight,
+           "under 7 after take()": len(rig.standin.collect()), "sessions": table.info(pid)["sessions"]}
+    expected = {"delivered": 7, "in flight under 6": 1, "under 7 after take()": 1,
+                "sessions": {"current": 7, "previous": 6, "next": None}}
+    table.take()
+    return expected, got
+
+
+def _heap_bytes() -> int:
+    """Bytes malloc() has handed out and not had back (glibc mallinfo2;
+    else the resident set)."""
+    try:
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    except (AttributeError, OSError):
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+
+def bug_table_freed_with_its_pump_leaks(rig: "PeerRig"):
+    """1000 tables of 3 peers with 3 sessions each, each dropped together
+    with a pump using it (framing session), then gc.collect().  Expected:
+    their memory is given back.  Got: about 9 KB per table stays
+    allocated: every PeerSlot and Keypair (key material not cleansed).  A
+    Pump is always in a reference cycle (its LoopRunner holds its bound
+    methods), so the cyclic GC frees it, and the table with it when the
+    pump held the last reference; the GC may clear the table's `_peers`
+    dict (or a _PeerRecord's slots: then "Exception ignored in
+    PeerTable.__dealloc__: AttributeError: '_PeerRecord' object has no
+    attribute 'slot'") before PeerTable.__dealloc__ runs, which finds the
+    peers to free only through those Python objects (`for record in
+    self._peers.values(): _free_peer(record.slot)`; `self._retired`
+    likewise).  @cython.no_gc_clear keeps the table's own fields, not
+    what they hold.  No leak when the pump goes first (then the table
+    dies by reference count).  (_peers.pxi, PeerTable.__dealloc__.)"""
+    import gc
+    from tunrelay._fastpath import PeerTable, Pump
+
+    def pair():
+        table = PeerTable()
+        for n in range(3):
+            pid = table.add(f"p{n}", allowed_ips=[f"10.{n}.0.0/16"])
+            for k in range(3):
+                table.install_session(pid, local_index=10 * n + k, remote_index=1, send_key=bytes(32),
+                                      recv_key=bytes(32), initiator=True)
+        return table, Pump(rig.standin.pump_end, rig.socks[4], framing="session", peers=table, batch=1)
+
+    raised = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda info: raised.append(info.exc_type.__name__)
+    try:
+        for _ in range(200):        # warm up (free lists, arenas)
+            pair()
+        gc.collect()
+        before = _heap_bytes()
+        for _ in range(1000):
+            pair()
+        gc.collect()
+        leaked = _heap_bytes() - before
+    finally:
+        sys.unraisablehook = hook
+    return ({"KB left allocated per table": 0, "exceptions in __dealloc__": []},
+            {"KB left allocated per table": max(0, round(leaked / 1000 / 1024)),
+             "exceptions in __dealloc__": sorted(set(raised))})
+
+
+PEER_BUGS = {
+    "v4_endpoint_on_v6_socket": bug_v4_endpoint_on_v6_socket,
+    "stale_endpoint_index": bug_stale_endpoint_index,
+    "promotion_loses_current": bug_promotion_loses_current,
+    "table_freed_with_its_pump_leaks": bug_table_freed_with_its_pump_leaks,
+}
+
+
+# ---------------------------------------------------------------- the rig and the run
+
+class PeerRig:
+    """The TUN stand-in and an AF_INET and an AF_INET6 UDP socket (never
+    read: Pump._feed plays the receive), shared by each input's fresh
+    table and pump.  `bugs`: the PEER_BUGS whose probe shows them, found
+    once; `strict` (or TUNRELAY_FUZZ_STRICT=1) does not steer around
+    them."""
+
+    def __init__(self, strict: bool | None = None) -> None:
+        import os
+        from tunrelay._fastpath import PeerTable, Pump
+        self.PeerTable, self.Pump = PeerTable, Pump
+        self.standin = StandIn()
+        self.socks = {4: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                      6: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)}
+        self.socks[4].bind(("127.0.0.1", 0))
+        self.strict = os.environ.get("TUNRELAY_FUZZ_STRICT") == "1" if strict is None else strict
+        self.bugs = set() if self.strict else {name for name, probe in PEER_BUGS.items()
+                                               if (lambda e, g: e != g)(*probe(self))}
+        self.inputs = 0
+        self.datagrams = 0
+        self.tables: list = []                 # see retire()
+        self.outcomes: Counter = Counter()     # what the datagrams did (the model's verdicts)
+
+    def retire(self, table) -> None:
+        """An input's table, kept until the cyclic GC has freed its pump
+        (then it dies by reference count): steers around
+        table_freed_with_its_pump_leaks, which would make a long campaign
+        hit libFuzzer's RSS limit."""
+        if "table_freed_with_its_pump_leaks" not in self.bugs:
+            return
+        self.tables.append(table)
+        if len(self.tables) >= 256:
+            import gc
+            gc.collect()
+            self.tables.clear()
+
+    def close(self) -> None:
+        import gc
+        gc.collect()            # the pumps first (see retire())
+        self.tables.clear()
+        for sock in self.socks.values():
+            sock.close()
+        self.standin.close()
+
+
+def _expected_info(p: PeerModel) -> dict:
+    return {"id": p.id, "name": p.name,
+            "endpoint": address_tuple(p.endpoint) if p.endpoint else None,
+            "allowed_ips": [str(n) for n in p.nets], "roaming": p.roaming, "roams": p.roams,
+            "egress": {"packets": 0, "bytes": 0, "drops": 0},
+            "ingress": {"packets": p.packets, "bytes": p.bytes, "drops": p.drops,
+                        "keepalives": p.keepalives},
+            "sessions": {role: None if s is None else s.local_index for role, s in
+                         (("current", p.current), ("previous", p.previous), ("next", p.next))},
+            "last_seen": p.seen}
+
+
+def check_table(table, model: PeerTableModel) -> None:
+    for p in model.peers:
+        info = table.info(p.id)
+        info["last_seen"] = info["last_seen"] is not None
+        want = _expected_info(p)
+        if info != want:
+            diff = {k: (info.get(k), want[k]) for k in want if info.get(k) != want[k]}
+            raise Violation(f"peer {p.name}: info() differs (got, expected): {diff}")
+    counts = table.counts()
+    got = {k: counts[k] for k in ("peers", "control_queued", "control_dropped", "control_waiting")}
+    want = {"peers": len(model.peers), "control_queued": model.control_queued,
+            "control_dropped": model.control_dropped, "control_waiting": len(model.control)}
+    if got != want:
+        raise Violation(f"counts() {got}, expected {want}")
+
+
+def check_take(table, model: PeerTableModel) -> None:
+    got = [tuple(e) for e in table.take()]
+    want = model.take()
+    if got != want:
+        raise Violation(f"take() returned {got}, expected {want}")
+
+
+class PeerRun:
+    """One input's table, pump and model, played step by step."""
+
+    def __init__(self, rig: PeerRig, case: PeerCase) -> None:
+        self.rig, self.case = rig, case
+        self.model = PeerTableModel(case)
+        self.history: list[bytes] = []
+        self.table = rig.PeerTable(control_types=case.control_types, control_slots=case.control_slots,
+                                   reject_after_messages=case.reject_messages,
+                                   reject_after_time=case.reject_time)
+        for n, plan in enumerate(case.peers):
+            endpoint = None
+            if plan.endpoint is not None:
+                endpoint = self.endpoint(plan.endpoint)
+                if case.family == 4 and plan.endpoint in V4_ENDPOINTS:
+                    endpoint = V4_ENDPOINTS[plan.endpoint]     # the pump would refuse the table
+            pid = self.table.add(f"p{n}", endpoint=endpoint, allowed_ips=list(plan.nets),
+                                 roaming=plan.roaming)
+            # Written as given; the first pump rewrites them for its socket.
+            address = endpoint and endpoint_address(endpoint, case.family)
+            self.model.peers.append(PeerModel(pid, f"p{n}", address,
+                                              [ipaddress.ip_network(net) for net in plan.nets],
+                                              plan.roaming))
+        for install in case.installs:
+            self.install(install)
+        self.pump = rig.Pump(rig.standin.pump_end, rig.socks[case.family], framing=case.framing,
+                             peers=self.table, mtu=case.mtu, batch=1, offload=case.offload)
+        check_table(self.table, self.model)
+
+    def endpoint(self, pick: int) -> tuple:
+        endpoint = ENDPOINT_POOL[pick]
+        if "v4_endpoint_on_v6_socket" in self.rig.bugs:
+            endpoint = v4_form(endpoint, self.case.family)
+        return endpoint
+
+    def peer(self, pick: int) -> PeerModel:
+        return self.model.peers[pick % len(self.model.peers)]
+
+    def install(self, plan: InstallPlan) -> None:
+        p = self.peer(plan.peer)
+        session = self.model.install(p, plan.local_index, plan.initiator)
+        serial = session.serial if session else U64
+        try:
+            self.table.install_session(p.id, local_index=plan.local_index, remote_index=0x1000 + serial % 999,
+                                       send_key=bytes(32), recv_key=session_key(serial),
+                                       initiator=plan.initiator)
+        except Exception as exc:
+            if session is not None or type(exc).__name__ != "PumpArgumentError":
+                raise Violation(f"install_session(local_index={plan.local_index}) raised {exc!r}") from None
+        else:
+            if session is None:
+                raise Violation(f"install_session(local_index={plan.local_index}) took an index in use")
+
+    def step(self, step: PeerStep) -> None:
+        if step.op in ("datagram", "gro"):
+            self.feed(step)
+        elif step.op == "take":
+            check_take(self.table, self.model)
+        elif step.op == "install":
+            self.install(step.install)
+        elif step.op == "clear":
+            p = self.peer(step.peer)
+            self.table.clear_sessions(p.id)
+            self.model.clear(p)
+        elif step.op == "update":
+            p = self.peer(step.peer)
+            if step.what == 0:
+                p.roaming = not p.roaming
+                self.table.update(p.id, roaming=p.roaming)
+            elif step.what == 2:
+                p.endpoint = None
+                self.table.update(p.id, endpoint=None)
+            elif step.what == 3:
+                if len(self.model.peers) > 1:       # one stays (the picks are modulo the peers)
+                    self.table.remove(p.id)
+                    self.model.remove(p)
+            elif step.what == 4:
+                self.allowed_ips(p, step.nets)
+            else:
+                endpoint = self.endpoint(step.endpoint)
+                address = endpoint_address(endpoint, self.case.family)
+                try:
+                    self.table.update(p.id, endpoint=endpoint)
+                except Exception as exc:
+                    if address is not None or type(exc).__name__ != "PumpArgumentError":
+                        raise Violation(f"update(endpoint={endpoint}) raised {exc!r}") from None
+                else:
+                    if address is None:
+                        raise Violation(f"update(endpoint={endpoint}): an IPv6 endpoint taken "
+                                        f"by a table of IPv4 sockets")
+                    p.endpoint = address
+        check_table(self.table, self.model)
+
+    def allowed_ips(self, p: PeerModel, nets: tuple) -> None:
+        """update(allowed_ips=...): refused when a network is given twice
+        or is another peer's (the same network; a longer or shorter one
+        is fine)."""
+        networks = [ipaddress.ip_network(net) for net in nets]
+        refuse = len(set(networks)) < len(networks) or any(
+            net in q.nets for q in self.model.peers if q is not p for net in networks)
+        try:
+            self.table.update(p.id, allowed_ips=list(nets))
+        except Exception as exc:
+            if not refuse or type(exc).__name__ != "PumpArgumentError":
+                raise Violation(f"update(allowed_ips={list(nets)}) raised {exc!r}") from None
+        else:
+            if refuse:
+                raise Violation(f"update(allowed_ips={list(nets)}) took another peer's network "
+                                f"or one given twice")
+            p.nets = networks
+
+    def feed(self, step: PeerStep) -> None:
+        model, rig = self.model, self.rig
+        if "promotion_loses_current" in rig.bugs and any(
+                p.pushed_out >= PROMOTED_PENDING for p in model.peers):
+            check_take(self.table, model)     # steer: take() before a 5th is parked
+        sender = resolve_sender(model, step.datagrams[0].sender)
+        address = sender_address(sender, self.case.family)
+        slot = self.case.ingress_slot
+        datagrams = [build_datagram(model, plan, self.history)[:slot] for plan in step.datagrams]
+        if step.op == "datagram" or not self.case.offload:
+            messages = [(d, 0) for d in datagrams]      # without GRO: one by one
+        else:
+            segment = step.segment or len(datagrams[0]) or 1
+            messages = [(b"".join(datagrams)[:min(slot, GRO_MAX * segment)], segment)]
+        for message, segment in messages:
+            self.feed_message(message, segment, sender, address)
+        self.history = (self.history + datagrams)[-64:]
+
+    def feed_message(self, message: bytes, segment: int, sender: tuple, address: tuple) -> list:
+        """One received message (segment: UDP_GRO's datagram size, 0: one
+        datagram) through the model and Pump._feed, then every check.
+        Returns the model's Outcome of each datagram."""
+        outcomes = []
+        step = segment or len(message) or 1
+        chunks = [message[at:at + step] for at in range(0, max(len(message), 1), step)]
+        steer = "stale_endpoint_index" in self.rig.bugs and self.case.framing == "raw"
+        while chunks:
+            ex, others, count = Expect(), Counter(), 0
+            for chunk in chunks:
+                outcome = self.model.receive(chunk, address)
+                outcomes.append(outcome)
+                count += 1
+                self.rig.datagrams += 1
+                self.rig.outcomes[outcome.reason or outcome.kind] += 1
+                if outcome.kind == "deliver":
+                    ex.fed += 1
+                    ex.accepted.append(outcome.packet)
+                elif outcome.kind == "drop":
+                    ex.fed += 1
+                    ex.drops[outcome.reason] += 1
+                else:
+                    others[outcome.kind] += 1
+                if steer and any("endpoint" in p.events for p in self.model.peers):
+                    break       # steer: a raw peer moved; take() publishes before the next
+            part = b"".join(chunks[:count])
+            chunks = chunks[count:]
+            before = flat_counters(self.pump.stats())
+            status = self.pump._feed(part, segment=segment, sender=sender)
+            writes = self.rig.standin.collect()
+            after = flat_counters(self.pump.stats())
+            try:
+                if status != 0:
+                    raise Violation(f"_feed returned {status}")
+                if self.case.offload:
+                    check_offload_writes(writes, ex.accepted)
+                else:
+                    check_plain_writes(writes, ex.accepted)
+                check_counters(before, after, ex, writes)
+                check_table(self.table, self.model)
+                if steer and any("endpoint" in p.events for p in self.model.peers):
+                    check_take(self.table, self.model)
+            except Violation as exc:
+                raise Violation(f"message of {_show(part, 40)}, segment {segment}, from {sender}: "
+                                f"model: {dict(ex.drops)} dropped, {len(ex.accepted)} delivered, "
+                                f"{dict(others)}: {exc}") from None
+        return outcomes
+
+
+def describe_case(case: PeerCase) -> str:
+    peers = "; ".join(f"p{n}: endpoint {None if p.endpoint is None else ENDPOINT_POOL[p.endpoint]}, "
+                      f"{list(p.nets)}{', roaming' if p.roaming else ''}" for n, p in enumerate(case.peers))
+    return (f"framing {case.framing}, AF_INET{'6' if case.family == 6 else ''} socket, mtu {case.mtu}, "
+            f"offload {case.offload}, control_types {case.control_types}, slots {case.control_slots}, "
+            f"reject_after_messages {case.reject_messages}; {peers}; installs "
+            f"{[(i.peer, i.local_index, i.initiator) for i in case.installs]}")
+
+
+def run_peers(rig: PeerRig, src: Source) -> None:
+    """One input: a fresh table and pump, the steps, every check; then a
+    last take()."""
+    case = decode_peers(src)
+    rig.inputs += 1
+    run = None
+    index = -1
+    try:
+        run = PeerRun(rig, case)
+        for index, step in enumerate(case.steps):
+            run.step(step)
+        check_take(run.table, run.model)
+        rig.retire(run.table)
+    except Violation as exc:
+        raise Violation(f"{describe_case(case)}\nstep {index} of {len(case.steps)} "
+                        f"({case.steps[index].op if index >= 0 else 'set-up'}): {exc}") from None
