@@ -1,5 +1,6 @@
 """Hostile input, fuzzed: the ingress checks and the len16 parser of the
-compiled pump against the Python references (issue 4, section 2).
+compiled pump against the Python references (issue 4, section 2), and
+the ingress of a pump with a PeerTable against a model (issue 8).
 
 * A short run of each atheris harness in tests/fuzz/ (a subprocess, a
   fixed number of inputs, starting from a copy of the seed corpus): exit
@@ -15,6 +16,10 @@ compiled pump against the Python references (issue 4, section 2).
 * The harness' aead model (wire version 2) on a scripted peer, each
   verdict the design gives written out, over UDP and TCP: the model is
   pinned to the design, not only to the pump.
+* The same for the PeerTable ingress (fuzz_peers.py): its model on
+  scripted datagrams, each verdict written out; and the minimal
+  reproductions of the bugs it found (fuzz_common.PEER_BUGS), which fail
+  while a bug is there.
 
 A long campaign: tests/fuzz/README.md.
 """
@@ -46,7 +51,7 @@ import fuzz_common as fc  # noqa: E402
 import make_corpus  # noqa: E402
 
 #: Inputs per short run: about 10-20 s each on a 2-core machine.
-RUNS = {"fuzz_ingress": 6000, "fuzz_len16": 4000}
+RUNS = {"fuzz_ingress": 6000, "fuzz_len16": 4000, "fuzz_peers": 3000}
 MAX_LEN = 4096
 #: A fixed libFuzzer seed keeps CI repeatable; TUNRELAY_FUZZ_SEED varies it.
 SEED = os.environ.get("TUNRELAY_FUZZ_SEED", "20240604")
@@ -101,7 +106,9 @@ def test_seed_corpus_is_current(harness, name):
         return
     import atheris
     src = fc.RecordingSource(fc.FDPSource(atheris.FuzzedDataProvider(data)))
-    if harness == "fuzz_ingress":
+    if harness == "fuzz_peers":
+        fc.decode_peers(src)
+    elif harness == "fuzz_ingress":
         cfg = fc.decode_ingress_config(src)
         fc.decode_ingress(src, cfg, fc.AeadState(cfg.cipher) if cfg.framing == "aead" else None)
     else:
@@ -323,3 +330,129 @@ def test_checks_catch_a_wrong_write():
     fc.check_counters(before, {**before, ("ingress", "drops", "truncated"): 1}, truncated, [])
     with pytest.raises(fc.Violation):
         fc.check_counters(before, {**before, ("ingress", "drops", "bad_version"): 1}, truncated, [])
+
+
+# ---------------------------------------------------------------- PeerTable ingress (fuzz_peers.py)
+
+@pytest.fixture(scope="module")
+def peer_rig():
+    load_fastpath()
+    rig = fc.PeerRig()
+    yield rig
+    rig.close()
+
+
+@FAST
+@given(data=st.data())
+def test_peers_harness_properties(peer_rig, data):
+    """fuzz_peers.py's decoder, model and checks, hypothesis choosing:
+    a table, sessions, datagrams from chosen senders, every invariant."""
+    fc.run_peers(peer_rig, fc.HypSource(data.draw, max_bytes=128))
+
+
+@pytest.mark.parametrize("bug", sorted(fc.PEER_BUGS))
+def test_peer_ingress_bug_is_fixed(peer_rig, bug):
+    """A minimal reproduction of a bug fuzz_peers.py found (the probe's
+    docstring says what and where).  While one fails, the harness steers
+    around it (PeerRig.bugs) and goes on looking for others."""
+    expected, got = fc.PEER_BUGS[bug](peer_rig)
+    assert got == expected, f"{bug}: {fc.PEER_BUGS[bug].__doc__}"
+
+
+def _peer_case(framing, peers, installs=(), **options):
+    """A PeerCase written out: peers as (ENDPOINT_POOL index or None,
+    networks, roaming), installs as (peer, local index, initiator)."""
+    return fc.PeerCase(framing=framing, family=options.get("family", 4), mtu=1400, offload=False,
+                       control_types=None, control_slots=4,
+                       reject_messages=options.get("reject"), reject_time=None,
+                       peers=[fc.PeerPlan(e, tuple(n), r) for e, n, r in peers],
+                       installs=[fc.InstallPlan(*i) for i in installs], steps=[])
+
+
+def test_peer_model_follows_the_design(peer_rig):
+    """The PeerTable model (and the pump, checked against it at each
+    datagram) on scripted datagrams, with the verdict the design gives
+    each written out: the session checks in order, the replay window's
+    edge, the hard limit, the inner source's longest prefix, padding
+    trimmed, keepalives, promotion, roaming on authentic datagrams only,
+    the control channel; raw: the sender, a roaming peer found by its
+    source, junk counted as what it is."""
+    a_net, b_net = ("10.9.0.0/16", "fd09::/32"), ("10.9.1.0/24",)
+    run = fc.PeerRun(peer_rig, _peer_case("session", [(0, a_net, True), (1, b_net, False)],
+                                          [(0, 1, True), (1, 2, True), (1, 3, False)], reject=20_000))
+    model = run.model
+    a, b = model.peers
+    home, elsewhere, forger = ("10.0.0.2", 51820), ("192.0.2.7", 4500), ("192.0.2.8", 4500)
+    packet = fc._v4("10.9.0.1", 60)
+
+    def verdict(datagram, sender=home):
+        outcome, = run.feed_message(datagram, 0, sender, fc.sender_address(sender, 4))
+        return outcome.reason or outcome.kind
+
+    def seal(key_serial, index, counter, plain=packet):
+        return fc.session_seal(fc.session_key(key_serial), index, counter, plain)
+
+    first = seal(0, 1, 0)
+    assert verdict(first) == "deliver"
+    assert verdict(first) == "replay"
+    flipped = bytearray(seal(0, 1, 1))
+    flipped[-1] ^= 1
+    assert verdict(bytes(flipped)) == "bad_tag"
+    assert verdict(seal(0, 1, 1)) == "deliver"            # a bad tag did not use the counter up
+    assert verdict(seal(0, 1, 10_000)) == "deliver"
+    assert verdict(seal(0, 1, 10_000 - 8192)) == "replay"   # session_window_fresh: top - c >= 8192
+    assert verdict(seal(0, 1, 10_000 - 8191)) == "deliver"
+    assert verdict(seal(0, 1, 10_000 - 8191)) == "replay"
+    assert verdict(seal(0, 1, 10_001, fc._v4("10.9.1.5"))) == "not_allowed"   # b's longer prefix
+    assert verdict(seal(0, 1, 10_002, fc._v4("192.0.2.1"))) == "not_allowed"  # nobody's
+    padded = fc._v4("10.9.0.1", 61)
+    outcome, = run.feed_message(seal(0, 1, 10_003, padded + bytes(3)), 0, home, fc.sender_address(home, 4))
+    assert outcome.packet == padded                        # padding trimmed
+    lying = bytearray(fc._v4("10.9.0.1", 61))
+    lying[3] += 1
+    assert verdict(seal(0, 1, 10_004, bytes(lying))) == "bad_length"
+    assert verdict(seal(0, 1, 10_005, b"\x45" + bytes(9))) == "truncated"
+    assert verdict(seal(0, 1, 10_006, b"")) == "keepalive"
+    assert verdict(seal(0, 9, 0)) == "no_session"
+    assert verdict(b"\x04\x01" + first[2:]) == "bad_frame"
+    assert verdict(first[:31]) == "too_short"
+    assert verdict(b"") == "too_short"
+    assert verdict(b"\x01hello") == "control"                # every type but 4, by default
+    assert verdict(b"\x01" + bytes(2048)) == "oversize"       # longer than a control slot
+    # b's next session: its first authentic datagram promotes it; the
+    # previous one still works.
+    assert verdict(seal(2, 3, 0, fc._v4("10.9.1.1")), ("10.0.0.3", 51820)) == "deliver"
+    assert (b.current.local_index, b.previous.local_index, b.next) == (3, 2, None)
+    assert verdict(seal(1, 2, 0, fc._v4("10.9.1.1")), ("10.0.0.3", 51820)) == "deliver"
+    # Roaming: only an authentic datagram moves a roaming peer.
+    assert verdict(seal(1, 1, 10_007), forger) == "bad_tag"     # another key
+    assert verdict(seal(0, 1, 10_010), elsewhere) == "deliver"
+    assert fc.address_tuple(a.endpoint) == elsewhere and a.roams == 1
+    assert verdict(seal(1, 2, 1, fc._v4("10.9.1.1")), forger) == "deliver"   # b does not roam
+    assert fc.address_tuple(b.endpoint) == ("10.0.0.3", 51820)
+    assert verdict(seal(0, 1, 20_000), elsewhere) == "session_expired"   # reject_after_messages
+    assert verdict(seal(0, 1, 19_999), elsewhere) == "deliver"
+    events = [tuple(e) for e in run.table.take()]
+    assert events == model.take() == [("control", None, home, b"\x01hello", None),
+                                      ("endpoint", a.id, elsewhere, None, None),
+                                      ("promoted", b.id, None, None, 3)]
+    fc.check_table(run.table, model)
+
+    run = fc.PeerRun(peer_rig, _peer_case("raw", [(0, a_net, False), (None, b_net, True)]))
+    a, b = run.model.peers
+    assert verdict(packet) == "deliver"
+    assert verdict(fc._v4("10.9.1.1")) == "not_allowed"              # b's source from a
+    assert verdict(b"\x09" + bytes(40)) == "bad_version"            # junk counts as what it is
+    assert verdict(b"") == "empty"
+    assert verdict(b"\x01hello") == "bad_version"                   # raw: no control types by default
+    assert verdict(fc._v4("10.9.1.1"), elsewhere) == "deliver"       # b found by its source: moves
+    assert fc.address_tuple(b.endpoint) == elsewhere
+    assert verdict(fc._v4("10.9.0.1"), elsewhere) == "not_allowed"   # a's source from b
+    assert verdict(packet, forger) == "not_peer"                     # a does not roam
+    assert verdict(bytes(lying), forger) == "not_peer"               # ... before anything else
+    lying_b = bytearray(fc._v4("10.9.1.1", 61))
+    lying_b[3] += 1
+    assert verdict(bytes(lying_b), forger) == "bad_length"           # b's: checked, b does not move
+    assert fc.address_tuple(b.endpoint) == elsewhere
+    assert b.packets == 1 and b.drops == 1 and a.packets == 1 and a.drops == 3
+    fc.check_table(run.table, run.model)
