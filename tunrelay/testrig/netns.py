@@ -1,4 +1,5 @@
-"""A test bed of two hosts on one machine: two network namespaces and a veth.
+"""A test bed of two hosts on one machine: two network namespaces and a veth
+(and what every namespace test bed shares: ``Namespaces``, ``add_veth``).
 
 Integration tests, benchmarks and ``tunrelay demo`` need two hosts with an
 underlay network between them, without touching the machine's own network.
@@ -23,11 +24,11 @@ import shutil
 import signal
 import subprocess
 import time
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 from ..errors import TunrelayError
 
-__all__ = ["Testbed", "TestbedError", "link_set"]
+__all__ = ["Namespaces", "Testbed", "TestbedError", "add_veth", "link_set", "set_sysctl"]
 
 UNDERLAY_A = "198.18.0.1"  # 198.18.0.0/15: reserved for benchmarking (RFC 2544)
 UNDERLAY_B = "198.18.0.2"
@@ -53,7 +54,7 @@ def _ip(*args: str) -> None:
         raise TestbedError(f"'ip {' '.join(args)}' failed: {done.stderr.strip() or done.returncode}")
 
 
-def _sysctl(ns: str, key: str, value: str) -> None:
+def set_sysctl(ns: str, key: str, value: str) -> None:
     """Write /proc/sys/KEY as seen inside ``ns`` (net.* is per namespace)."""
     done = subprocess.run(
         ["ip", "netns", "exec", ns, "sh", "-c", f'echo {value} > "/proc/sys/{key}"'],
@@ -96,36 +97,50 @@ def link_set(ns: str, ifname: str, up: bool) -> None:
     _ip("-n", ns, "link", "set", "dev", ifname, "up" if up else "down")
 
 
-class Testbed:
-    """Two namespaces ``ns_a`` / ``ns_b`` joined by ``veth_a`` <-> ``veth_b``.
+def add_veth(ns_a: str, dev_a: str, ns_b: str, dev_b: str,
+             addresses: Sequence[tuple[str, str, str]]) -> None:
+    """A veth pair made inside ``ns_a`` with its peer inside ``ns_b`` (never
+    in the root namespace), ``addresses`` [(ns, dev, "addr/prefix")] put on
+    its ends (IPv6 without DAD, usable at once), both ends up, and once the
+    carrier is seen, IPv6 running on both.  Fault tests take links down:
+    the ends keep their IPv6 addresses then."""
+    _ip("-n", ns_a, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+    for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
+        set_sysctl(ns, f"net/ipv6/conf/{dev}/keep_addr_on_down", "1")
+    for ns, dev, address in addresses:
+        _ip("-n", ns, "addr", "add", address, "dev", dev, *(["nodad"] if ":" in address else []))
+    for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
+        _ip("-n", ns, "link", "set", "dev", dev, "up")
+    for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
+        _wait_ipv6_ready(ns, dev)
 
-    Underlay addresses: ``addr_a`` 198.18.0.1/24 and ``addr_b`` 198.18.0.2/24,
-    ``addr6_a`` fd00:198:18::1/64 and ``addr6_b`` fd00:198:18::2/64 (nodad,
-    usable at once).  ``lo`` is up in both.  Addresses are plain strings.
+
+class Namespaces:
+    """Network namespaces made by this process, the processes started in
+    them, and their removal: ``close()`` stops the processes and deletes the
+    namespaces (and every interface in them), from ``__exit__`` even when
+    the body raised, and from an atexit hook as a safety net.  The test
+    beds (``Testbed`` here, ``Star`` in ``hub``) build on it.
+
+    ``base`` is a prefix unique to this object: "tr" + pid (at most 7
+    digits) + 4 hex digits, 13 bytes, so names made of it and two more
+    characters fit the interface name limit (15 bytes).
     """
 
-    __test__ = False  # not a pytest test class, despite the name
+    __test__ = False  # not a pytest test class
+
+    #: What the namespaces are called in error messages.
+    what = "test bed"
 
     def __init__(self) -> None:
         reason = self.available()
         if reason is not None:
-            raise TestbedError(f"cannot build a test bed: {reason}")
-        # pid (at most 7 digits) + 4 hex digits keeps every name <= 15 bytes,
-        # the interface name limit, and unique across concurrent test runs.
-        base = f"tr{os.getpid()}{secrets.token_hex(2)}"
-        self.ns_a, self.ns_b = f"{base}a", f"{base}b"
-        self.veth_a, self.veth_b = f"{base}a", f"{base}b"
-        self.addr_a, self.addr_b = UNDERLAY_A, UNDERLAY_B
-        self.addr6_a, self.addr6_b = UNDERLAY6_A, UNDERLAY6_B
+            raise TestbedError(f"cannot build a {self.what}: {reason}")
+        self.base = f"tr{os.getpid()}{secrets.token_hex(2)}"
         self._namespaces: list[str] = []
         self._processes: list[subprocess.Popen] = []
         self._closed = False
         atexit.register(self.close)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
 
     @staticmethod
     def available() -> str | None:
@@ -138,29 +153,16 @@ class Testbed:
             return "/dev/net/tun is missing (modprobe tun)"
         return None
 
-    def _build(self) -> None:
-        for ns in (self.ns_a, self.ns_b):
-            _ip("netns", "add", ns)
-            self._namespaces.append(ns)
-            _ip("-n", ns, "link", "set", "dev", "lo", "up")
-        # Created inside ns_a with its peer inside ns_b: never in the root namespace.
-        _ip("-n", self.ns_a, "link", "add", self.veth_a, "type", "veth",
-            "peer", "name", self.veth_b, "netns", self.ns_b)
-        for ns, dev, addr, addr6 in (
-            (self.ns_a, self.veth_a, self.addr_a, self.addr6_a),
-            (self.ns_b, self.veth_b, self.addr_b, self.addr6_b),
-        ):
-            # Fault tests take links down: IPv6 would drop the address then.
-            _sysctl(ns, f"net/ipv6/conf/{dev}/keep_addr_on_down", "1")
-            _ip("-n", ns, "addr", "add", f"{addr}/{UNDERLAY_PREFIX}", "dev", dev)
-            _ip("-n", ns, "addr", "add", f"{addr6}/{UNDERLAY6_PREFIX}", "dev", dev, "nodad")
-            _ip("-n", ns, "link", "set", "dev", dev, "up")
-        for ns, dev in ((self.ns_a, self.veth_a), (self.ns_b, self.veth_b)):
-            _wait_ipv6_ready(ns, dev)
+    def add_namespace(self, ns: str) -> None:
+        """A new namespace, removed by close(), with ``lo`` up."""
+        _ip("netns", "add", ns)
+        self._namespaces.append(ns)
+        _ip("-n", ns, "link", "set", "dev", "lo", "up")
 
     def _argv(self, ns: str, argv: Sequence[str]) -> list[str]:
-        if ns not in (self.ns_a, self.ns_b):
-            raise ValueError(f"namespace {ns!r} is not one of this test bed's ({self.ns_a}, {self.ns_b})")
+        if ns not in self._namespaces:
+            raise ValueError(f"namespace {ns!r} is not one of this {self.what}'s "
+                             f"({', '.join(self._namespaces)})")
         return ["ip", "netns", "exec", ns, *argv]
 
     def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
@@ -177,16 +179,8 @@ class Testbed:
         self._processes.append(proc)
         return proc
 
-    def link_set(self, ns: str, ifname: str, up: bool) -> None:
-        """``link_set``, and when a veth comes back up with its carrier,
-        wait until IPv6 runs again on both ends, so the next packet passes."""
-        link_set(ns, ifname, up)
-        if up and ifname in (self.veth_a, self.veth_b) and _has_carrier(ns, ifname):
-            _wait_ipv6_ready(self.ns_a, self.veth_a)
-            _wait_ipv6_ready(self.ns_b, self.veth_b)
-
     def close(self) -> None:
-        """Stop tracked processes, then delete both namespaces (and the veth
+        """Stop tracked processes, then delete the namespaces (and the veths
         with them).  Idempotent; never raises for what is already gone."""
         if self._closed:
             return
@@ -201,11 +195,53 @@ class Testbed:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()
 
-    def __enter__(self) -> Testbed:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Testbed(Namespaces):
+    """Two namespaces ``ns_a`` / ``ns_b`` joined by ``veth_a`` <-> ``veth_b``.
+
+    Underlay addresses: ``addr_a`` 198.18.0.1/24 and ``addr_b`` 198.18.0.2/24,
+    ``addr6_a`` fd00:198:18::1/64 and ``addr6_b`` fd00:198:18::2/64 (nodad,
+    usable at once).  ``lo`` is up in both.  Addresses are plain strings.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = self.base
+        self.ns_a, self.ns_b = f"{base}a", f"{base}b"
+        self.veth_a, self.veth_b = f"{base}a", f"{base}b"
+        self.addr_a, self.addr_b = UNDERLAY_A, UNDERLAY_B
+        self.addr6_a, self.addr6_b = UNDERLAY6_A, UNDERLAY6_B
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        for ns in (self.ns_a, self.ns_b):
+            self.add_namespace(ns)
+        add_veth(self.ns_a, self.veth_a, self.ns_b, self.veth_b, [
+            (self.ns_a, self.veth_a, f"{self.addr_a}/{UNDERLAY_PREFIX}"),
+            (self.ns_a, self.veth_a, f"{self.addr6_a}/{UNDERLAY6_PREFIX}"),
+            (self.ns_b, self.veth_b, f"{self.addr_b}/{UNDERLAY_PREFIX}"),
+            (self.ns_b, self.veth_b, f"{self.addr6_b}/{UNDERLAY6_PREFIX}"),
+        ])
+
+    def link_set(self, ns: str, ifname: str, up: bool) -> None:
+        """``link_set``, and when a veth comes back up with its carrier,
+        wait until IPv6 runs again on both ends, so the next packet passes."""
+        link_set(ns, ifname, up)
+        if up and ifname in (self.veth_a, self.veth_b) and _has_carrier(ns, ifname):
+            _wait_ipv6_ready(self.ns_a, self.veth_a)
+            _wait_ipv6_ready(self.ns_b, self.veth_b)
 
     def __repr__(self) -> str:
         return f"<Testbed {self.ns_a} <-> {self.ns_b}{' closed' if self._closed else ''}>"
