@@ -859,3 +859,21 @@ def test_an_aead_tcp_mtu_must_leave_room_for_header_and_tag(tmp_path):
     assert info.value.key == "device.mtu"
     assert loads(text.format(65495)).device.mtu == 65495
 
+
+def test_the_readme_hub_example_loads():
+    """The [[peer]] example of "Running a tunnel" is a file a user will copy."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    import re
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme.read_text(), re.S) if "[[peer]]" in b]
+    assert blocks, "README lost its [[peer]] example"
+    cfg = loads(blocks[0])
+    assert [p.name for p in cfg.peers] == ["office", "laptop"]
+    assert cfg.peers[1].endpoint is None and cfg.peers[1].roaming
+
+
+def test_check_describes_the_peers(tmp_path, capsys):
+    from tunrelay.daemon.cli import main
+    path = write(tmp_path, HUB)
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 peers: spoke1 198.18.1.2:55555, spoke2 (learned) roaming" in out
