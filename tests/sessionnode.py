@@ -19,6 +19,7 @@ a command and gets one JSON line back:
   {"cmd": "stats"}                      pump counters, per-peer stats, table counts
   {"cmd": "add", "peer": {...}}         a peer as in the config -> {"id"}
   {"cmd": "remove", "name": n}          -> {}
+  {"cmd": "install", "name": n, "session": {...}}   a session as in the config -> {}
   {"cmd": "churn", "seconds": s}        add/update/remove made-up peers for s seconds
                                         while the pump runs -> {"changes"}
   {"cmd": "take"}                       drain the table's events -> {"events": [...]}
@@ -45,14 +46,17 @@ def add_peer(table: PeerTable, spec: dict) -> int:
     endpoint = tuple(spec["endpoint"]) if spec.get("endpoint") else None
     pid = table.add(spec["name"], endpoint=endpoint, allowed_ips=spec["allowed_ips"],
                     roaming=spec.get("roaming", True))
-    session = spec.get("session")
-    if session:
-        table.install_session(pid, local_index=session["local_index"],
-                              remote_index=session["remote_index"],
-                              send_key=bytes.fromhex(session["send_key"]),
-                              recv_key=bytes.fromhex(session["recv_key"]),
-                              initiator=session["initiator"])
+    if spec.get("session"):
+        install(table, pid, spec["session"])
     return pid
+
+
+def install(table: PeerTable, pid: int, session: dict) -> None:
+    table.install_session(pid, local_index=session["local_index"],
+                          remote_index=session["remote_index"],
+                          send_key=bytes.fromhex(session["send_key"]),
+                          recv_key=bytes.fromhex(session["recv_key"]),
+                          initiator=session["initiator"])
 
 
 def churn(table: PeerTable, seconds: float) -> int:
@@ -104,6 +108,9 @@ def main() -> int:
             reply = {"id": add_peer(table, command["peer"])}
         elif kind == "remove":
             table.remove(table.find(command["name"]))
+            reply = {}
+        elif kind == "install":
+            install(table, table.find(command["name"]), command["session"])
             reply = {}
         elif kind == "churn":
             reply = {"changes": churn(table, command["seconds"])}

@@ -399,6 +399,10 @@ def test_install_session_checks_its_arguments():
                               recv_key=KEY_BA, initiator=True)
     table.clear_sessions(pid)
     assert table.info(pid)["sessions"] == {"current": None, "previous": None, "next": None}
+    # Its counters would start again at 0: the nonces already used with it.
+    with pytest.raises(fp.PumpArgumentError, match="reuse its nonces"):
+        table.install_session(pid, local_index=5, remote_index=6, send_key=KEY_AB,
+                              recv_key=bytes(32), initiator=True)
 
 
 # ---------------------------------------------------------------- control channel

@@ -359,6 +359,7 @@ cdef class PeerTable:
     cdef PeerShared *sh
     cdef dict _peers
     cdef dict _names          # name -> id
+    cdef dict _used_keys      # digests of the send keys installed (insertion-ordered, bounded)
     cdef dict _owners         # network -> the id of the peer it belongs to
     cdef list _retired
     cdef dict _indexes

@@ -10,6 +10,7 @@ threads, counters).  ``pypump.PyPump`` is the pure-Python twin.
 
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import os
 import socket

@@ -526,6 +526,8 @@ confirmed by the peer and is current now: peer).  ``session``: for
 session to send with), for "promoted" the one that became current."""
 
 _KEEP = ...   # update(): a keyword left out keeps its value
+#: install_session() refuses a send key it saw among this many installs.
+USED_KEYS_REMEMBERED = 65536
 cdef uint64_t _NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 
 
@@ -614,6 +616,7 @@ cdef class PeerTable:
         self.sh.rekey_time = _seconds(rekey_after_time, "rekey_after_time")
         self.sh.reject_time = _seconds(reject_after_time, "reject_after_time")
         self._peers = {}
+        self._used_keys = {}
         self._names = {}
         self._owners = {}
         self._retired = []
@@ -977,6 +980,15 @@ cdef class PeerTable:
                 raise PumpArgumentError(f"{label} must be 0..2^32-1, got {value!r}")
         if local_index in self._live_indexes():
             raise PumpArgumentError(f"local_index {local_index} is in use by another session")
+        # Counters start at 0 for every session: the same send key twice
+        # would send under nonces already used with it.
+        seen = hashlib.blake2b(send_key, digest_size=16).digest()
+        if seen in self._used_keys:
+            raise PumpArgumentError("send_key was installed before: sending under it again "
+                                    "would reuse its nonces (every session needs fresh keys)")
+        self._used_keys[seen] = None
+        if len(self._used_keys) > USED_KEYS_REMEMBERED:
+            del self._used_keys[next(iter(self._used_keys))]
         k = <Keypair *>calloc(1, sizeof(Keypair))
         if k == NULL:
             raise MemoryError()
