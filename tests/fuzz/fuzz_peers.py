@@ -12,7 +12,8 @@ a pool of nested prefixes, host and default routes, roaming or not; and
 (session) up to 3 sessions each, installed as initiator (current) or not
 (next), with known keys.  Then up to 32 steps: datagrams from a chosen
 sender (a peer's endpoint as it is now, another's, nobody's), UDP_GRO
-messages, take(), install_session(), clear_sessions(), update().
+messages, take(), install_session(), clear_sessions(), update() (roaming,
+endpoint, allowed IPs), remove().
 
 Datagrams: sealed correctly (ChaCha20-Poly1305 from `cryptography`)
 under a peer's current / previous / next session or a dead one, with a
