@@ -194,6 +194,8 @@ cdef struct PeerSlot:
     unsigned int ndropped
     unsigned int events       # EVENT_* bits for Python (atomic)
     uint64_t renew_session    # the local index + 1 of the session that asked for renewal (0: none)
+    PeerSlot *all_prev        # every live peer of the table, owned by it (not by Python objects)
+    PeerSlot *all_next
     double renew_unkeyed_at   # when "renew" was last raised for want of a session
 
 
@@ -208,6 +210,15 @@ cdef struct Snapshot:
     uint32_t index_mask
     uint32_t *by_endpoint     # endpoint hash -> position + 1 (open addressing)
     uint32_t endpoint_mask
+
+
+# Something retired (a snapshot, a removed peer, a replaced session), freed
+# once every loop has passed the generation it was retired at.
+cdef struct Retired:
+    int kind
+    void *ptr
+    uint64_t gen
+    Retired *next
 
 
 cdef struct ReaderEpoch:
@@ -240,6 +251,12 @@ cdef struct PeerShared:
     uint64_t reject_messages
     double rekey_time
     double reject_time
+    # raw/len16: peers whose endpoint a loop moved since the snapshot was
+    # built (it still files them under the old address): scanned when the
+    # endpoint map misses, until a publication takes them in
+    PeerSlot *roamed[16]
+    unsigned int roamed_next
+    pthread_mutex_t roamed_lock
 
 
 cdef struct Counters:
@@ -361,7 +378,10 @@ cdef class PeerTable:
     cdef dict _names          # name -> id
     cdef dict _used_keys      # digests of the send keys installed (insertion-ordered, bounded)
     cdef dict _owners         # network -> the id of the peer it belongs to
-    cdef list _retired
+    cdef Retired *_retired        # oldest first
+    cdef Retired *_retired_tail
+    cdef size_t _retired_count
+    cdef PeerSlot *_all           # every live peer (freed with the table)
     cdef dict _indexes
     cdef int _batch_depth
     cdef bint _dirty
@@ -375,8 +395,9 @@ cdef class PeerTable:
     cdef uint64_t _ctx_gen
 
     cdef int _publish(self) except -1
-    cdef void _retire(self, int kind, void *ptr)
+    cdef int _retire(self, int kind, void *ptr) except -1
     cdef int _reclaim(self)
+    cdef void _unlink(self, PeerSlot *p)
     cdef int _register(self) except -1
 
 

@@ -142,6 +142,10 @@ cdef void peer_roam(PeerShared *sh, PeerSlot *p, const sockaddr_storage *sender,
     tr_seq_write_end(&p.endpoint_seq)
     p.roams += 1
     pthread_mutex_unlock(&p.lock)
+    pthread_mutex_lock(&sh.roamed_lock)
+    tr_store_ptr(<void **>&sh.roamed[sh.roamed_next % 16], p)
+    sh.roamed_next += 1
+    pthread_mutex_unlock(&sh.roamed_lock)
     peer_event(sh, p, EVENT_ENDPOINT)
 
 
@@ -169,20 +173,30 @@ cdef inline uint32_t address_hash(const sockaddr_storage *a) noexcept nogil:
     return h
 
 
-cdef PeerSlot *peer_by_endpoint(const Snapshot *s, const sockaddr_storage *sender) noexcept nogil:
+cdef PeerSlot *peer_by_endpoint(PeerShared *sh, const Snapshot *s,
+                                const sockaddr_storage *sender) noexcept nogil:
+    """The peer whose endpoint `sender` is: the snapshot's map, checked
+    against each candidate's endpoint now, then the peers a loop moved
+    since the snapshot was built (at most 16)."""
     cdef uint32_t i, at
+    cdef unsigned int r
     cdef PeerSlot *p
-    if s.by_endpoint == NULL:
-        return NULL
-    i = address_hash(sender) & s.endpoint_mask
-    while True:
-        at = s.by_endpoint[i]
-        if at == 0:
-            return NULL
-        p = s.peers[at - 1]
-        if p.endpoint_known and same_address(&p.endpoint, sender):
+    cdef sockaddr_storage now
+    if s.by_endpoint != NULL:
+        i = address_hash(sender) & s.endpoint_mask
+        while True:
+            at = s.by_endpoint[i]
+            if at == 0:
+                break
+            p = s.peers[at - 1]
+            if peer_endpoint(p, &now) and same_address(&now, sender):
+                return p
+            i = (i + 1) & s.endpoint_mask
+    for r in range(16):
+        p = <PeerSlot *>tr_load_ptr(<void **>&sh.roamed[r])
+        if p != NULL and peer_endpoint(p, &now) and same_address(&now, sender):
             return p
-        i = (i + 1) & s.endpoint_mask
+    return NULL
 
 
 cdef Keypair *keypair_by_index(const Snapshot *s, uint32_t index) noexcept nogil:
@@ -483,7 +497,7 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
                 return 0
             packet += LEN16_HEADER
             plain -= LEN16_HEADER
-        p = peer_by_endpoint(s, sender)
+        p = peer_by_endpoint(sh, s, sender)
     # A raw datagram from an unknown address is taken only for a roaming
     # peer whose prefixes hold its inner source, and only when it is a valid
     # packet.  A packet from a known peer is checked (so junk counts as what
@@ -592,6 +606,7 @@ cdef class PeerTable:
         self.sh.event_fd = -1
         self.sh.gen = 1
         pthread_mutex_init(&self.sh.control_lock, NULL)
+        pthread_mutex_init(&self.sh.roamed_lock, NULL)
         self.sh.control_slots = control_slots
         self.sh.control_buf = <uint8_t *>malloc(<size_t>control_slots * CONTROL_SLOT)
         self.sh.control_len = <uint32_t *>calloc(control_slots, sizeof(uint32_t))
@@ -619,7 +634,6 @@ cdef class PeerTable:
         self._used_keys = {}
         self._names = {}
         self._owners = {}
-        self._retired = []
         self._indexes = {}
         self._next_id = 1
         self._next_gen = 1
@@ -631,12 +645,16 @@ cdef class PeerTable:
         cdef PeerSlot *p
         if self.sh == NULL:
             return
-        # No pump can run: each holds a reference to its table.
+        # No pump can run: each holds a reference to its table.  Only C
+        # state is used here: the cyclic GC may have emptied the Python
+        # objects (the peers' records) already.
         self._reclaim_all()
-        for record in self._peers.values():
-            p = <PeerSlot *><size_t>record.slot
+        while self._all != NULL:
+            p = self._all
+            self._all = p.all_next
             _free_peer(p)
         _free_snapshot(self.sh.current)
+        pthread_mutex_destroy(&self.sh.roamed_lock)
         EVP_CIPHER_CTX_free(self._ctx)
         if self.sh.event_fd >= 0:
             close(self.sh.event_fd)
@@ -738,35 +756,77 @@ cdef class PeerTable:
         self._reclaim()
         return 0
 
-    cdef void _retire(self, int kind, void *ptr):
+    cdef int _retire(self, int kind, void *ptr) except -1:
         """Free `ptr` once no loop can hold it: after the newest publication."""
-        if ptr != NULL:
-            self._retired.append((kind, <size_t>ptr, self.sh.gen))
+        cdef Retired *r
+        if ptr == NULL:
+            return 0
+        r = <Retired *>malloc(sizeof(Retired))
+        if r == NULL:
+            raise MemoryError()
+        r.kind = kind
+        r.ptr = ptr
+        r.gen = self.sh.gen
+        r.next = NULL
+        if self._retired_tail == NULL:
+            self._retired = r
+        else:
+            self._retired_tail.next = r
+        self._retired_tail = r
+        self._retired_count += 1
+        return 0
 
     cdef int _reclaim(self):
-        """Free what every loop has passed.  Returns how many wait still."""
+        """Free what every loop has passed (the list is in retirement
+        order, so it stops at the first that must wait).  Returns how many
+        wait still."""
         cdef uint64_t oldest = _NO_LIMIT, epoch
         cdef int i
-        if not self._retired:
+        cdef Retired *r
+        if self._retired == NULL:
             return 0
         for i in range(MAX_READERS):
             if self.sh.reader_used[i]:
                 epoch = tr_load64(&self.sh.readers[i].epoch)
                 if epoch != 0 and epoch < oldest:
                     oldest = epoch
-        keep = []
-        for kind, address, gen in self._retired:
-            if gen <= oldest:
-                _free_retired(kind, <void *><size_t>address)
-            else:
-                keep.append((kind, address, gen))
-        self._retired = keep
-        return len(keep)
+        while self._retired != NULL and self._retired.gen <= oldest:
+            r = self._retired
+            self._retired = r.next
+            _free_retired(r.kind, r.ptr)
+            free(r)
+            self._retired_count -= 1
+        if self._retired == NULL:
+            self._retired_tail = NULL
+        return <int>self._retired_count
 
     def _reclaim_all(self):
-        for kind, address, gen in self._retired:
-            _free_retired(kind, <void *><size_t>address)
-        self._retired = []
+        cdef Retired *r
+        while self._retired != NULL:
+            r = self._retired
+            self._retired = r.next
+            _free_retired(r.kind, r.ptr)
+            free(r)
+        self._retired_tail = NULL
+        self._retired_count = 0
+
+    cdef void _unlink(self, PeerSlot *p):
+        """Take a removed peer out of the table's list, and out of the
+        recently-roamed ring (a loop that read it there is still protected
+        by its epoch: the peer is retired, not freed)."""
+        cdef unsigned int i
+        if p.all_prev != NULL:
+            p.all_prev.all_next = p.all_next
+        else:
+            self._all = p.all_next
+        if p.all_next != NULL:
+            p.all_next.all_prev = p.all_prev
+        p.all_prev = p.all_next = NULL
+        pthread_mutex_lock(&self.sh.roamed_lock)
+        for i in range(16):
+            if self.sh.roamed[i] == p:
+                tr_store_ptr(<void **>&self.sh.roamed[i], NULL)
+        pthread_mutex_unlock(&self.sh.roamed_lock)
 
     cdef int _register(self) except -1:
         cdef int i
@@ -860,6 +920,10 @@ cdef class PeerTable:
         self._next_id += 1
         self._peers[record.id] = record
         self._names[name] = record.id
+        p.all_next = self._all
+        if self._all != NULL:
+            self._all.all_prev = p
+        self._all = p
         self._own(record, nets)
         self._publish()
         return record.id
@@ -894,6 +958,7 @@ cdef class PeerTable:
         del self._peers[record.id]
         del self._names[record.name]
         self._own(record, [])
+        self._unlink(p)
         self._publish()
         _retire_peer(self, p)
         self._reclaim()
@@ -954,7 +1019,7 @@ cdef class PeerTable:
         """The table's own counters."""
         self._reclaim()
         return {"peers": len(self._peers), "publications": self.publications,
-                "retired_pending": len(self._retired),
+                "retired_pending": self._retired_count,
                 "control_queued": self.sh.control_queued,
                 "control_dropped": self.sh.control_dropped,
                 "control_waiting": self.sh.control_count}
