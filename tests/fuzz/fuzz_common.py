@@ -1344,6 +1344,12 @@ def session_key(serial: int) -> bytes:
     return hashlib.sha256(b"tunrelay fuzz_peers %d" % serial).digest()
 
 
+def send_key(serial: int) -> bytes:
+    """A send key (never used to send here; each install needs a new one:
+    a key installed before is refused, its nonces would repeat)."""
+    return hashlib.sha256(b"tunrelay fuzz_peers send %d" % serial).digest()
+
+
 def session_seal(key: bytes, index: int, counter: int, plaintext: bytes) -> bytes:
     """WireGuard's transport data message: 04 00 00 00 | index (u32 LE) |
     counter (u64 LE) | ChaCha20-Poly1305(plaintext) | tag; nonce = 4 zero
@@ -1434,6 +1440,7 @@ class InstallPlan:
     peer: int                       # which peer (mod the number of peers)
     local_index: int
     initiator: bool
+    reuse_key: bool = False         # the send key of the last install again: refused
 
 
 @dataclass
@@ -1535,7 +1542,7 @@ def decode_peer_setup(src: Source) -> PeerCase:
 
 def decode_install(src: Source, peer: int) -> InstallPlan:
     return InstallPlan(peer, LOCAL_INDEXES[src.int("p_index", 0, len(LOCAL_INDEXES) - 1)],
-                       src.int("p_initiator", 0, 1) == 1)
+                       src.int("p_initiator", 0, 1) == 1, src.int("p_reuse_key", 0, 7) == 7)
 
 
 def decode_peer_step(src: Source, framing: str, limit: int) -> PeerStep:
@@ -1700,16 +1707,20 @@ class PeerTableModel:
         self.control_queued = 0
         self.control_dropped = 0
         self.serial = 0
+        self.send_keys: set = set()             # every send key installed
 
     # ------------------------------------------------------------ table changes
 
     def live_indexes(self) -> set:
         return {s.local_index for p in self.peers for s in p.sessions()}
 
-    def install(self, peer: PeerModel, local_index: int, initiator: bool) -> SessionModel | None:
-        """None when the table must refuse it (the index is live)."""
-        if local_index in self.live_indexes():
+    def install(self, peer: PeerModel, local_index: int, initiator: bool,
+                key: bytes) -> SessionModel | None:
+        """None when the table must refuse it: the index is live, or the
+        send key was installed before (its counters would start again)."""
+        if local_index in self.live_indexes() or key in self.send_keys:
             return None
+        self.send_keys.add(key)
         session = SessionModel(self.serial, peer, local_index, session_key(self.serial))
         self.serial += 1
         self.sessions.append(session)
@@ -2112,7 +2123,7 @@ def bug_promotion_loses_current(rig: "PeerRig"):
     packet = _v4("10.9.1.1")
     sender = ("10.0.0.2", 51820)
     for serial in range(1, 8):
-        table.install_session(pid, local_index=serial, remote_index=100 + serial, send_key=bytes(32),
+        table.install_session(pid, local_index=serial, remote_index=100 + serial, send_key=send_key(serial),
                               recv_key=session_key(serial), initiator=False)
         pump._feed(session_seal(session_key(serial), serial, 0, packet), sender=sender)
     delivered = len(rig.standin.collect())
@@ -2169,8 +2180,8 @@ def bug_table_freed_with_its_pump_leaks(rig: "PeerRig"):
         for n in range(3):
             pid = table.add(f"p{n}", allowed_ips=[f"10.{n}.0.0/16"])
             for k in range(3):
-                table.install_session(pid, local_index=10 * n + k, remote_index=1, send_key=bytes(32),
-                                      recv_key=bytes(32), initiator=True)
+                table.install_session(pid, local_index=10 * n + k, remote_index=1,
+                                      send_key=send_key(10 * n + k), recv_key=bytes(32), initiator=True)
         return table, Pump(rig.standin.pump_end, rig.socks[4], framing="session", peers=table, batch=1)
 
     raised = []
@@ -2288,6 +2299,7 @@ class PeerRun:
         self.rig, self.case = rig, case
         self.model = PeerTableModel(case)
         self.history: list[bytes] = []
+        self.installs = 0               # send keys made
         self.table = rig.PeerTable(control_types=case.control_types, control_slots=case.control_slots,
                                    reject_after_messages=case.reject_messages,
                                    reject_after_time=case.reject_time)
@@ -2321,18 +2333,22 @@ class PeerRun:
 
     def install(self, plan: InstallPlan) -> None:
         p = self.peer(plan.peer)
-        session = self.model.install(p, plan.local_index, plan.initiator)
+        if not (plan.reuse_key and self.installs):
+            self.installs += 1
+        key = send_key(self.installs)
+        session = self.model.install(p, plan.local_index, plan.initiator, key)
         serial = session.serial if session else U64
         try:
-            self.table.install_session(p.id, local_index=plan.local_index, remote_index=0x1000 + serial % 999,
-                                       send_key=bytes(32), recv_key=session_key(serial),
-                                       initiator=plan.initiator)
+            self.table.install_session(p.id, local_index=plan.local_index,
+                                       remote_index=0x1000 + serial % 999, send_key=key,
+                                       recv_key=session_key(serial), initiator=plan.initiator)
         except Exception as exc:
             if session is not None or type(exc).__name__ != "PumpArgumentError":
                 raise Violation(f"install_session(local_index={plan.local_index}) raised {exc!r}") from None
         else:
             if session is None:
-                raise Violation(f"install_session(local_index={plan.local_index}) took an index in use")
+                raise Violation(f"install_session(local_index={plan.local_index}) took an index in "
+                                f"use or a send key installed before")
 
     def step(self, step: PeerStep) -> None:
         if step.op in ("datagram", "gro"):

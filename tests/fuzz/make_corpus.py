@@ -160,9 +160,9 @@ def gro(framing, datagrams, segment=0, limit=1400):
 TAKE = dict(p_op=13)
 
 
-def install(peer, index, initiator):
+def install(peer, index, initiator, reuse_key=False):
     return dict(p_op=12, p_install_peer=peer, p_index=fc.LOCAL_INDEXES.index(index),
-                p_initiator=int(initiator))
+                p_initiator=int(initiator), p_reuse_key=7 if reuse_key else 0)
 
 SEEDS = {
     "fuzz_ingress": {
@@ -302,12 +302,13 @@ SEEDS["fuzz_peers"] = {
         gro("session", [sealed(sender=0, size=100)] * 4, segment=50)]),
     # Rekeying: seven sessions installed as next and each confirmed by a
     # datagram, take() not called in between; the previous one; a dead
-    # one; an index in use refused; clear_sessions; a keepalive confirming
-    # a next.
+    # one; an index in use refused, a send key installed before refused;
+    # clear_sessions; a keepalive confirming a next.
     "session_rekey": peer_plan(setup("session", [
         peer(0, ["10.9.1.0/24"], sessions=[(1, True)]), peer(1, ["10.9.2.0/24"])]), [
         *[step for index in (2, 3, 4, 5, 6, 7, 8) for step in (install(0, index, False), sealed(slot=2))],
         sealed(slot=1), sealed(slot=4), TAKE, install(1, 7, True), install(1, 0x80000000, True),
+        install(1, 5, True, reuse_key=True),
         sealed(peer=1, sender=1, host=2), dict(p_op=14, p_clear_peer=0), sealed(),
         install(0, 0, False), keepalive(slot=2), TAKE]),
     # Raw framing, control types 1-3: from a peer's endpoint; another
