@@ -2123,7 +2123,8 @@ def bug_stale_endpoint_after_17_roams(rig: "PeerRig"):
     authenticated (anyone can move a roaming raw peer by its source), so
     this is wrong attribution and counting more than a hole; it takes 17
     peers moving between two take() calls, e.g. a hub whose spokes are
-    all learned at start.  (_peers.pxi: peer_by_endpoint(), peer_roam().)"""
+    all learned at start.  (_peers.pxi: peer_by_endpoint(), peer_roam().)
+    The harness does not steer around it: it has 3 peers at most."""
     from tunrelay._fastpath import PeerTable, Pump
     table = PeerTable()
     ids = [table.add(f"p{i}", endpoint=(f"10.0.0.{i + 2}", 51820), allowed_ips=[f"10.9.{i}.0/24"],
@@ -2473,8 +2474,10 @@ class PeerRun:
         outcomes = []
         step = segment or len(message) or 1
         chunks = [message[at:at + step] for at in range(0, max(len(message), 1), step)]
-        steer = self.case.framing == "raw" and bool(
-            {"stale_endpoint_index", "stale_endpoint_after_17_roams"} & self.rig.bugs)
+        # (Not for stale_endpoint_after_17_roams: with 3 peers at most the
+        # harness cannot reach it, and steering would keep the roamed-peer
+        # ring, the code that closed stale_endpoint_index, unfuzzed.)
+        steer = "stale_endpoint_index" in self.rig.bugs and self.case.framing == "raw"
         while chunks:
             ex, others, count = Expect(), Counter(), 0
             for chunk in chunks:
