@@ -1290,12 +1290,12 @@ def run_stream(rig: Rig, src: Source) -> None:
 # through Pump._feed(..., sender=...).  Each input is a fresh table and
 # pump: decode_peers() turns the input into a PeerCase (the table, then
 # steps: datagrams, GRO messages, take(), install_session(),
-# clear_sessions(), update()), pure and independent of any state;
-# run_peers() plays it, resolving what depends on state (a session's next
-# counter, a peer's endpoint, a replay) against PeerModel, and checks
-# the pump against PeerModel after every step.  PeerModel is the spec
-# (tunrelay's notes on the PeerTable API and the docstrings of
-# _peers.pxi): it decides from the bytes and the sender alone.
+# clear_sessions(), update(), remove()), pure and independent of any
+# state; run_peers() plays it, resolving what depends on state (a
+# session's next counter, a peer's endpoint, a replay) against
+# PeerTableModel, and checks the pump against it after every step.
+# PeerTableModel is the spec (the PeerTable API notes, the README and the
+# docstrings of _peers.pxi): it decides from the bytes and the sender alone.
 
 SESSION_HEADER, SESSION_TAG = 16, 16
 SESSION_OVERHEAD = SESSION_HEADER + SESSION_TAG
