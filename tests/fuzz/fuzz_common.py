@@ -2467,6 +2467,12 @@ class PeerRun:
             self.feed_message(message, segment, sender, address)
         self.history = (self.history + datagrams)[-64:]
 
+    def set_aside(self) -> int:
+        """Datagrams neither delivered nor dropped so far: keepalives (per
+        peer) and control datagrams queued."""
+        return (sum(self.table.info(p.id)["ingress"]["keepalives"] for p in self.model.peers)
+                + self.table.counts()["control_queued"])
+
     def feed_message(self, message: bytes, segment: int, sender: tuple, address: tuple) -> list:
         """One received message (segment: UDP_GRO's datagram size, 0: one
         datagram) through the model and Pump._feed, then every check.
@@ -2499,12 +2505,21 @@ class PeerRun:
             part = b"".join(chunks[:count])
             chunks = chunks[count:]
             before = flat_counters(self.pump.stats())
+            aside = self.set_aside()
             status = self.pump._feed(part, segment=segment, sender=sender)
             writes = self.rig.standin.collect()
             after = flat_counters(self.pump.stats())
             try:
                 if status != 0:
                     raise Violation(f"_feed returned {status}")
+                # Every datagram accounted for once, by the pump and the
+                # table alone (whatever the model says).
+                moved = sum(after[k] - before[k] for k in after if k[:2] == ("ingress", "drops"))
+                moved += after[("ingress", "packets")] - before[("ingress", "packets")]
+                moved += self.set_aside() - aside
+                if moved != count:
+                    raise Violation(f"{count} datagrams fed, but drops + delivered + keepalives + "
+                                    f"control datagrams queued = {moved}")
                 if self.case.offload:
                     check_offload_writes(writes, ex.accepted)
                 else:
