@@ -616,3 +616,35 @@ def test_offloads_segment_and_coalesce_per_peer_under_sessions(rig):
     ref.check_ingress(segments, writes)
     assert len(writes) < len(segments)    # coalesced
     assert drops(pump) == {} and drops(pump, "egress") == {}
+
+
+def test_raw_peers_that_moved_are_found_at_their_new_address_before_any_publication(rig):
+    """Raw framing finds a peer by its endpoint.  Moves the loops make are
+    listed (up to 16) until the control plane's next publication (take()
+    does one) files them in the endpoint map; a 17th move in between is
+    refused, not guessed, until then."""
+    table = PeerTable()
+    tun, tun_pump = rig.tun()
+    ids = [table.add(f"p{i}", endpoint=("127.0.0.1", 9 + i), allowed_ips=[f"10.9.{i}.0/24"])
+           for i in range(17)]
+    pump = rig.pump(tun_pump, rig.udp(timeout=None), peers=table)
+
+    def feed(i, sender_port, src_net=None):
+        pump._feed(v4(f"10.9.{i if src_net is None else src_net}.1", "10.0.0.1"),
+                   sender=("127.0.0.1", sender_port))
+
+    for i in range(17):
+        feed(i, 20000 + i)
+    moved = [table.info(pid)["endpoint"][1] for pid in ids]
+    assert moved == [20000 + i for i in range(16)] + [9 + 16]
+    assert drops(pump).get("not_peer", 0) == 1
+    # From p0's new address with p1's source: p0 is found there (listed), so
+    # the packet is p0's and not allowed; p1 does not move onto p0's address.
+    feed(0, 20000, src_net=1)
+    assert drops(pump).get("not_allowed", 0) == 1
+    assert table.info(ids[1])["endpoint"] == ("127.0.0.1", 20001)
+    assert [e.kind for e in table.take()].count("endpoint") == 17   # the refused one's too
+    feed(16, 20016)
+    assert table.info(ids[16])["endpoint"] == ("127.0.0.1", 20016)
+    delivered = [tun.recv(65535) for _ in range(17)]
+    assert len(delivered) == 17

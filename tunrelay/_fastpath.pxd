@@ -139,6 +139,7 @@ cdef enum:
     EVENT_RENEW = 2
     EVENT_PROMOTED = 4
     PEER_DROPPED = 4          # keys a promotion pushed out, waiting for Python
+    ROAMED = 16               # raw peers moved between two publications
 
 
 # One direction's counters of one peer, alone on its cache line: several
@@ -254,8 +255,8 @@ cdef struct PeerShared:
     # raw/len16: peers whose endpoint a loop moved since the snapshot was
     # built (it still files them under the old address): scanned when the
     # endpoint map misses, until a publication takes them in
-    PeerSlot *roamed[16]
-    unsigned int roamed_next
+    PeerSlot *roamed[16]      # ROAMED
+    unsigned int roamed_count
     pthread_mutex_t roamed_lock
 
 

@@ -124,15 +124,8 @@ cdef inline bint peer_endpoint(PeerSlot *p, sockaddr_storage *out) noexcept nogi
             return known
 
 
-cdef void peer_roam(PeerShared *sh, PeerSlot *p, const sockaddr_storage *sender,
-                    socklen_t sender_len) noexcept nogil:
-    """An accepted datagram came from `sender`: a roaming peer's endpoint
-    follows it (a read first: no lock when it has not moved)."""
-    cdef sockaddr_storage now
-    if not p.roaming:
-        return
-    if peer_endpoint(p, &now) and same_address(&now, sender):
-        return
+cdef void peer_move(PeerSlot *p, const sockaddr_storage *sender,
+                        socklen_t sender_len) noexcept nogil:
     pthread_mutex_lock(&p.lock)
     tr_seq_write_begin(&p.endpoint_seq)
     memset(&p.endpoint, 0, sizeof(sockaddr_storage))
@@ -142,11 +135,46 @@ cdef void peer_roam(PeerShared *sh, PeerSlot *p, const sockaddr_storage *sender,
     tr_seq_write_end(&p.endpoint_seq)
     p.roams += 1
     pthread_mutex_unlock(&p.lock)
+
+
+cdef bint peer_roam(PeerShared *sh, PeerSlot *p, const sockaddr_storage *sender,
+                    socklen_t sender_len, bint by_address) noexcept nogil:
+    """An accepted datagram came from `sender`: a roaming peer's endpoint
+    follows it (a read first: no lock when it has not moved).
+
+    `by_address` (raw/len16, where datagrams find their peer by endpoint):
+    the snapshot's endpoint map knows the old address until the next
+    publication, so the peer is also noted among the moved ones, at most
+    ROAMED of them between two publications: past that the move is
+    refused (False: the datagram is not taken) until the control plane
+    publishes (take() does, on the endpoint event raised here)."""
+    cdef sockaddr_storage now
+    cdef unsigned int i
+    cdef bint listed = False
+    if not p.roaming:
+        return True
+    if peer_endpoint(p, &now) and same_address(&now, sender):
+        return True
+    if not by_address:
+        peer_move(p, sender, sender_len)
+        peer_event(sh, p, EVENT_ENDPOINT)
+        return True
     pthread_mutex_lock(&sh.roamed_lock)
-    tr_store_ptr(<void **>&sh.roamed[sh.roamed_next % 16], p)
-    sh.roamed_next += 1
+    for i in range(sh.roamed_count):
+        listed = listed or sh.roamed[i] == p
+    if not listed and sh.roamed_count == ROAMED:
+        pthread_mutex_unlock(&sh.roamed_lock)
+        peer_event(sh, p, EVENT_ENDPOINT)   # (already raised: the publication that makes room)
+        return False
+    # The endpoint first, then the listing, both under the ring's lock: a
+    # publication that counted this entry as taken in read the new address.
+    peer_move(p, sender, sender_len)
+    if not listed:
+        tr_store_ptr(<void **>&sh.roamed[sh.roamed_count], p)
+        sh.roamed_count += 1
     pthread_mutex_unlock(&sh.roamed_lock)
     peer_event(sh, p, EVENT_ENDPOINT)
+    return True
 
 
 cdef inline uint32_t address_hash(const sockaddr_storage *a) noexcept nogil:
@@ -177,7 +205,7 @@ cdef PeerSlot *peer_by_endpoint(PeerShared *sh, const Snapshot *s,
                                 const sockaddr_storage *sender) noexcept nogil:
     """The peer whose endpoint `sender` is: the snapshot's map, checked
     against each candidate's endpoint now, then the peers a loop moved
-    since the snapshot was built (at most 16)."""
+    since the snapshot was built (at most ROAMED)."""
     cdef uint32_t i, at
     cdef unsigned int r
     cdef PeerSlot *p
@@ -192,7 +220,7 @@ cdef PeerSlot *peer_by_endpoint(PeerShared *sh, const Snapshot *s,
             if peer_endpoint(p, &now) and same_address(&now, sender):
                 return p
             i = (i + 1) & s.endpoint_mask
-    for r in range(16):
+    for r in range(ROAMED):
         p = <PeerSlot *>tr_load_ptr(<void **>&sh.roamed[r])
         if p != NULL and peer_endpoint(p, &now) and same_address(&now, sender):
             return p
@@ -484,7 +512,7 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
             c.drops[reason] += 1
             return 0
         packet = datagram + SESSION_HEADER_LEN
-        peer_roam(sh, p, sender, sender_len)
+        peer_roam(sh, p, sender, sender_len, False)
         tr_store64(&p.last_seen_ms, <uint64_t>(st.ing.now * 1000) + 1)
         if plain == 0:
             tr_add64(&p.ingress.keepalives, 1)
@@ -514,8 +542,10 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
             tr_add64(&p.ingress.drops, 1)
         return 0
     if p == NULL:
+        if not peer_roam(sh, owner, sender, sender_len, True):
+            c.drops[DROP_NOT_PEER] += 1
+            return 0
         p = owner
-        peer_roam(sh, p, sender, sender_len)
     if owner != p:
         c.drops[DROP_NOT_ALLOWED] += 1
         tr_add64(&p.ingress.drops, 1)
@@ -678,9 +708,15 @@ cdef class PeerTable:
         cdef const uint8_t *packed
         cdef Snapshot *old
         cdef uint64_t g
+        cdef unsigned int taken_in, i_roamed
         if self._batch_depth:
             self._dirty = True
             return 0
+        # The peers moved so far: the snapshot built below reads their new
+        # endpoints, so once it is published they need no listing.
+        pthread_mutex_lock(&self.sh.roamed_lock)
+        taken_in = self.sh.roamed_count
+        pthread_mutex_unlock(&self.sh.roamed_lock)
         s = <Snapshot *>calloc(1, sizeof(Snapshot))
         if s == NULL:
             raise MemoryError()
@@ -749,6 +785,17 @@ cdef class PeerTable:
         tr_store_ptr(<void **>&self.sh.current, s)
         g = self.sh.gen + 1
         tr_store64(&self.sh.gen, g)
+        if taken_in:
+            # Loops scan the listing without its lock: entries move down,
+            # the freed tail goes NULL (a peer read twice or missed once
+            # while they move is found by the new snapshot's map).
+            pthread_mutex_lock(&self.sh.roamed_lock)
+            for i_roamed in range(taken_in, self.sh.roamed_count):
+                tr_store_ptr(<void **>&self.sh.roamed[i_roamed - taken_in], self.sh.roamed[i_roamed])
+            for i_roamed in range(self.sh.roamed_count - taken_in, ROAMED):
+                tr_store_ptr(<void **>&self.sh.roamed[i_roamed], NULL)
+            self.sh.roamed_count -= taken_in
+            pthread_mutex_unlock(&self.sh.roamed_lock)
         self.publications += 1
         self._dirty = False
         if old != NULL:
@@ -814,7 +861,7 @@ cdef class PeerTable:
         """Take a removed peer out of the table's list, and out of the
         recently-roamed ring (a loop that read it there is still protected
         by its epoch: the peer is retired, not freed)."""
-        cdef unsigned int i
+        cdef unsigned int i, kept = 0
         if p.all_prev != NULL:
             p.all_prev.all_next = p.all_next
         else:
@@ -823,9 +870,13 @@ cdef class PeerTable:
             p.all_next.all_prev = p.all_prev
         p.all_prev = p.all_next = NULL
         pthread_mutex_lock(&self.sh.roamed_lock)
-        for i in range(16):
-            if self.sh.roamed[i] == p:
-                tr_store_ptr(<void **>&self.sh.roamed[i], NULL)
+        for i in range(self.sh.roamed_count):
+            if self.sh.roamed[i] != p:
+                tr_store_ptr(<void **>&self.sh.roamed[kept], self.sh.roamed[i])
+                kept += 1
+        for i in range(kept, ROAMED):
+            tr_store_ptr(<void **>&self.sh.roamed[i], NULL)
+        self.sh.roamed_count = kept
         pthread_mutex_unlock(&self.sh.roamed_lock)
 
     cdef int _register(self) except -1:
