@@ -648,3 +648,21 @@ def test_raw_peers_that_moved_are_found_at_their_new_address_before_any_publicat
     assert table.info(ids[16])["endpoint"] == ("127.0.0.1", 20016)
     delivered = [tun.recv(65535) for _ in range(17)]
     assert len(delivered) == 17
+
+
+def test_len16_control_types_look_past_the_length(rig):
+    """With len16 the first byte is the length's: the type is the byte after
+    it, so a data datagram of 300 bytes (length 0x012c) is not "type 1"."""
+    table = PeerTable(control_types=[0x01])
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    peer = rig.udp()
+    table.add("p", endpoint=peer.getsockname(), allowed_ips=["10.9.1.0/24"])
+    pump = rig.pump(tun_pump, sock, framing="len16", peers=table)
+    pump.start()
+    packet = v4("10.9.1.1", "10.0.0.1", size=300)
+    peer.sendto(len(packet).to_bytes(2, "big") + packet, sock.getsockname())
+    assert tun.recv(65535) == packet
+    peer.sendto(b"\x00\x06\x01knock", sock.getsockname())
+    wait_for(lambda: table.counts()["control_queued"] == 1, "the control datagram queued")
+    assert [(e.kind, e.data) for e in table.take()] == [("control", b"\x00\x06\x01knock")]

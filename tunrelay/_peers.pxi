@@ -494,11 +494,15 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
     cdef size_t plain = length
     cdef uint32_t at
     cdef int reason
+    cdef uint8_t kind
     if length == 0:
         c.drops[DROP_TOO_SHORT if st.session else DROP_EMPTY] += 1
         return 0
-    if (datagram[0] != SESSION_TYPE_DATA if st.session else
-            (datagram[0] >> 4 != 4 and datagram[0] >> 4 != 6)) and sh.control_types[datagram[0]]:
+    # The message type: the first byte, or with len16 the first after the
+    # length (a data datagram's length header is no type).
+    kind = datagram[LEN16_HEADER] if st.len16 and length > LEN16_HEADER else datagram[0]
+    if (kind != SESSION_TYPE_DATA if st.session else
+            (kind >> 4 != 4 and kind >> 4 != 6)) and sh.control_types[kind]:
         reason = control_push(sh, datagram, length, sender, sender_len)
         if reason != DROP_NONE:
             c.drops[reason] += 1

@@ -2110,21 +2110,19 @@ def bug_stale_endpoint_index(rig: "PeerRig"):
 
 
 def bug_stale_endpoint_after_17_roams(rig: "PeerRig"):
-    """What is left of stale_endpoint_index after its fix (bb42b25: a
-    ring of the 16 peers that roamed last, scanned when the snapshot's
-    endpoint map misses).  Framing raw, 17 roaming peers p0..p16 (p_i:
-    10.9.i.0/24, endpoint 10.0.0.(i+2)), each moves once (a valid packet
-    from 192.0.2.(i+1):4500), take() not called; then from p0's new
-    address 192.0.2.1:4500 a packet from 10.9.1.1 (p1's prefix).
-    Expected: not_allowed, counted against p0; p1 stays at
-    192.0.2.2:4500.  Got: p0 is in neither the map (old address) nor the
-    ring (pushed out by the 17th), so the packet is taken as p1's roaming
-    (delivered) and p1 moves onto p0's address.  Raw framing is not
-    authenticated (anyone can move a roaming raw peer by its source), so
-    this is wrong attribution and counting more than a hole; it takes 17
-    peers moving between two take() calls, e.g. a hub whose spokes are
-    all learned at start.  (_peers.pxi: peer_by_endpoint(), peer_roam().)
-    The harness does not steer around it: it has 3 peers at most."""
+    """What was left of stale_endpoint_index after its first fix (bb42b25: a
+    ring of the 16 peers that roamed last).  Framing raw, 17 roaming peers
+    p0..p16 (p_i: 10.9.i.0/24, endpoint 10.0.0.(i+2)), each moves once (a
+    valid packet from 192.0.2.(i+1):4500), take() not called; then from
+    p0's new address 192.0.2.1:4500 a packet from 10.9.1.1 (p1's prefix).
+    Expected: not_allowed, counted against p0; p1 stays at 192.0.2.2:4500.
+    Got (before 22736a5): p0 was in neither the map (old address) nor the
+    ring (pushed out by the 17th), so the packet was taken as p1's roaming
+    and p1 moved onto p0's address.  Since 22736a5 the moves are listed
+    until a publication files them, and a 17th move before one is refused
+    (not_peer) until the control plane publishes: so 16 moved, then after
+    take() the 17th moves too.  (_peers.pxi: peer_by_endpoint(),
+    peer_roam().)"""
     from tunrelay._fastpath import PeerTable, Pump
     table = PeerTable()
     ids = [table.add(f"p{i}", endpoint=(f"10.0.0.{i + 2}", 51820), allowed_ips=[f"10.9.{i}.0/24"],
@@ -2133,11 +2131,18 @@ def bug_stale_endpoint_after_17_roams(rig: "PeerRig"):
     for i in range(17):
         pump._feed(_v4(f"10.9.{i}.1"), sender=(f"192.0.2.{i + 1}", 4500))
     moved = len(rig.standin.collect())
+    refused = pump.stats()["ingress"]["drops"]["not_peer"]
     pump._feed(_v4("10.9.1.1"), sender=("192.0.2.1", 4500))
-    got = {"moved": moved, "delivered": len(rig.standin.collect()),
+    delivered = len(rig.standin.collect())
+    table.take()
+    pump._feed(_v4("10.9.16.1"), sender=("192.0.2.17", 4500))
+    got = {"moved": moved, "refused until a publication": refused, "delivered": delivered,
            "not_allowed": pump.stats()["ingress"]["drops"]["not_allowed"],
-           "p1's endpoint": table.info(ids[1])["endpoint"]}
-    expected = {"moved": 17, "delivered": 0, "not_allowed": 1, "p1's endpoint": ("192.0.2.2", 4500)}
+           "p1's endpoint": table.info(ids[1])["endpoint"],
+           "the 17th after take()": (len(rig.standin.collect()), table.info(ids[16])["endpoint"])}
+    expected = {"moved": 16, "refused until a publication": 1, "delivered": 0, "not_allowed": 1,
+                "p1's endpoint": ("192.0.2.2", 4500),
+                "the 17th after take()": (1, ("192.0.2.17", 4500))}
     table.take()
     return expected, got
 
