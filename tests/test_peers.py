@@ -201,6 +201,22 @@ KEY_AB = bytes(range(32))
 KEY_BA = bytes(range(32, 64))
 
 
+def one_session(rig, *, session=True, **table_options):
+    """A session pump whose table has one peer, "other" (a loopback socket
+    owning 10.8.2.0/24), with session 1 -> 2 installed as current:
+    (tun test end, pump (not started), table, peer id, pump socket, other)."""
+    table = PeerTable(**table_options)
+    tun, tun_pump = rig.tun()
+    sock = rig.udp(timeout=None)
+    other = rig.udp()
+    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
+    if session:
+        table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
+                              recv_key=KEY_BA, initiator=True)
+    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    return tun, pump, table, pid, sock, other
+
+
 def session_pair(rig, **table_options):
     """Two session pumps on loopback, each with one peer (the other)."""
     ends = []
@@ -278,14 +294,8 @@ def test_the_session_wire_format_is_wireguards_data_message(rig):
 
 
 def test_a_session_roams_with_its_authenticated_datagrams(rig):
-    table = PeerTable()
-    tun, tun_pump = rig.tun()
-    sock = rig.udp(timeout=None)
-    old, new = rig.udp(), rig.udp()
-    pid = table.add("other", endpoint=old.getsockname(), allowed_ips=["10.8.2.0/24"])
-    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
-                          recv_key=KEY_BA, initiator=True)
-    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    tun, pump, table, pid, sock, old = one_session(rig)
+    new = rig.udp()
     pump.start()
     # A forgery from elsewhere moves nothing.
     stranger = rig.udp()
@@ -302,14 +312,8 @@ def test_a_session_roams_with_its_authenticated_datagrams(rig):
 
 
 def test_renewal_is_asked_and_hard_limits_refuse(rig):
-    table = PeerTable(rekey_after_messages=3, reject_after_messages=5)
-    tun, tun_pump = rig.tun()
-    sock = rig.udp(timeout=None)
-    other = rig.udp()
-    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
-    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
-                          recv_key=KEY_BA, initiator=True)
-    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    tun, pump, table, pid, sock, other = one_session(rig, rekey_after_messages=3,
+                                                     reject_after_messages=5)
     pump.start()
     for seq in range(7):
         tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
@@ -328,14 +332,7 @@ def test_renewal_is_asked_and_hard_limits_refuse(rig):
 
 
 def test_a_session_expires_with_age(rig):
-    table = PeerTable(reject_after_time=0.2)
-    tun, tun_pump = rig.tun()
-    sock = rig.udp(timeout=None)
-    other = rig.udp()
-    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
-    table.install_session(pid, local_index=1, remote_index=2, send_key=KEY_AB,
-                          recv_key=KEY_BA, initiator=True)
-    pump = rig.pump(tun_pump, sock, framing="session", peers=table)
+    tun, pump, table, pid, sock, other = one_session(rig, reject_after_time=0.2)
     pump.start()
     tun.send(v4("10.8.1.1", "10.8.2.1"))
     other.recv(65535)
@@ -366,11 +363,7 @@ def test_a_keepalive_confirms_a_session_to_the_responder(rig):
 
 
 def test_no_session_asks_for_renewal_at_most_once_a_second(rig):
-    table = PeerTable()
-    tun, tun_pump = rig.tun()
-    other = rig.udp()
-    pid = table.add("other", endpoint=other.getsockname(), allowed_ips=["10.8.2.0/24"])
-    pump = rig.pump(tun_pump, rig.udp(timeout=None), framing="session", peers=table)
+    tun, pump, table, pid, sock, other = one_session(rig, session=False)
     pump.start()
     tun.send(v4("10.8.1.1", "10.8.2.1"))
     wait_for(lambda: drops(pump, "egress").get("no_session", 0) == 1, "no_session")
