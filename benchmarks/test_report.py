@@ -69,6 +69,29 @@ def test_ratios() -> None:
     assert found["pump over socketpairs, 64 B egress"].met is False
 
 
+def test_issue_8_ratios_hold_rows_to_the_point_to_point_row() -> None:
+    results = _results()
+    row = lambda label, kind, tcp1, cpu: TunnelRow(label, kind, medians={  # noqa: E731
+        "tcp1_gbps": tcp1, "cpu_s_per_gb": cpu})
+    # A faster tunrelay row of another label must not be the reference.
+    results.tunnels += [row(report.POINT_TO_POINT, "tunrelay", 8.0, 1.0),
+                        row("tunrelay udp offload=on q=2", "tunrelay", 9.0, 1.2),
+                        row("one table", "tunrelay-peers", 7.8, 1.1),
+                        row("hub", "tunrelay-hub", 3.6, 2.4)]
+    found = {r.name: r for r in report.ratios(results)}
+    table = found["TCP 1 stream: one [[peer]] table / [transport] peer"]
+    assert table.value == pytest.approx(7.8 / 8.0) and table.met
+    assert table.detail == f"one table vs {report.POINT_TO_POINT}"
+    hub = found["TCP 1 stream: hub spoke to spoke / point-to-point"]
+    assert hub.value == pytest.approx(0.45) and hub.met is False
+    cpu = found["CPU per GB: hub's 3 relays / point-to-point's 2"]
+    assert cpu.value == pytest.approx(2.4) and cpu.met is None
+    # Without the rows (an older build, a filtered run): no figure, no verdict.
+    for r in report.ratios(_results()):
+        if "[[peer]]" in r.name or "hub" in r.name:
+            assert r.value is None and r.met is None and "no " in r.detail
+
+
 def test_results_md_keeps_the_hand_written_part(tmp_path) -> None:
     path = tmp_path / "RESULTS.md"
     path.write_text(f"# title\nmine above\n{report.BEGIN}\nold table\n{report.END}\nmine below\n")

@@ -1,5 +1,6 @@
 """Tunnel benchmarks (root): every tunnel of ``tunnels.all_tunnels()``, one
-fresh test bed each, measured in this one session so the ratios between
+fresh test bed each (``tunnel.testbed()``: two namespaces, or a star for
+the hub), measured in this one session so the ratios between
 them hold.  A tunnel first passes a sanity ping; one that cannot run here is
 skipped with the reason, one that breaks is reported as failed with the
 reason, and the session goes on with the others.
@@ -50,7 +51,7 @@ def test_tunnel(tunnel, benchmark, bench_results) -> None:
         skip(reason)
     figures = unsupported = error = None
     try:
-        with Testbed() as bed:
+        with tunnel.testbed() as bed:
             try:
                 tunnel.start(bed)
                 wait_for_ping(bed, tunnel.server_ip)

@@ -2,10 +2,12 @@
 
 Each kind joins the two namespaces of a ``Testbed`` with addresses
 10.99.0.1 (side a, the iperf3 server) and 10.99.0.2 (side b) on a tunnel
-device of MTU 1400; direct veth uses the underlay itself.  ``start(bed)``
-brings it up, ``pids()`` names the user-space processes whose CPU time is
-charged to it ([] for kernel tunnels), ``stop()`` takes it down (the test
-bed's ``close()`` removes whatever is left).
+device of MTU 1400; direct veth uses the underlay itself.  ``testbed()``
+makes the bed it runs on (a ``Testbed``; the hub: a ``StarBed``, whose
+sides a and b are two spokes), ``start(bed)`` brings it up, ``pids()``
+names the user-space processes whose CPU time is charged to it ([] for
+kernel tunnels), ``stop()`` takes it down (the test bed's ``close()``
+removes whatever is left).
 
 A kind that cannot run here says why: ``missing()`` before start (a binary
 is not installed) or ``Unsupported`` from ``start`` (this tunrelay build
@@ -18,12 +20,16 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
+from benchmarks.report import POINT_TO_POINT
+from tunrelay.daemon.stats import query
 from tunrelay.errors import TunrelayError
+from tunrelay.testrig.hub import Star
 from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.pair import PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
 
 MTU = 1400
 PREFIX = 24
@@ -43,7 +49,7 @@ _AEAD = {"transport": ['framing = "aead"'], "device": ["mtu = 1400"],
          "security": ['key_file = "{key_file}"']}
 
 TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
-    "tunrelay udp offload=on q=1": ("udp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
+    POINT_TO_POINT: ("udp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
     "tunrelay udp offload=off q=1": ("udp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
     "tunrelay udp offload=on q=2": ("udp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
     "tunrelay udp offload=off q=2": ("udp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
@@ -56,6 +62,16 @@ TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
         "udp", {**_AEAD, "security": _AEAD["security"] + ['cipher = "aes-256-gcm"']}),
     "tunrelay tcp aead chacha20-poly1305": ("tcp", _AEAD),
 }
+
+#: The same relays with their one peer in a ``[[peer]]`` table instead of
+#: ``[transport] peer``: the many-peers data path (a PeerTable, every
+#: packet routed by its destination) carrying one peer.  Issue 8: within
+#: 5 % of its point-to-point twin, the row it follows in the table.
+ONE_PEER_TABLE = "tunrelay udp 1 [[peer]] offload=on q=1"
+
+#: Spoke to spoke through a hub relay (``HubTunnel``), every relay with
+#: the point-to-point row's settings.  Issue 8: at least 50 % of it.
+HUB = "tunrelay hub, spoke to spoke (3 relays)"
 
 #: The "naive Python relay" baseline: tunrelay with its pure-Python pump
 #: (select, one packet per system call).
@@ -71,7 +87,9 @@ class Unsupported(Exception):
 class Tunnel:
     """The interface; also the no-op parts."""
 
-    kind = ""  # "veth", "vxlan", "tunrelay", "tunrelay-aead", "python", "openvpn", "wireguard-go"
+    # "veth", "vxlan", "tunrelay", "tunrelay-aead", "tunrelay-peers", "tunrelay-hub",
+    # "python", "openvpn", "wireguard-go"
+    kind = ""
     binaries: tuple = ()   # commands that must be installed
     server_ip = TUNNEL_A   # side a's address, reached from side b
 
@@ -81,6 +99,10 @@ class Tunnel:
     def missing(self) -> str | None:
         absent = [b for b in self.binaries if shutil.which(b) is None]
         return f"not installed: {', '.join(absent)}" if absent else None
+
+    def testbed(self) -> Testbed:
+        """The namespaces this tunnel joins (a context manager)."""
+        return Testbed()
 
     def start(self, bed: Testbed) -> None:
         raise NotImplementedError
@@ -125,10 +147,12 @@ class Tunrelay(Tunnel):
 
     kind = "tunrelay"
 
-    def __init__(self, label: str, protocol: str, overrides: dict, kind: str = "tunrelay") -> None:
+    def __init__(self, label: str, protocol: str, overrides: dict, kind: str = "tunrelay",
+                 pair: type[RelayPair] = RelayPair) -> None:
         super().__init__(label)
         self.kind = kind
         self.protocol, self.overrides = protocol, overrides
+        self.pair_class = pair
         self.pair: RelayPair | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
 
@@ -144,8 +168,8 @@ class Tunrelay(Tunnel):
                 f.write(genkey() + "\n")
             overrides = {table: [line.replace("{key_file}", key_file) for line in lines]
                          for table, lines in overrides.items()}
-        self.pair = RelayPair(bed, protocol=self.protocol, mtu=MTU, overrides=overrides,
-                              workdir=self._workdir.name)
+        self.pair = self.pair_class(bed, protocol=self.protocol, mtu=MTU, overrides=overrides,
+                                    workdir=self._workdir.name)
         try:
             self.pair.start()
         except TunrelayError as exc:
@@ -176,6 +200,154 @@ class Tunrelay(Tunnel):
     def stop(self) -> None:
         if self.pair is not None:
             self.pair.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+
+
+class OnePeerTablePair(RelayPair):
+    """A ``RelayPair`` whose two relays name each other in one ``[[peer]]``
+    table (endpoint and the other side's /32 and /128 as allowed IPs)
+    instead of ``[transport] peer``; everything else as the pair writes it."""
+
+    def _config(self, name: str, overrides: dict) -> str:
+        text = super()._config(name, overrides)
+        there = self.bed.addr_b if name == "a" else self.bed.addr_a
+        inner = (TUNNEL_B, TUNNEL6_B) if name == "a" else (TUNNEL_A, TUNNEL6_A)
+        lines = text.splitlines()
+        shorthand = f'peer = "{there}:{PORT}"'
+        if shorthand not in lines:
+            raise RuntimeError(f"no '{shorthand}' in the config RelayPair wrote:\n{text}")
+        lines.remove(shorthand)
+        return "\n".join(lines + _peer_table("b" if name == "a" else "a", f"{there}:{PORT}",
+                                              [f"{inner[0]}/32", f"{inner[1]}/128"])) + "\n"
+
+
+def _peer_table(name: str, endpoint: str, allowed_ips: list[str]) -> list[str]:
+    return ["[[peer]]", f'name = "{name}"', f'endpoint = "{endpoint}"',
+            "allowed_ips = [" + ", ".join(f'"{net}"' for net in allowed_ips) + "]", ""]
+
+
+class StarBed(Star):
+    """A ``Star`` of two spokes seen as the suite's two-sided test bed:
+    side a (the iperf3 server, 10.99.0.1) is spoke 2, side b (the client,
+    10.99.0.2) spoke 1, so the measured traffic goes spoke 1 -> hub ->
+    spoke 2, and ``measure`` works on it unchanged."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        super().__init__(spokes=2)
+
+    @property
+    def ns_a(self) -> str:
+        return self.spokes[1].ns
+
+    @property
+    def ns_b(self) -> str:
+        return self.spokes[0].ns
+
+
+class HubTunnel(Tunnel):
+    """Three tunrelay processes: a hub in the star's hub namespace with one
+    ``[[peer]]`` table per spoke (its allowed IPs the spoke's /32 and
+    /128), and in each spoke a point-to-point relay whose peer is the hub,
+    its device address covering the whole /24 (/64), as README "Running a
+    tunnel" sets a hub up.  A packet from spoke 1 to spoke 2 crosses four
+    relay loops (spoke 1 out, hub in, hub out, spoke 2 in) and the hub's
+    kernel, which routes it from the hub's device back into it.  Every
+    relay gets the ``overrides`` of the point-to-point row it is compared
+    with; the CPU time counted is that of all three."""
+
+    kind = "tunrelay-hub"
+    HUB_ADDR, HUB_ADDR6 = "10.99.0.254", "fd00:99::fe"
+
+    def __init__(self, label: str, overrides: dict) -> None:
+        super().__init__(label)
+        self.overrides = overrides
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def testbed(self) -> StarBed:
+        return StarBed()
+
+    def _path(self, name: str, suffix: str) -> str:
+        return os.path.join(self._workdir.name, f"{name}.{suffix}")
+
+    def configs(self, star: Star) -> dict[str, tuple[str, str]]:
+        """name -> (namespace, relay.toml text) of the three relays."""
+        # Spoke 1 is side b (TUNNEL_B), spoke 2 side a (TUNNEL_A): see StarBed.
+        inner = {1: (TUNNEL_B, TUNNEL6_B), 2: (TUNNEL_A, TUNNEL6_A)}
+        hub_peers = []
+        for spoke in star.spokes:
+            v4, v6 = inner[spoke.index]
+            hub_peers += _peer_table(f"spoke{spoke.index}", f"{spoke.addr}:{PORT}",
+                                     [f"{v4}/32", f"{v6}/128"])
+        out = {"hub": (star.hub, self._render(
+            "hub", "trhub0", [self.HUB_ADDR, self.HUB_ADDR6], [f'listen = "0.0.0.0:{PORT}"'])
+            + "\n" + "\n".join(hub_peers))}
+        for spoke in star.spokes:
+            name = f"spoke{spoke.index}"
+            out[name] = (spoke.ns, self._render(
+                name, "trtun0", list(inner[spoke.index]),
+                [f'listen = "{spoke.addr}:{PORT}"', f'peer = "{spoke.hub_addr}:{PORT}"']))
+        return out
+
+    def _render(self, name: str, device: str, addresses: list[str], transport: list[str]) -> str:
+        prefixes = [f"{a}/{PREFIX}" if "." in a else f"{a}/64" for a in addresses]
+        tables = {
+            "device": [f'name = "{device}"', 'mode = "tun"', f"mtu = {MTU}",
+                       "address = [" + ", ".join(f'"{p}"' for p in prefixes) + "]"],
+            "transport": ['protocol = "udp"', *transport],
+            "relay": [],
+            "stats": [f'socket = "{self._path(name, "sock")}"'],
+        }
+        for table, lines in self.overrides.items():
+            keys = {line.split("=")[0].strip() for line in lines}
+            tables[table] = [l for l in tables.get(table, []) if l.split("=")[0].strip() not in keys]
+            tables[table] += lines
+        return "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
+                       for t, lines in tables.items())
+
+    def start(self, bed: Star) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="trbh-")  # short: sun_path
+        for name, (ns, text) in self.configs(bed).items():
+            with open(self._path(name, "toml"), "w") as f:
+                f.write(text)
+            with open(self._path(name, "log"), "ab") as log:
+                self.procs[name] = bed.popen(
+                    ns, [sys.executable, "-m", "tunrelay", "run", "--config", self._path(name, "toml")],
+                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15.0
+        for name, proc in self.procs.items():
+            while True:
+                if proc.poll() is not None:
+                    raise TunrelayError(f"relay {name} exited with {proc.returncode}:\n{self.log(name)}")
+                try:
+                    if query(self._path(name, "sock"), timeout=1)["state"] == "running":
+                        break
+                except TunrelayError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TunrelayError(f"relay {name} not ready after 15 s:\n{self.log(name)}")
+                time.sleep(0.05)
+
+    def log(self, name: str) -> str:
+        try:
+            with open(self._path(name, "log"), errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError, AttributeError):
+            return ""
+
+    def roles(self) -> dict[str, int]:
+        """Relay name -> pid, for CPU time per relay."""
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def pids(self) -> list[int]:
+        return list(self.roles().values())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _terminate(proc, timeout=10.0)
         if self._workdir is not None:
             self._workdir.cleanup()
 
@@ -276,9 +448,13 @@ class WireguardGo(Tunnel):
 def all_tunnels() -> list[Tunnel]:
     """Every tunnel, in table order."""
     tunnels: list[Tunnel] = [VethDirect("veth (no tunnel)"), KernelVxlan("kernel vxlan")]
-    tunnels += [Tunrelay(label, protocol, overrides,
-                         kind="tunrelay-aead" if "aead" in label else "tunrelay")
-                for label, (protocol, overrides) in TUNRELAY_VARIANTS.items()]
+    for label, (protocol, overrides) in TUNRELAY_VARIANTS.items():
+        tunnels.append(Tunrelay(label, protocol, overrides,
+                                kind="tunrelay-aead" if "aead" in label else "tunrelay"))
+        if label == POINT_TO_POINT:  # issue 8's rows next to the one they are held to
+            tunnels.append(Tunrelay(ONE_PEER_TABLE, protocol, overrides, kind="tunrelay-peers",
+                                    pair=OnePeerTablePair))
+            tunnels.append(HubTunnel(HUB, overrides))
     tunnels.append(Tunrelay("python relay udp (naive)", *PYTHON_RELAY, kind="python"))
     tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo("wireguard-go")]
     return tunnels
