@@ -400,7 +400,7 @@ def test_peer_model_follows_the_design(peer_rig):
     assert verdict(bytes(flipped)) == "bad_tag"
     assert verdict(seal(0, 1, 1)) == "deliver"            # a bad tag did not use the counter up
     assert verdict(seal(0, 1, 10_000)) == "deliver"
-    assert verdict(seal(0, 1, 10_000 - 8192)) == "replay"   # session_window_fresh: top - c >= 8192
+    assert verdict(seal(0, 1, 10_000 - 8192)) == "replay"   # window_fresh: top - c >= 8192
     assert verdict(seal(0, 1, 10_000 - 8191)) == "deliver"
     assert verdict(seal(0, 1, 10_000 - 8191)) == "replay"
     assert verdict(seal(0, 1, 10_001, fc._v4("10.9.1.5"))) == "not_allowed"   # b's longer prefix

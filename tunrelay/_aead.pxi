@@ -127,7 +127,7 @@ cdef int aead_seal(AeadShared *sh, AeadSender *s, uint8_t kind, uint8_t *header,
 
 # ---------------------------------------------------------------- receiving
 
-cdef inline bint window_fresh(AeadSlot *s, uint64_t counter) noexcept nogil:
+cdef inline bint window_fresh(ReplayWindow *s, uint64_t counter) noexcept nogil:
     """False for a counter seen before or older than the window."""
     if not s.seen or counter > s.top:
         return True
@@ -136,7 +136,7 @@ cdef inline bint window_fresh(AeadSlot *s, uint64_t counter) noexcept nogil:
     return not (s.window[(counter >> 6) % AEAD_WINDOW_WORDS] >> (counter & 63)) & 1
 
 
-cdef inline void window_mark(AeadSlot *s, uint64_t counter) noexcept nogil:
+cdef inline void window_mark(ReplayWindow *s, uint64_t counter) noexcept nogil:
     """Record an authenticated counter (only after the tag verified, so a
     forgery cannot move the window)."""
     cdef uint64_t block, current, steps, i
@@ -231,7 +231,7 @@ cdef int admit(AeadShared *sh, AeadOpener *o, const uint8_t *session, uint32_t s
     memcpy(s.id, session, AEAD_SESSION_LEN)
     s.start = start
     memcpy(s.key, key, AEAD_KEY_LEN)
-    s.seen = False
+    s.replay.seen = False
     # The trial context holds this session's key: it becomes the slot's.
     swap = o.ctx[i]
     o.ctx[i] = o.trial_ctx
@@ -288,7 +288,7 @@ cdef int aead_open(AeadShared *sh, AeadOpener *o, uint8_t kind, uint8_t *datagra
     slot = find_slot(sh, datagram + 4)
     if slot >= 0:
         s = &sh.slots[slot]
-        fresh = window_fresh(s, counter)
+        fresh = window_fresh(&s.replay, counter)
         gen = s.gen
         if fresh and o.ctx_gen[slot] != gen:
             memcpy(key, s.key, AEAD_KEY_LEN)
@@ -330,12 +330,12 @@ cdef int aead_open(AeadShared *sh, AeadOpener *o, uint8_t kind, uint8_t *datagra
         pthread_mutex_unlock(&sh.lock)
         return DROP_STALE_SESSION
     s = &sh.slots[slot]
-    if not window_fresh(s, counter):
+    if not window_fresh(&s.replay, counter):
         # The same datagram verified on another queue at the same time.
         pthread_mutex_unlock(&sh.lock)
         return DROP_REPLAY
-    newest = not s.seen or counter > s.top
-    window_mark(s, counter)
+    newest = not s.replay.seen or counter > s.replay.top
+    window_mark(&s.replay, counter)
     sh.clock += 1
     s.last_used = sh.clock
     if sender != NULL and newest and start == sh.newest_start:

@@ -43,6 +43,15 @@ cdef enum:
     AEAD_RETIRED = 16         # sessions pushed out of a full table, refused from then on
 
 
+# Which counters of a session were accepted (RFC 6479): the newest, and a
+# bitmap of the 8192 behind it.  The aead framing's sessions and the
+# session framing's keypairs keep one each (window_fresh, window_mark).
+cdef struct ReplayWindow:
+    bint seen                 # top and window are valid
+    uint64_t top              # highest counter accepted
+    uint64_t window[129]      # AEAD_WINDOW_WORDS words
+
+
 # One peer session in a Keyring's table, shared by every queue's ingress
 # loop (and by the TCP hello check) under AeadShared.lock, so a session has
 # one replay window whatever queue a datagram lands on.
@@ -52,9 +61,7 @@ cdef struct AeadSlot:
     bint used
     uint32_t gen              # bumped whenever the slot takes a new session (openers rekey)
     uint8_t key[32]
-    bint seen                 # top and window are valid
-    uint64_t top              # highest counter accepted
-    uint64_t window[129]      # replay bitmap, RFC 6479
+    ReplayWindow replay
     uint64_t last_used
 
 
@@ -167,10 +174,8 @@ cdef struct Keypair:
     uint64_t send_counter     # the next nonce (atomic)
     unsigned int renew_asked  # EVENT_RENEW raised once
     PeerSlot *peer
-    pthread_mutex_t lock      # guards seen, top, window, received
-    bint seen
-    uint64_t top
-    uint64_t window[129]
+    pthread_mutex_t lock      # guards replay, received
+    ReplayWindow replay
     uint64_t received
 
 
@@ -383,7 +388,6 @@ cdef class PeerTable:
     cdef Retired *_retired_tail
     cdef size_t _retired_count
     cdef PeerSlot *_all           # every live peer (freed with the table)
-    cdef dict _indexes
     cdef int _batch_depth
     cdef bint _dirty
     cdef uint32_t _next_id

@@ -322,30 +322,6 @@ cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first
                      second, second_len, tag)
 
 
-cdef inline bint session_window_fresh(Keypair *k, uint64_t counter) noexcept nogil:
-    if not k.seen or counter > k.top:
-        return True
-    if k.top - counter >= (AEAD_WINDOW_WORDS - 1) * 64:
-        return False
-    return not (k.window[(counter >> 6) % AEAD_WINDOW_WORDS] >> (counter & 63)) & 1
-
-
-cdef inline void session_window_mark(Keypair *k, uint64_t counter) noexcept nogil:
-    cdef uint64_t block, current, steps, i
-    if not k.seen or counter > k.top:
-        block = counter >> 6
-        current = k.top >> 6 if k.seen else block
-        steps = block - current
-        if not k.seen or steps >= AEAD_WINDOW_WORDS:
-            memset(k.window, 0, sizeof(k.window))
-        else:
-            for i in range(1, steps + 1):
-                k.window[(current + i) % AEAD_WINDOW_WORDS] = 0
-        k.top = counter
-        k.seen = True
-    k.window[(counter >> 6) % AEAD_WINDOW_WORDS] |= (<uint64_t>1) << (counter & 63)
-
-
 cdef void promote(PeerShared *sh, Keypair *k) noexcept nogil:
     """The peer's first datagram under its `next` session authenticated: it
     has the keys, so it becomes current (current -> previous; the old
@@ -401,7 +377,7 @@ cdef int session_open(PumpState *st, uint8_t *datagram, size_t length,
     if counter >= sh.reject_messages or keypair_expired(sh, k, st.ing.now):
         return DROP_SESSION_EXPIRED
     pthread_mutex_lock(&k.lock)
-    fresh = session_window_fresh(k, counter)
+    fresh = window_fresh(&k.replay, counter)
     pthread_mutex_unlock(&k.lock)
     if not fresh:
         return DROP_REPLAY
@@ -424,9 +400,9 @@ cdef int session_open(PumpState *st, uint8_t *datagram, size_t length,
     # Authentic: now (and only now) the window moves; a second copy that
     # raced this one through decryption loses here.
     pthread_mutex_lock(&k.lock)
-    fresh = session_window_fresh(k, counter)
+    fresh = window_fresh(&k.replay, counter)
     if fresh:
-        session_window_mark(k, counter)
+        window_mark(&k.replay, counter)
         k.received += 1
     pthread_mutex_unlock(&k.lock)
     if not fresh:
@@ -668,7 +644,6 @@ cdef class PeerTable:
         self._used_keys = {}
         self._names = {}
         self._owners = {}
-        self._indexes = {}
         self._next_id = 1
         self._next_gen = 1
         self._framing = None
@@ -1015,7 +990,7 @@ cdef class PeerTable:
         self._own(record, [])
         self._unlink(p)
         self._publish()
-        _retire_peer(self, p)
+        self._retire(RETIRE_PEER, p)
         self._reclaim()
 
     def ids(self):
@@ -1340,10 +1315,6 @@ cdef void _free_peer(PeerSlot *p) noexcept nogil:
         _free_keypair(p.dropped[i])
     pthread_mutex_destroy(&p.lock)
     free(p)
-
-
-cdef void _retire_peer(PeerTable table, PeerSlot *p):
-    table._retire(RETIRE_PEER, p)
 
 
 cdef void _free_retired(int kind, void *ptr) noexcept nogil:

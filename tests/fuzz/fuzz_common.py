@@ -1301,7 +1301,7 @@ SESSION_HEADER, SESSION_TAG = 16, 16
 SESSION_OVERHEAD = SESSION_HEADER + SESSION_TAG
 SESSION_TYPE_DATA = 4
 #: _fastpath.pxd: the replay window ((AEAD_WINDOW_WORDS - 1) * 64 counters;
-#: session_window_fresh refuses a counter `top - counter >= 8192` behind
+#: window_fresh refuses a counter `top - counter >= 8192` behind
 #: the newest accepted) and the longest control datagram queued.
 SESSION_WINDOW = AEAD_WINDOW
 CONTROL_SLOT = 2048
