@@ -25,11 +25,11 @@ import tempfile
 import time
 
 from benchmarks.report import POINT_TO_POINT
-from tunrelay.daemon.stats import query
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
 from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
+from tunrelay.testrig.pair import (PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair,
+                                   wait_running)
 
 MTU = 1400
 PREFIX = 24
@@ -319,17 +319,8 @@ class HubTunnel(Tunnel):
                     stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15.0
         for name, proc in self.procs.items():
-            while True:
-                if proc.poll() is not None:
-                    raise TunrelayError(f"relay {name} exited with {proc.returncode}:\n{self.log(name)}")
-                try:
-                    if query(self._path(name, "sock"), timeout=1)["state"] == "running":
-                        break
-                except TunrelayError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TunrelayError(f"relay {name} not ready after 15 s:\n{self.log(name)}")
-                time.sleep(0.05)
+            wait_running(name, proc, self._path(name, "sock"), lambda n=name: self.log(n),
+                         deadline, 15.0)
 
     def log(self, name: str) -> str:
         try:

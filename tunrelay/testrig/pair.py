@@ -118,18 +118,8 @@ class RelayPair:
         deadline = time.monotonic() + timeout
         for name in names:
             side = self.sides[name]
-            while True:
-                if side.proc is not None and side.proc.poll() is not None:
-                    raise TunrelayError(f"relay {name} exited with {side.proc.returncode}:\n{self.log(name)}")
-                try:
-                    state = query(side.socket_path, timeout=1)["state"]
-                    if state in ("running", "connected"):
-                        break
-                except TunrelayError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TunrelayError(f"relay {name} not ready after {timeout} s:\n{self.log(name)}")
-                time.sleep(0.05)
+            wait_running(name, side.proc, side.socket_path, lambda n=name: self.log(n),
+                         deadline, timeout)
 
     def stats(self, name: str) -> dict:
         return query(self.sides[name].socket_path)
@@ -176,3 +166,21 @@ def _merge(common: dict | None, own: dict | None) -> dict:
         for table, lines in source.items():
             merged.setdefault(table, []).extend(lines)
     return merged
+
+
+def wait_running(name: str, proc: subprocess.Popen | None, socket_path: str, log,
+                 deadline: float, timeout: float) -> None:
+    """Until the relay `name` answers on its control socket in a working
+    state (TCP: connected); TunrelayError with its log (`log()`) if it
+    exits first or is not there by `deadline` (`timeout` s after start)."""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise TunrelayError(f"relay {name} exited with {proc.returncode}:\n{log()}")
+        try:
+            if query(socket_path, timeout=1)["state"] in ("running", "connected"):
+                return
+        except TunrelayError:
+            pass
+        if time.monotonic() > deadline:
+            raise TunrelayError(f"relay {name} not ready after {timeout} s:\n{log()}")
+        time.sleep(0.05)
