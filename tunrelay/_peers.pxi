@@ -1216,9 +1216,11 @@ cdef class PeerTable:
                     for i in range(ndropped):
                         retire.append(<size_t>dropped[i])
                     events.append(Event("promoted", record.id, None, None, _index_of(p.current)))
-        if retire or any(e.kind == "endpoint" for e in events):
-            # The snapshot lists endpoints and sessions as they were: a new
-            # one, then the keys pushed out go once no loop holds them.
+        # A new snapshot, then the keys pushed out go once no loop holds
+        # them.  Moved endpoints need one only where datagrams find their
+        # peer by endpoint (raw/len16): session peers go by receiver index.
+        if retire or (self._framing != "session"
+                      and any(e.kind == "endpoint" for e in events)):
             self._publish()
             for address in retire:
                 self._retire(RETIRE_KEYPAIR, <void *><size_t>address)
