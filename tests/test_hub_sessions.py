@@ -240,3 +240,53 @@ def test_peers_change_under_iperf3_load(star):
     wait_for(lambda: hub.ask(cmd="stats")["counts"]["retired_pending"] == 0, 10,
              "every retired snapshot, peer and session freed")
     assert hub.ask(cmd="stats")["counts"]["peers"] == 2
+
+
+# An attacker in spoke 1's namespace, on another port than the spoke's
+# node: datagrams made with what it may know (spoke 1's real keys, as if
+# recorded or leaked from an old capture; none; made-up indexes), and a
+# flood of handshake-looking junk at the hub's port.
+ATTACKER = r"""
+import socket, struct, sys
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+hub, port, key, index, src, dst, flood = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), \
+    int(sys.argv[4]), socket.inet_aton(sys.argv[5]), socket.inet_aton(sys.argv[6]), int(sys.argv[7])
+packet = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, src, dst) + bytes(8)
+def seal(key, index, counter, plain):
+    nonce = bytes(4) + struct.pack("<Q", counter)
+    return struct.pack("<BxxxIQ", 4, index, counter) + ChaCha20Poly1305(key).encrypt(nonce, plain, b"")
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 40000))
+sock.sendto(seal(key, index, 0, packet), (hub, port))           # a replay: counter 0 was used
+sock.sendto(seal(bytes(32), index, 1 << 40, packet), (hub, port))   # a forgery
+sock.sendto(seal(key, index ^ 0x5A5A, 1 << 41, packet), (hub, port))  # an index nobody holds
+for n in range(flood):                                            # junk for the control plane
+    sock.sendto(bytes([1]) + n.to_bytes(4, "big") + bytes(143), (hub, port))
+"""
+
+
+def test_replays_forgeries_and_a_flood_do_not_reach_the_hub_or_move_a_spoke(star):
+    """Against the running hub: a replayed datagram of spoke 1's session, a
+    forgery, an unknown receiver index, each dropped and counted; 2,000
+    control datagrams nobody drains fill the hub's bounded control queue
+    (the excess counted), and spoke-to-spoke traffic goes on; none of it
+    moves spoke 1's endpoint to the attacker's address."""
+    hub = star.nodes[0]
+    s = star.spokes[0]
+    ping(star, s.ns, INNER.format(3))      # spoke 1's session is in use: counter 0 is spent
+    before = hub.ask(cmd="stats")["pump"]["ingress"]["drops"]
+    to_hub = session_keys(1, 0)[1]          # what spoke 1 seals with
+    star.run(s.ns, [sys.executable, "-c", ATTACKER, s.hub_addr, str(PORT), to_hub.hex(),
+                    str(100 + 1), INNER.format(2), INNER.format(3), "2000"], check=True, timeout=60)
+
+    def moved(reason: str) -> int:
+        return hub.ask(cmd="stats")["pump"]["ingress"]["drops"][reason] - before[reason]
+
+    wait_for(lambda: moved("replay") == 1 and moved("bad_tag") == 1 and moved("no_session") == 1,
+             10, "the replay, the forgery and the unknown index counted")
+    wait_for(lambda: moved("control_full") > 0, 10, "the flood past the control queue counted")
+    counts = hub.ask(cmd="stats")["counts"]
+    assert counts["control_queued"] + counts["control_dropped"] == 2000
+    assert counts["control_waiting"] <= 256            # the queue's bound, never more
+    ping(star, s.ns, INNER.format(3))                   # the real spoke still gets through
+    assert hub.ask(cmd="stats")["peers"]["spoke1"]["endpoint"] == [s.addr, PORT]
