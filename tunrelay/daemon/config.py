@@ -13,6 +13,7 @@ a bad file even when the compiled extension is not built.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import grp
 import ipaddress
@@ -21,6 +22,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -57,6 +59,16 @@ LEARN = ("once", "never")
 # [[peer]] tables: a relay with many peers (a PeerTable), routed by each
 # peer's allowed IPs.  Names show in logs and `tunrelay stats`.
 PEER_NAME_MAX = 64
+# framing = "wireguard" is not a pump framing: it runs a WireGuardDevice
+# (tunrelay/wireguard), whose pumps speak "session".  Its defaults: the
+# MTU of wg-quick and wireguard-go, and WireGuard's customary port on a
+# dual-stack socket.
+WIREGUARD = "wireguard"
+CONFIG_FRAMINGS = (*FRAMINGS, WIREGUARD)
+WG_DEFAULT_MTU = 1420
+WG_DEFAULT_PORT = 51820
+MAX_FWMARK = 2**32 - 1
+MAX_KEEPALIVE = 65535
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +191,86 @@ def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 
 
 # --------------------------------------------------------------------------
+# WireGuard keys (framing = "wireguard"; tunrelay/wireguard/config.py uses
+# them for wg-quick files too)
+# --------------------------------------------------------------------------
+
+KEY_LEN = 32
+KEY_B64_LEN = 44  # base64 of 32 bytes: 43 characters and one '='
+
+
+def decode_key(text: str) -> bytes | None:
+    """32 bytes from the exact form ``wg genkey`` writes (44 characters of
+    standard base64 ending in '='), else None."""
+    if len(text) != KEY_B64_LEN or not text.endswith("=") or text.endswith("=="):
+        return None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    # Canonical only (the unused low bits zero), as noise.parse_key: one
+    # key, one spelling.
+    if len(key) != KEY_LEN or base64.b64encode(key).decode("ascii") != text:
+        return None
+    return key
+
+
+def key_expected(what: str) -> str:
+    return (f"expected a {what}: 44 characters of base64 (32 bytes) as `wg genkey` or "
+            "`tunrelay genkey --wireguard` writes")
+
+
+def read_key_file(path: str, config_path: str, key: str, what: str = "private key") -> bytes:
+    """A WireGuard key from a file, checked like the aead pre-shared key
+    (a regular file, not a symbolic link, owned by this user or root,
+    mode 600 or stricter; the checks made on the open file) and holding
+    exactly one key as ``wg genkey`` writes it: 44 characters of base64,
+    one trailing newline allowed.  Errors name ``config_path`` and ``key``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ConfigError(config_path, key, (
+                f"{what} file {path} is a symbolic link; expected the file itself (links are not "
+                f"followed: whoever can change the link would choose the key): use "
+                f"{os.path.realpath(path)}")) from None
+        raise ConfigError(config_path, key, f"cannot read {what} file {path}: "
+                                            f"{exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(config_path, key, f"{what} file {path} is not a regular file; "
+                                                "expected a regular file")
+        euid = os.geteuid()
+        if info.st_uid not in (euid, 0):
+            raise ConfigError(config_path, key, (
+                f"{what} file {path} is owned by uid {info.st_uid}; expected uid {euid} (the "
+                f"user tunrelay runs as) or root, as its owner can replace the key: "
+                f"chown {euid} {path}"))
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(config_path, key, (
+                f"{what} file {path} is open to group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):o}); expected 600: chmod 600 {path}"))
+        data = b""
+        while len(data) < 128 and (chunk := os.read(fd, 128 - len(data))):
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(config_path, key, f"cannot read {what} file {path}: "
+                                            f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
+    text = data[:-1] if data.endswith(b"\n") else data
+    decoded = decode_key(text.decode("ascii", "replace"))
+    if decoded is None:
+        found = (f"{len(data)} bytes" if len(data) != KEY_B64_LEN + 1 or not data.endswith(b"\n")
+                 else "44 characters that are not base64 of 32 bytes")
+        raise ConfigError(config_path, key, (
+            f"{what} file {path}: {key_expected(what)}, and nothing else but one trailing "
+            f"newline; got {found}"))
+    return decoded
+
+
+# --------------------------------------------------------------------------
 # The configuration
 # --------------------------------------------------------------------------
 
@@ -281,12 +373,34 @@ class PeerConfig:
     from the peer's datagrams, which needs ``roaming``; with ``roaming`` a
     given endpoint also follows the peer (raw and len16 authenticate
     nothing, so it is off unless asked for).
+
+    With ``framing = "wireguard"`` a peer is its ``public_key`` (32 bytes),
+    with an optional pre-shared key (read from ``preshared_key_file`` at
+    load time) and ``persistent_keepalive`` (seconds, 0 = off); it always
+    roams (on authenticated data only), and ``endpoint`` None waits for
+    the peer to make the first handshake.
     """
 
     name: str
     allowed_ips: tuple = ()  # of ipaddress.IPv4Network / IPv6Network
     endpoint: Endpoint | None = None
     roaming: bool = False
+    public_key: bytes = b""
+    preshared_key_file: str = ""
+    preshared_key: bytes | None = field(default=None, repr=False, compare=False)
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class WireguardConfig:
+    """The ``[wireguard]`` table (with ``framing = "wireguard"``): the
+    device's private key, read and checked at load time from
+    ``private_key_file``, and the fwmark of its UDP socket (0 = none).
+    The port and bind address are ``[transport] listen``'s."""
+
+    private_key_file: str = ""
+    fwmark: int = 0
+    private_key: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -303,6 +417,7 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     peers: tuple = ()  # of PeerConfig
+    wireguard: WireguardConfig | None = None  # with framing = "wireguard" only
 
     @property
     def control_socket(self) -> str:
@@ -338,15 +453,24 @@ def loads(text: str, path: str = "<string>") -> Config:
         raise ConfigError(path, None, f"not valid TOML: {e}") from None
     tables = _split_tables(data, path)
     peer_tables = _split_peers(data, path)
+    transport = _read_transport(tables["transport"], many_peers=bool(peer_tables))
+    wireguard = transport.framing == WIREGUARD
     cfg = Config(
         path=path,
         device=_read_device(tables["device"]),
-        transport=_read_transport(tables["transport"], many_peers=bool(peer_tables)),
+        transport=transport,
         relay=_read_relay(tables["relay"]),
         stats=_read_stats(tables["stats"]),
         security=_read_security(tables["security"]),
-        peers=_read_peers(peer_tables),
+        peers=_read_peers(peer_tables, transport.framing),
     )
+    if wireguard:
+        cfg = _with_wireguard(cfg, tables, peer_tables)
+    elif data.get(WIREGUARD) is not None:
+        raise tables["transport"].error(
+            "framing", f'expected "{WIREGUARD}" with a [wireguard] table, got '
+            f'"{transport.framing}": the [wireguard] table configures a WireGuard device; '
+            f'set framing = "{WIREGUARD}" or remove the table')
     if cfg.peers:
         cfg = _with_peers(cfg, tables, peer_tables)
     _check_across_tables(cfg, tables)
@@ -419,6 +543,90 @@ def _with_aead(cfg: Config, tables: dict) -> Config:
     return replace(cfg, device=device, security=replace(cfg.security, key=key, role=role))
 
 
+def _relative(cfg: Config, path: str) -> str:
+    """A key file's path: relative paths are relative to the config file."""
+    if not os.path.isabs(path) and cfg.path not in ("<string>", ""):
+        return os.path.join(os.path.dirname(os.path.abspath(cfg.path)), path)
+    return path
+
+
+# [security] keys that mean nothing to a WireGuard device, and why.
+_NOT_WIREGUARD = {
+    "key_file": "a WireGuard device has no shared key: its keys are [wireguard] "
+                "private_key_file and each [[peer]]'s public_key (and preshared_key_file)",
+    "role": "the WireGuard handshake gives each direction its own key",
+    "cipher": "WireGuard's cipher is ChaCha20-Poly1305, always",
+}
+
+
+def _with_wireguard(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Config:
+    """framing = "wireguard": a TUN device and the compiled engine, the
+    [wireguard] private key and each peer's public key read and checked
+    now (so `tunrelay check` catches them), the aead keys refused, and
+    WireGuard's default MTU unless one is given."""
+    from dataclasses import replace
+
+    why = f'framing = "{WIREGUARD}"'
+    if cfg.device.mode != "tun":
+        raise tables["device"].error("mode", f'expected "tun" with {why}, got '
+                                             f'"{cfg.device.mode}": WireGuard carries IP packets')
+    if cfg.relay.engine != "fast":
+        raise tables["relay"].error("engine", f'expected "fast" with {why}, got '
+                                              f'"{cfg.relay.engine}": the Python pump has no '
+                                              "sessions")
+    security = tables["security"]
+    for key, reason in _NOT_WIREGUARD.items():
+        if key in security.data:
+            raise security.error(key, f"does not apply to {why}: {reason}; remove {key}")
+    if not cfg.peers:
+        raise ConfigError(cfg.path, "peer", (
+            f"expected at least one [[peer]] table with {why} (name, public_key, allowed_ips, "
+            "and endpoint on the side that starts): a device without peers accepts no one"))
+    table = tables[WIREGUARD]
+    if "private_key_file" not in table.data:
+        raise table.error("private_key_file", (
+            f"expected the path of the device's private key with {why} (make one: "
+            "tunrelay genkey --wireguard > wg.key, under umask 077)"))
+    key_file = _string(table, "private_key_file", "")
+    wireguard = WireguardConfig(
+        private_key_file=key_file,
+        fwmark=_integer(table, "fwmark", 0, MAX_FWMARK, WireguardConfig.fwmark),
+        private_key=read_key_file(_relative(cfg, key_file), cfg.path,
+                                  f"{WIREGUARD}.private_key_file"))
+    peers = []
+    owners: dict[bytes, str] = {}  # public key -> peer name
+    for peer_table, peer in zip(peer_tables, cfg.peers):
+        if "public_key" not in peer_table.data:
+            raise peer_table.error("public_key", (
+                "expected the peer's public key (44 characters of base64, from `wg pubkey` or "
+                "`tunrelay pubkey`): a WireGuard peer is known by it"))
+        text = _string(peer_table, "public_key", "")
+        public_key = decode_key(text)
+        if public_key is None:
+            found = f"{len(text)} characters" if len(text) >= 20 else _found(text)
+            raise peer_table.error("public_key", (
+                f"expected 44 characters of base64 (32 bytes) as `wg pubkey` writes it, got "
+                f"{found}"))
+        if public_key in owners:
+            raise peer_table.error("public_key", (
+                f"expected a key of this peer's own, got peer "
+                f"{_toml_string(owners[public_key])}'s: one key is one peer"))
+        owners[public_key] = peer.name
+        psk_file, psk = "", None
+        if "preshared_key_file" in peer_table.data:
+            psk_file = _string(peer_table, "preshared_key_file", "")
+            psk = read_key_file(_relative(cfg, psk_file), cfg.path,
+                                f"{peer_table.name}.preshared_key_file", "preshared key")
+        peers.append(replace(
+            peer, public_key=public_key, preshared_key_file=psk_file, preshared_key=psk,
+            persistent_keepalive=_integer(peer_table, "persistent_keepalive", 0, MAX_KEEPALIVE,
+                                          PeerConfig.persistent_keepalive)))
+    device = cfg.device
+    if "mtu" not in tables["device"].data:
+        device = replace(device, mtu=WG_DEFAULT_MTU)
+    return replace(cfg, device=device, peers=tuple(peers), wireguard=wireguard)
+
+
 def _aead_role(cfg: Config, table: _Table) -> str:
     """Both ends share the key, so each seals with the key of its own
     direction and opens with the other's: its own datagrams reflected back
@@ -470,8 +678,9 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
                 'use "auto" or false')
 
 
-# The keys of a [[peer]] table.
-_PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming")
+# The keys of a [[peer]] table; the last ones are framing = "wireguard"'s.
+_WG_PEER_KEYS = ("public_key", "preshared_key_file", "persistent_keepalive")
+_PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 
 # The keys each table accepts, as written in the file.
 _KEYS = {
@@ -480,6 +689,7 @@ _KEYS = {
     "relay": ("batch", "engine", "offload"),
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket"),
+    WIREGUARD: ("private_key_file", "fwmark"),
 }
 
 
@@ -757,7 +967,20 @@ def _read_transport(table: _Table, many_peers: bool = False) -> TransportConfig:
     protocol = _choice(table, "protocol", PROTOCOLS, TransportConfig.protocol)
     listen = _endpoint(table, "listen", min_port=0)
     peer = _endpoint(table, "peer", min_port=1)
-    framing = _choice(table, "framing", FRAMINGS, "len16" if protocol == "tcp" else "raw")
+    framing = table.data.get("framing", "len16" if protocol == "tcp" else "raw")
+    if framing not in CONFIG_FRAMINGS:
+        raise table.error("framing", f'expected "raw", "len16" or "aead" (or "{WIREGUARD}" over '
+                                     f"UDP), got {_found(framing)}")
+    if framing == WIREGUARD and protocol != "udp":
+        raise table.error("protocol", f'expected "udp" with framing = "{WIREGUARD}", got '
+                                      f'"{protocol}": WireGuard runs over UDP only')
+    if framing == WIREGUARD and peer is not None:
+        raise table.error("peer", f'expected no [transport] peer with framing = "{WIREGUARD}", '
+                                  f"got {peer}: a WireGuard peer is known by its public key; "
+                                  "write it as a [[peer]] table with public_key, endpoint and "
+                                  "allowed_ips")
+    if framing == WIREGUARD and "listen" not in table.data:
+        listen = Endpoint("::", WG_DEFAULT_PORT)
     if protocol == "tcp" and framing == "raw":
         raise table.error("framing", 'expected "len16" over TCP, got "raw": a TCP stream has '
                                      "no packet boundaries, so raw packets could not be split again")
@@ -768,7 +991,7 @@ def _read_transport(table: _Table, many_peers: bool = False) -> TransportConfig:
             and listen.family != peer.family:
         raise table.error("listen", f"expected the same address family as peer {peer}, got {listen}: "
                                     f"a socket of one family cannot reach an address of the other")
-    if many_peers and "learn" in table.data:
+    if many_peers and "learn" in table.data and framing != WIREGUARD:
         raise table.error("learn", "does not apply with [[peer]] tables: a [[peer]] without "
                                    "endpoint is learned when it has roaming = true; remove learn")
     return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing,
@@ -785,8 +1008,8 @@ def _learn(table: _Table, protocol: str, peer: Endpoint | None, framing: str) ->
     if protocol != "udp":
         raise table.error("learn", 'applies to protocol = "udp" only (a TCP peer is the '
                                    "connection); remove learn")
-    if framing == "aead":
-        raise table.error("learn", 'does not apply to framing = "aead": an aead relay follows its '
+    if framing in ("aead", WIREGUARD):
+        raise table.error("learn", f'does not apply to framing = "{framing}": it follows each '
                                    "peer to the source of its newest authenticated datagram "
                                    "(roaming); remove learn")
     if learn == "never" and peer is None:
@@ -830,19 +1053,21 @@ def _endpoint(table: _Table, key: str, min_port: int) -> Endpoint | None:
 
 # ---- [[peer]] ---------------------------------------------------------------
 
-# Why [[peer]] takes UDP, TUN and framing raw/len16 only, and what else there is.
+# Why [[peer]] takes UDP, TUN and framing raw/len16/wireguard only, and what else there is.
 _PEERS_WORK_WITH = ('[[peer]] tables work with protocol = "udp", mode = "tun" and framing '
-                    '"raw" or "len16"; authenticated multi-peer is the "session" framing, '
-                    "driven by a control plane through the embedding API (PeerTable), and "
-                    "WireGuard is the coming issue")
+                    '"raw" or "len16" (or "wireguard"); authenticated multi-peer is the '
+                    '"session" framing: WireGuard here (framing = "wireguard"), or a control '
+                    "plane of your own through the embedding API (PeerTable)")
 
 
-def _read_peers(tables: list[_Table]) -> tuple:
+def _read_peers(tables: list[_Table], framing: str = "raw") -> tuple:
     """Each [[peer]] on its own; names and networks across peers are
-    checked here too (a network routes to one peer)."""
+    checked here too (a network routes to one peer).  The WireGuard keys
+    (``public_key``...) are read later, by ``_with_wireguard``."""
     peers: list[PeerConfig] = []
     owners: dict = {}  # network -> name of the peer that has it
     endpoints: dict = {}  # Endpoint -> name
+    wireguard = framing == WIREGUARD
     for table in tables:
         name = _peer_name(table, [p.name for p in peers])
         table.name = f"{table.name} {_toml_string(name)}"
@@ -850,6 +1075,22 @@ def _read_peers(tables: list[_Table]) -> tuple:
         if endpoint is not None and endpoint.host in ("0.0.0.0", "::"):
             raise table.error("endpoint", f"expected a reachable address, got {endpoint} (the "
                                           f"unspecified address only makes sense for listen)")
+        if wireguard:
+            # Two WireGuard peers behind one address are told apart by
+            # their sessions, and an unknown endpoint waits for the peer.
+            if "roaming" in table.data:
+                raise table.error("roaming", f'does not apply to framing = "{WIREGUARD}": a '
+                                             "WireGuard peer always follows its newest "
+                                             "authenticated datagram (and nothing else); remove "
+                                             "roaming")
+            peers.append(PeerConfig(name=name, allowed_ips=_owned(table, owners, name),
+                                    endpoint=endpoint))
+            continue
+        for key in _WG_PEER_KEYS:
+            if key in table.data:
+                raise table.error(key, f'applies to framing = "{WIREGUARD}" only (a WireGuard '
+                                       f'peer\'s key or timer), got framing = "{framing}"; '
+                                       f"remove {key}")
         if endpoint is not None and endpoint in endpoints:
             raise table.error("endpoint", f"expected an endpoint of this peer's own, got {endpoint}, "
                                           f"which is peer {_toml_string(endpoints[endpoint])}'s: "
@@ -861,16 +1102,22 @@ def _read_peers(tables: list[_Table]) -> tuple:
             raise table.error("endpoint", 'expected an endpoint "host:port", or roaming = true to '
                                           "learn it from the peer's datagrams: without either the "
                                           "peer could never be reached")
-        allowed = _allowed_ips(table)
-        for network in allowed:
-            if network in owners:
-                raise table.error("allowed_ips", f"expected each network in one peer only, got "
-                                                 f"'{network}', which peer "
-                                                 f"{_toml_string(owners[network])} has too: a "
-                                                 "packet to it would have two places to go")
-            owners[network] = name
-        peers.append(PeerConfig(name=name, allowed_ips=allowed, endpoint=endpoint, roaming=roaming))
+        peers.append(PeerConfig(name=name, allowed_ips=_owned(table, owners, name),
+                                endpoint=endpoint, roaming=roaming))
     return tuple(peers)
+
+
+def _owned(table: _Table, owners: dict, name: str) -> tuple:
+    """The peer's allowed IPs, each network in no other peer."""
+    allowed = _allowed_ips(table)
+    for network in allowed:
+        if network in owners:
+            raise table.error("allowed_ips", f"expected each network in one peer only, got "
+                                             f"'{network}', which peer "
+                                             f"{_toml_string(owners[network])} has too: a "
+                                             "packet to it would have two places to go")
+        owners[network] = name
+    return allowed
 
 
 def _peer_name(table: _Table, taken: list[str]) -> str:
@@ -918,7 +1165,7 @@ def _with_peers(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Config:
         raise tables["transport"].error(
             "protocol", f'expected "udp" with [[peer]] tables, got "{t.protocol}": a TCP '
             f"connection carries one peer. {_PEERS_WORK_WITH}")
-    if t.framing not in ("raw", "len16"):
+    if t.framing not in ("raw", "len16", WIREGUARD):
         raise tables["transport"].error(
             "framing", f'expected "raw" or "len16" with [[peer]] tables, got "{t.framing}": '
             f"its key and sessions are those of one peer. {_PEERS_WORK_WITH}")
@@ -1002,7 +1249,7 @@ def to_toml(cfg: Config) -> str:
     they do not apply (learn but over UDP without aead, allow but on a TCP
     server, role but with aead): their defaults read back the same."""
     d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
-    tables = {
+    tables: dict[str, dict[str, Any]] = {
         "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
                    "routes": d.routes, "persist": d.persist, "owner": d.owner,
                    "group": d.group, "queues": d.queues},
@@ -1017,6 +1264,11 @@ def to_toml(cfg: Config) -> str:
                      "role": cfg.security.role or None,
                      "user": cfg.security.user, "group": cfg.security.group},
     }
+    wg = cfg.wireguard
+    if wg is not None:
+        for key in _NOT_WIREGUARD:
+            tables["security"][key] = None
+        tables[WIREGUARD] = {"private_key_file": wg.private_key_file, "fwmark": wg.fwmark}
     lines = []
     for name, values in tables.items():
         lines.append(f"[{name}]")
@@ -1026,6 +1278,10 @@ def to_toml(cfg: Config) -> str:
         lines.append("[[peer]]")
         values = {"name": peer.name, "endpoint": peer.endpoint,
                   "allowed_ips": peer.allowed_ips, "roaming": peer.roaming}
+        if wg is not None:
+            values.update(roaming=None, public_key=base64.b64encode(peer.public_key).decode(),
+                          preshared_key_file=peer.preshared_key_file or None,
+                          persistent_keepalive=peer.persistent_keepalive)
         lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None)
         lines.append("")
     return "\n".join(lines)
