@@ -1,4 +1,9 @@
-"""The ``tunrelay`` command: run, check, stats, demo.
+"""The ``tunrelay`` command: run, check, stats, genkey, pubkey, demo.
+
+``run`` and ``check`` take a TOML file (``--config``) or a WireGuard
+``wg-quick`` file (``--wg-config``); a TOML file with ``framing =
+"wireguard"`` and a ``--wg-config`` file both run a WireGuard device
+(tunrelay/wireguard/run.py).
 
 Exit codes: 0 success (including a clean stop on SIGTERM/SIGINT); 1 a
 runtime failure, with a one-line message; 2 a configuration or usage
@@ -35,10 +40,54 @@ def _load(path: str):
     return load(path)
 
 
+def _load_either(args, *, resolve: bool = True):
+    """(TOML config, None), or (None, WireGuard run settings) for a
+    --wg-config file or a TOML file with framing = "wireguard"."""
+    if args.wg_config is not None:
+        from ..wireguard.run import from_wg_quick
+        return None, from_wg_quick(args.wg_config, name=args.name,
+                                   socket_path=getattr(args, "socket", None),
+                                   user=getattr(args, "user", None),
+                                   group=_user_group(getattr(args, "user", None)))
+    cfg = _load(args.config)
+    if cfg.transport.framing != "wireguard":
+        return cfg, None
+    from ..wireguard.run import from_relay_config_settings
+    return None, from_relay_config_settings(cfg, resolve=resolve)
+
+
+def _user_group(uid: int | None) -> int | None:
+    """--user's own group, as [security] user without group."""
+    if uid is None:
+        return None
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        raise ConfigError("--user", None, f"uid {uid} has no passwd entry to take its group "
+                                          "from") from None
+
+
+def _user(text: str) -> int:
+    """--user: a user name or a numeric id."""
+    import pwd
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected a user name or a numeric id, got {text!r}, "
+                                         "which is not a user on this system") from None
+
+
 def cmd_run(args) -> int:
     from .privileges import drop_privileges
     from .relay import Relay
-    cfg = _load(args.config)
+    cfg, settings = _load_either(args)
+    if settings is not None:
+        from ..wireguard.run import run as run_wireguard
+        run_wireguard(settings)
+        return EXIT_OK
     relay = Relay(cfg)
 
     def on_signal(signum, _frame):
@@ -63,7 +112,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
-    cfg = _load(args.config)
+    cfg, settings = _load_either(args, resolve=False)
+    if settings is not None:
+        from ..wireguard.run import check_own_key, describe
+        try:
+            check_own_key(settings)
+        except ImportError:  # no cryptography here: the rest is checked
+            pass
+        print(f"{settings.source}: ok: {describe(settings)}")
+        return EXIT_OK
     t = cfg.transport
     role = ("udp" if t.protocol == "udp" else
             "tcp server" if t.is_server else "tcp client")
@@ -83,7 +140,11 @@ def cmd_check(args) -> int:
 
 def cmd_stats(args) -> int:
     from .stats import format_table, query
-    path = args.socket or _load(args.config).control_socket
+    if args.wg_config is not None:
+        from ..wireguard.run import interface_name
+        path = args.socket or f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
+    else:
+        path = args.socket or _load(args.config).control_socket
     snapshot = query(path)
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
@@ -93,8 +154,25 @@ def cmd_stats(args) -> int:
 
 
 def cmd_genkey(args) -> int:
+    if args.wireguard:
+        from ..wireguard.noise import generate_private_key, key_to_base64
+        print(key_to_base64(generate_private_key()))
+        return EXIT_OK
     from ..aead import genkey
     print(genkey())
+    return EXIT_OK
+
+
+def cmd_pubkey(args) -> int:
+    """As `wg pubkey`: a WireGuard private key on stdin, its public key out."""
+    from ..wireguard.noise import key_to_base64, private_to_public
+    from .config import decode_key, key_expected
+    text = sys.stdin.read(256)
+    key = decode_key(text[:-1] if text.endswith("\n") else text)
+    if key is None:
+        raise ConfigError("stdin", None, f"{key_expected('private key')}, and nothing else but "
+                                         f"one trailing newline; got {len(text)} characters")
+    print(key_to_base64(private_to_public(key)))
     return EXIT_OK
 
 
@@ -113,22 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run a relay in the foreground")
-    p.add_argument("--config", "-c", required=True, metavar="FILE")
-    p.set_defaults(func=cmd_run)
+    _config_or_wg(p)
+    p.add_argument("--socket", metavar="PATH", help="with --wg-config: the control socket "
+                                                    "(default /run/tunrelay/NAME.sock)")
+    p.add_argument("--user", type=_user, metavar="USER", help="with --wg-config: drop to this "
+                   "user (and its group) once the device and sockets are open")
+    p.set_defaults(func=cmd_run, wg_only=("name", "socket", "user"))
 
     p = sub.add_parser("check", help="validate a configuration file without touching the system")
-    p.add_argument("--config", "-c", required=True, metavar="FILE")
-    p.set_defaults(func=cmd_check)
+    _config_or_wg(p)
+    p.set_defaults(func=cmd_check, wg_only=("name",))
 
     p = sub.add_parser("stats", help="show a running relay's counters")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
+    target.add_argument("--wg-config", metavar="FILE",
+                        help="the wg-quick file of a running `tunrelay run --wg-config`")
     target.add_argument("--socket", metavar="PATH", help="its control socket")
+    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
+                                                    "was run with")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.set_defaults(func=cmd_stats)
+    p.set_defaults(func=cmd_stats, wg_only=("name",))
 
-    p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\"")
+    p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\", "
+                                      "or with --wireguard a WireGuard private key (`wg genkey`)")
+    p.add_argument("--wireguard", action="store_true",
+                   help="a WireGuard private key (for [wireguard] private_key_file, PrivateKey)")
     p.set_defaults(func=cmd_genkey)
+
+    p = sub.add_parser("pubkey", help="read a WireGuard private key on stdin and print its "
+                                      "public key (`wg pubkey`)")
+    p.set_defaults(func=cmd_pubkey)
 
     p = sub.add_parser("demo", help="two network namespaces joined by a tunnel: ping and measure")
     p.add_argument("--seconds", type=float, default=3.0, help="length of the throughput test")
@@ -137,9 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_or_wg(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", "-c", metavar="FILE", help="a tunrelay TOML file")
+    source.add_argument("--wg-config", metavar="FILE",
+                        help="a WireGuard wg-quick / `wg setconf` file (wg0.conf)")
+    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name "
+                                                    "(default: the file's name, wg0 for wg0.conf)")
+
+
+def _check_wg_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options that only mean something with --wg-config are usage errors without it."""
+    if getattr(args, "wg_config", None) is not None:
+        return
+    for option in getattr(args, "wg_only", ()):
+        if option == "socket" and args.command == "stats":
+            continue
+        if getattr(args, option, None) is not None:
+            parser.error(f"--{option} applies to --wg-config only (a TOML file sets it in the file)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_wg_only(parser, args)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -28,11 +28,12 @@ _CLIENT_TIMEOUT_S = 2.0
 
 
 def format_table(snapshot: dict) -> str:
-    """A human table: header facts, then one column per direction."""
+    """A human table: header facts, then one column per direction (and
+    for a WireGuard device, its counters and one line per peer)."""
     lines = []
     for key in ("device", "mode", "queues", "transport", "framing", "engine", "offload",
-                "aead", "state", "peer", "peer_mode", "connections", "rejected", "refused",
-                "uptime"):
+                "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
+                "refused", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
             value = snapshot[key]
             if key == "uptime":
@@ -44,11 +45,34 @@ def format_table(snapshot: dict) -> str:
                          f"{' '.join(value['sessions'])}, {value['peer_sessions']} peer "
                          f"session(s) accepted, {value['evicted']} evicted, "
                          f"{value['roams']} endpoint move(s)")
+            elif key == "wireguard":
+                value = (f"public key {value['public_key']}, listening on port "
+                         f"{value['listen_port']}"
+                         f"{', fwmark ' + hex(value['fwmark']) if value.get('fwmark') else ''}")
             elif key == "refused":
                 value = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in value.items()) or "none"
             elif key == "peer_mode":
                 key = "peer chosen"
             lines.append(f"{key + ':':<13}{value}")
+    if "egress" in snapshot:
+        if lines:
+            lines.append("")
+        lines.extend(_direction_rows(snapshot))
+    if snapshot.get("peers"):
+        lines.append("")
+        lines.extend(format_peers(snapshot["peers"]))
+    if "wg_peers" in snapshot:
+        lines.append("")
+        lines.extend(format_wg_peers(snapshot["wg_peers"]))
+        counters = snapshot.get("wireguard", {}).get("counters")
+        if counters:
+            lines.append("")
+            lines.extend(format_counters(counters))
+    return "\n".join(lines)
+
+
+def _direction_rows(snapshot: dict) -> list[str]:
+    """The pumps' counters: one column per direction."""
     rows = [("", "egress", "ingress")]
     for total in ("packets", "bytes", "batches", "syscalls", "tun_io"):
         rows.append((total, *(str(snapshot[d][total]) for d in DIRECTIONS)))
@@ -62,14 +86,39 @@ def format_table(snapshot: dict) -> str:
     for kind in snapshot["egress"]["errors"]:
         rows.append((f"error {kind}", *(str(snapshot[d]["errors"][kind]) for d in DIRECTIONS)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    if lines:
-        lines.append("")
-    for row in rows:
-        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}")
-    if snapshot.get("peers"):
-        lines.append("")
-        lines.extend(format_peers(snapshot["peers"]))
-    return "\n".join(lines)
+    return [f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}"
+            for row in rows]
+
+
+def format_wg_peers(peers: list, now: float | None = None) -> list[str]:
+    """One line per peer of a WireGuard device: name (or the start of its
+    public key), endpoint, how long ago its latest handshake completed,
+    bytes sent to it (tx) and received from it (rx), as `wg show` has them."""
+    now = time.time() if now is None else now
+    rows = [("peer", "endpoint", "latest handshake", "tx bytes", "rx bytes", "allowed ips")]
+    for peer in peers:
+        when = peer.get("latest_handshake")
+        ago = "never" if when is None else f"{max(0.0, now - when):.0f} s ago"
+        rows.append((peer["name"], peer.get("endpoint") or "(unknown)", ago,
+                     str(peer["tx_bytes"]), str(peer["rx_bytes"]),
+                     ", ".join(peer.get("allowed_ips", [])) or "(none)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in rows]
+
+
+def format_counters(counters: dict, prefix: str = "") -> list[str]:
+    """A device's nested counters, one ``name value`` line each (dotted
+    names for nesting), the zeros left out; ``--json`` has them all."""
+    lines = []
+    for key, value in counters.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines.extend(format_counters(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            lines.append(f"{name} {value}")
+    return lines
 
 
 def format_peers(peers: dict, now: float | None = None) -> list[str]:

@@ -1,0 +1,413 @@
+"""``tunrelay run`` for a WireGuard device, from either file.
+
+``tunrelay run --wg-config wg0.conf`` (a wg-quick file) and ``tunrelay run
+--config relay.toml`` with ``framing = "wireguard"`` both end up here, as a
+``Settings``: the device's ``WgConfig`` and the TUN device around it.
+
+The order is the relay's (daemon/relay.py): create and configure the TUN
+device (daemon/device.py), build and start the ``WireGuardDevice`` (its UDP
+socket bound), open the control socket ``tunrelay stats`` reads, then drop
+privileges.  Then the event loop runs the device until SIGTERM/SIGINT (a
+clean stop: exit 0) or until the TUN device disappears (a ``PumpError``:
+exit 1).  The close order is the reverse: the device's pumps stop and join
+before the TUN fds close.
+
+The control socket's thread never touches the device: it asks the event
+loop for a snapshot and waits for it.  Handshakes and endpoint moves are
+logged at INFO from a once-a-second look at each peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..daemon.config import Config, DeviceConfig
+from ..errors import ConfigError, PumpError
+from .config import DEFAULT_MTU, WgConfig, from_relay_config, quick_routes, read_wg_quick
+
+if TYPE_CHECKING:
+    from ..daemon.device import Device
+    from ..daemon.stats import ControlServer
+    from .device import WireGuardDevice
+    from .timers import Timers
+
+__all__ = ["Settings", "from_relay_config_settings", "from_wg_quick", "run", "interface_name",
+           "short_key", "WgRunner"]
+
+log = logging.getLogger("tunrelay.wireguard.run")
+
+#: How often the peers are looked at for new handshakes and endpoints.
+WATCH_INTERVAL_S = 1.0
+#: How long the control socket waits for the event loop's snapshot.
+SNAPSHOT_TIMEOUT_S = 2.0
+# wg-quick's rule for an interface name taken from a file name.
+_IFNAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}\Z")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a WireGuard run needs.  ``source`` is the file, for
+    messages; ``bind`` the local address of the UDP socket ("::": every
+    address, both families)."""
+
+    source: str
+    wg: WgConfig
+    device: DeviceConfig
+    control_socket: str
+    bind: str = "::"
+    stats_interval: float = 0.0
+    offload: str | bool = "auto"
+    user: int | None = None
+    group: int | None = None
+    kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
+
+
+def short_key(public_key: bytes) -> str:
+    """A public key as a peer's label where it has no name: the start of
+    its base64, which is what people recognise from `wg show`."""
+    return base64.b64encode(public_key).decode()[:10] + "..."
+
+
+def interface_name(path: str) -> str:
+    """The interface name wg-quick takes from a file name (``wg0.conf`` ->
+    ``wg0``); a ``ConfigError`` when the name does not make one."""
+    base = os.path.basename(path)
+    name = base[:-5] if base.endswith(".conf") else base
+    if not _IFNAME.match(name):
+        raise ConfigError(path, None, (
+            f"expected a file name that makes an interface name, like wg0.conf (at most 15 "
+            f"characters of letters, digits and _=+.-), got {base!r}: pass --name"))
+    return name
+
+
+def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings:
+    """A TOML file with ``framing = "wireguard"``, already loaded; with
+    ``resolve`` False (``tunrelay check``) hostnames are left as they are."""
+    listen = cfg.transport.listen
+    assert listen is not None and cfg.wireguard is not None
+    wg = from_relay_config(cfg) if resolve else from_relay_config(cfg, resolve=_as_is)
+    return Settings(
+        source=cfg.path, wg=wg, device=cfg.device,
+        control_socket=cfg.control_socket, bind=listen.host,
+        stats_interval=cfg.stats.interval, offload=cfg.relay.offload,
+        user=cfg.security.user, group=cfg.security.group, kind="toml")
+
+
+def _as_is(host: str, port: int) -> tuple[str, int]:
+    return host, port
+
+
+def from_wg_quick(path: str, *, name: str | None = None, socket_path: str | None = None,
+                  user: int | None = None, group: int | None = None) -> Settings:
+    """A wg-quick file: its addresses, MTU and (``Table = auto``) routes
+    applied to the TUN device named ``name`` (by default, as wg-quick,
+    after the file)."""
+    quick = read_wg_quick(path)
+    if quick.config.private_key is None:
+        raise ConfigError(path, "[Interface] PrivateKey", (
+            "expected the device's private key: without one it can make no handshake"))
+    name = name if name is not None else interface_name(path)
+    routes = quick_routes(quick)
+    device = DeviceConfig(name=name, mode="tun", mtu=quick.config.mtu or DEFAULT_MTU,
+                          addresses=quick.config.addresses, routes=routes)
+    return Settings(source=path, wg=quick.config, device=device,
+                    control_socket=socket_path or f"/run/tunrelay/{name}.sock",
+                    user=user, group=group, kind="wg-quick")
+
+
+def check_own_key(settings: Settings) -> None:
+    """A peer with the device's own public key would be a handshake with
+    itself; refuse it (wireguard-go drops such a peer silently)."""
+    from .noise import private_to_public
+    if settings.wg.private_key is None:
+        return
+    own = private_to_public(settings.wg.private_key)
+    for number, peer in enumerate(settings.wg.peers, 1):
+        if peer.public_key == own:
+            key = (f'peer #{number} "{peer.name}".public_key' if settings.kind == "toml"
+                   else f"[Peer] #{number} PublicKey")
+            raise ConfigError(settings.source, key, "expected another device's public key, got "
+                                                    "this device's own (the public key of its "
+                                                    "private key)")
+
+
+def run(settings: Settings, *, timers: Timers | None = None) -> None:
+    """Run until SIGTERM/SIGINT; raise a ``TunrelayError`` on failure."""
+    WgRunner(settings, timers=timers).run()
+
+
+class WgRunner:
+    """One run: the TUN device, the WireGuardDevice, the control socket."""
+
+    def __init__(self, settings: Settings, *, timers: Timers | None = None) -> None:
+        self.settings = settings
+        self.timers = timers
+        self.device: Device | None = None
+        self.wg: WireGuardDevice | None = None
+        self._control: ControlServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._state = "starting"
+        self._started = time.monotonic()
+        self._seen: dict[bytes, tuple[float | None, tuple[str, int] | None]] = {}
+
+    def run(self) -> None:
+        check_own_key(self.settings)
+        asyncio.run(self._main())
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _main(self) -> None:
+        from ..daemon.device import Device
+        from ..daemon.privileges import drop_privileges
+        from ..daemon.stats import ControlServer
+        from .device import WireGuardDevice
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, self._on_signal, signum)
+        self._loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.info("SIGHUP: ignored (nothing to reload)"))
+        self.device = Device(s.device, log=logging.getLogger("tunrelay.daemon.device"),
+                             offload=False)
+        try:
+            self.device.open()
+            self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
+                                                  timers=self.timers, bind=s.bind)
+            await self.wg.start()
+            log.info("wireguard: device %s, public key %s, listening on port %d (%s), %d peer%s",
+                     self.device.name, _b64(self.wg.public_key), self.wg.listen_port, s.bind,
+                     len(s.wg.peers), "" if len(s.wg.peers) == 1 else "s")
+            self._remember_peers()
+            self._control = ControlServer(s.control_socket, self._snapshot_from_thread)
+            self._control.open()
+            drop_privileges(s.user, s.group)
+            self._state = "running"
+            log.info("running (control socket %s); SIGTERM or Ctrl-C stops", s.control_socket)
+            lost = await self._until_stopped()
+            if lost is not None:
+                raise PumpError(f"device {self.device.name} was deleted or detached from under "
+                                f"the relay ({lost}); the relay cannot go on")
+        finally:
+            self._state = "stopping"
+            await self._close()
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        assert self._stop is not None
+        self._stop.set()
+
+    async def _until_stopped(self) -> str | None:
+        """Wait for a stop signal (None) or the device ending by itself
+        (the outcome, as text); watch peers and log stats meanwhile."""
+        assert self.wg is not None and self._stop is not None
+        ended = asyncio.ensure_future(self.wg.wait())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        watcher = asyncio.ensure_future(self._watch())
+        try:
+            await asyncio.wait((ended, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            stopped.cancel()
+            if not ended.done():
+                ended.cancel()
+        if stopped.done() and not stopped.cancelled() and not ended.done():
+            return None
+        if ended.done() and not ended.cancelled():
+            if ended.exception() is not None:
+                raise ended.exception()  # type: ignore[misc]
+            outcome = ended.result()
+            if self._stop.is_set():
+                return None
+            log.error("device %s: gone (%s)", self.device.name if self.device else "?", outcome)
+            return str(outcome)
+        return None
+
+    async def _close(self) -> None:
+        """Stop the device's pumps (joined), then the control socket, then
+        the TUN fds: never close an fd a loop may still be blocked on."""
+        if self.wg is not None:
+            try:
+                await self.wg.stop()
+            except Exception:  # the fds must still close
+                log.exception("wireguard: stopping the device failed")
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self.device is not None and self.device.fds:
+            name = self.device.name
+            self.device.close()
+            log.info("device %s closed%s", name, " (persistent: left in place)"
+                     if self.settings.device.persist else " and removed")
+        self._state = "stopped"
+        log.info("stopped")
+
+    # ------------------------------------------------------------ watching
+
+    def _remember_peers(self) -> None:
+        assert self.wg is not None
+        for key in self.wg.peers():
+            status = self.wg.peer_status(key)
+            self._seen[key] = (status.last_handshake, status.endpoint)
+
+    async def _watch(self) -> None:
+        """Log handshakes and endpoint moves, and the periodic stats line."""
+        interval = self.settings.stats_interval
+        next_log = time.monotonic() + interval if interval else None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                self._log_peer_changes()
+                if next_log is not None and time.monotonic() >= next_log:
+                    log.info("stats: %s", _stats_line(self._peer_rows()))
+                    next_log += interval
+            except Exception:  # a bug here must not stop the tunnel
+                log.exception("wireguard: watching the peers failed")
+
+    def _log_peer_changes(self) -> None:
+        assert self.wg is not None
+        for key in self.wg.peers():
+            status = self.wg.peer_status(key)
+            before_handshake, before_endpoint = self._seen.get(key, (None, None))
+            label = status.name or short_key(key)
+            if status.endpoint != before_endpoint and status.endpoint is not None:
+                if before_endpoint is None:
+                    log.info("peer %s: at %s", label, _endpoint(status.endpoint))
+                else:
+                    log.info("peer %s: moved from %s to %s (roaming)", label,
+                             _endpoint(before_endpoint), _endpoint(status.endpoint))
+            if status.last_handshake is not None and status.last_handshake != before_handshake:
+                if before_handshake is None:
+                    log.info("peer %s: handshake completed (%s)", label,
+                             _endpoint(status.endpoint) if status.endpoint else "no endpoint")
+                else:
+                    log.debug("peer %s: new handshake (rekey)", label)
+            self._seen[key] = (status.last_handshake, status.endpoint)
+
+    # ------------------------------------------------------------ stats
+
+    def _snapshot_from_thread(self) -> dict[str, Any]:
+        """For the control socket's thread: the snapshot, made on the loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.current_thread() is threading.main_thread():
+            return self.snapshot()
+
+        async def make() -> dict[str, Any]:
+            return self.snapshot()
+
+        future = asyncio.run_coroutine_threadsafe(make(), loop)
+        try:
+            return future.result(SNAPSHOT_TIMEOUT_S)
+        except FutureTimeout:
+            future.cancel()
+            return {**self._header(), "state": "busy (the event loop did not answer)"}
+
+    def _header(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "device": self.device.name if self.device is not None else s.device.name,
+            "mode": "tun", "transport": "udp", "framing": "wireguard", "engine": "fast",
+            "queues": len(self.device.fds) if self.device is not None and self.device.fds
+            else s.device.queues,
+            "state": self._state,
+            "peer_mode": f"{len(s.wg.peers)} WireGuard peer(s), routed by allowed IPs",
+            "uptime": time.monotonic() - self._started,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``tunrelay stats`` shows: the header facts, the pump
+        counters (when the device reports them), the device's WireGuard
+        counters and one row per peer."""
+        snap = self._header()
+        wg = self.wg
+        if wg is None:
+            return snap
+        counters = _jsonable(wg.stats())
+        pumps = counters.get("pumps") if isinstance(counters, dict) else None
+        if isinstance(pumps, dict) and "egress" in pumps and "ingress" in pumps:
+            snap.update(egress=pumps["egress"], ingress=pumps["ingress"])
+        snap["wireguard"] = {
+            "public_key": _b64(wg.public_key), "listen_port": wg.listen_port,
+            "fwmark": wg.fwmark, "counters": counters,
+        }
+        snap["wg_peers"] = self._peer_rows()
+        return snap
+
+    def _peer_rows(self) -> list[dict[str, Any]]:
+        assert self.wg is not None
+        rows = []
+        for key in self.wg.peers():
+            status = self.wg.peer_status(key)
+            rows.append({
+                "name": status.name or short_key(key),
+                "public_key": _b64(key),
+                "endpoint": _endpoint(status.endpoint) if status.endpoint else None,
+                "latest_handshake": status.last_handshake,
+                "tx_bytes": status.tx_bytes, "rx_bytes": status.rx_bytes,
+                "persistent_keepalive": status.persistent_keepalive,
+                "allowed_ips": [str(n) for n in status.allowed_ips],
+            })
+        return rows
+
+
+def _b64(key: bytes | None) -> str | None:
+    return None if key is None else base64.b64encode(key).decode()
+
+
+def _endpoint(endpoint: tuple[str, int] | tuple[Any, ...]) -> str:
+    host, port = str(endpoint[0]), int(endpoint[1])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _stats_line(rows: list[dict[str, Any]]) -> str:
+    tx = sum(r["tx_bytes"] for r in rows)
+    rx = sum(r["rx_bytes"] for r in rows)
+    up = sum(1 for r in rows if r["latest_handshake"] is not None)
+    return f"{len(rows)} peers ({up} with a handshake), tx {tx} B, rx {rx} B"
+
+
+def _jsonable(value: Any) -> Any:
+    """The device's counters as JSON carries them (bytes as base64,
+    tuples as lists, other objects as text)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def describe(settings: Settings) -> str:
+    """One line for ``tunrelay check``."""
+    wg, d = settings.wg, settings.device
+    try:
+        from .noise import private_to_public
+        public = (_b64(private_to_public(wg.private_key)) if wg.private_key is not None
+                  else "(no private key)")
+    except ImportError:  # cryptography missing: the file is still checked
+        public = "(cryptography not installed)"
+    peers = ", ".join(
+        f"{p.name or short_key(p.public_key)} "
+        f"{_endpoint(p.endpoint) if p.endpoint else '(endpoint from its handshake)'}"
+        for p in wg.peers)
+    routes = f", routes {' '.join(str(r) for r in d.routes)}" if d.routes else ""
+    return (f"wireguard device {d.name or '(kernel-chosen)'} mtu {d.mtu}, public key {public}, "
+            f"listen {settings.bind} port {wg.listen_port or '(any)'}"
+            f"{f', fwmark {wg.fwmark:#x}' if wg.fwmark else ''}{routes}, "
+            f"{len(wg.peers)} peer{'' if len(wg.peers) == 1 else 's'}: {peers or 'none'}")
