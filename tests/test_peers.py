@@ -45,11 +45,22 @@ def seal(key: bytes, index: int, counter: int, packet: bytes) -> bytes:
     return struct.pack("<BxxxIQ", 4, index, counter) + ChaCha20Poly1305(key).encrypt(nonce, packet, b"")
 
 
-def unseal(key: bytes, datagram: bytes) -> tuple[int, int, bytes]:
+def unseal(key: bytes, datagram: bytes, mtu: int = 1500) -> tuple[int, int, bytes]:
+    """Open a session datagram: (receiver index, counter, the packet with
+    its padding checked and taken off).  WireGuard pads the plaintext with
+    zeros to a multiple of 16, never past the MTU."""
     kind, index, counter = struct.unpack("<BxxxIQ", datagram[:16])
     assert kind == 4
     nonce = b"\0" * 4 + struct.pack("<Q", counter)
-    return index, counter, ChaCha20Poly1305(key).decrypt(nonce, datagram[16:], b"")
+    plain = ChaCha20Poly1305(key).decrypt(nonce, datagram[16:], b"")
+    if not plain:
+        return index, counter, plain
+    length = (struct.unpack("!H", plain[2:4])[0] if plain[0] >> 4 == 4
+              else 40 + struct.unpack("!H", plain[4:6])[0])
+    assert plain[length:] == b"\0" * (len(plain) - length), "padding is zeros"
+    assert len(plain) == min(-(-length // 16) * 16, max(mtu, length)), \
+        f"{length} bytes padded to {len(plain)}"
+    return index, counter, plain[:length]
 
 
 @pytest.fixture
@@ -243,14 +254,21 @@ def test_sessions_carry_packets_both_ways_and_the_responder_promotes(rig):
     pb.start()
     assert tab_b.info(peer_a)["sessions"] == {"current": None, "previous": None, "next": 22}
     # b cannot send before a confirmed the session: no current session.
-    tb.send(v4("10.8.2.1", "10.8.1.1"))
-    wait_for(lambda: drops(pb, "egress").get("no_session", 0) == 1, "no_session counted")
+    # The packet is staged for the control plane, and renewal asked.
+    early = v4("10.8.2.1", "10.8.1.1", seq=4)
+    tb.send(early)
+    wait_for(lambda: tab_b.counts()["staged_queued"] == 1, "the packet staged")
+    staged = [e for e in tab_b.take() if e.kind == "staged"]
+    assert [(e.peer, e.data) for e in staged] == [(peer_a, early)]
+    assert drops(pb, "egress") == {}
     packet = v4("10.8.1.1", "10.8.2.1", size=1000, seq=5)
     ta.send(packet)
     assert tb.recv(65535) == packet
     assert tab_b.info(peer_a)["sessions"]["current"] == 22
-    kinds = [e.kind for e in tab_b.take()]
-    assert "promoted" in kinds and "renew" in kinds
+    assert [e.kind for e in tab_b.take()] == ["promoted"]
+    # Now the control plane sends what it held, then the loop sends on.
+    pb.send_packet(peer_a, staged[0].data)
+    assert ta.recv(65535) == early
     reply = v4("10.8.2.1", "10.8.1.1", size=300, seq=6)
     tb.send(reply)
     assert ta.recv(65535) == reply
@@ -365,13 +383,15 @@ def test_a_keepalive_confirms_a_session_to_the_responder(rig):
 def test_no_session_asks_for_renewal_at_most_once_a_second(rig):
     tun, pump, table, pid, sock, other = one_session(rig, session=False)
     pump.start()
-    tun.send(v4("10.8.1.1", "10.8.2.1"))
-    wait_for(lambda: drops(pump, "egress").get("no_session", 0) == 1, "no_session")
-    assert [(e.kind, e.peer, e.session) for e in table.take()] == [("renew", pid, None)]
+    first = v4("10.8.1.1", "10.8.2.1")
+    tun.send(first)
+    wait_for(lambda: table.counts()["staged_queued"] == 1, "staged")
+    assert [(e.kind, e.peer, e.session) for e in table.take()] == \
+        [("staged", pid, None), ("renew", pid, None)]
     renewals = 0
     for seq in range(20):
         tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
-        wait_for(lambda: drops(pump, "egress").get("no_session", 0) == seq + 2, "counted")
+        wait_for(lambda: table.counts()["staged_queued"] == seq + 2, "staged")
         renewals += sum(e.kind == "renew" for e in table.take())
     # Taken after every packet, yet no new "renew" within the second (one,
     # should the machine have taken a second over these 20 packets).
@@ -659,3 +679,69 @@ def test_len16_control_types_look_past_the_length(rig):
     peer.sendto(b"\x00\x06\x01knock", sock.getsockname())
     wait_for(lambda: table.counts()["control_queued"] == 1, "the control datagram queued")
     assert [(e.kind, e.data) for e in table.take()] == [("control", b"\x00\x06\x01knock")]
+
+
+def test_staged_packets_take_at_most_half_the_control_ring(rig):
+    """Packets for a peer without a session wait in the control ring for
+    the control plane, but never fill it: the handshakes that would give
+    the peer a session must still find room.  The rest are counted."""
+    tun, pump, table, pid, sock, other = one_session(rig, session=False, control_slots=8)
+    for seq in range(7):
+        tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
+    pump.start()
+    wait_for(lambda: drops(pump, "egress").get("no_session", 0) == 3, "the rest counted",
+             lambda: (drops(pump, "egress"), table.counts()))
+    counts = table.counts()
+    assert (counts["staged_queued"], counts["staged_dropped"]) == (4, 3)
+    assert table.info(pid)["egress"]["drops"] == 3
+    # Handshakes still get in: 4 slots are left for them.
+    for n in range(4):
+        other.sendto(bytes([1]) + bytes(147), sock.getsockname())
+    wait_for(lambda: table.counts()["control_waiting"] == 8, "the handshakes queued")
+    kinds = [e.kind for e in table.take()]
+    assert kinds.count("staged") == 4 and kinds.count("control") == 4
+    # Taken: room for staging again.
+    tun.send(v4("10.8.1.1", "10.8.2.1", seq=9))
+    wait_for(lambda: table.counts()["staged_queued"] == 5, "staged again")
+
+
+def test_packets_are_padded_to_16_but_not_past_the_mtu(rig):
+    tun, pump, table, pid, sock, other = one_session(rig)
+    pump.start()
+    for size in (20, 21, 60, 64, 1399, 1400):
+        packet = v4("10.8.1.1", "10.8.2.1", size=size, seq=size)
+        tun.send(packet)
+        datagram = other.recv(65535)
+        padded = min(-(-size // 16) * 16, 1400)
+        assert len(datagram) == 32 + padded
+        assert unseal(KEY_AB, datagram, mtu=1400)[2] == packet
+
+
+def test_send_packet_and_activity(rig):
+    """What a control plane's timers read (activity) and how it sends a held
+    packet (send_packet): sealed and padded like the loop's own."""
+    tun, pump, table, pid, sock, other = one_session(rig)
+    assert table.activity() == {pid: (None, None, None)}
+    pump.start()
+    before = time.monotonic()
+    packet = v4("10.8.1.1", "10.8.2.1", size=45, seq=1)
+    pump.send_packet(pid, packet)
+    index, counter, plain = unseal(KEY_AB, other.recv(65535))
+    assert (index, counter, plain) == (2, 0, packet)
+    tun.send(v4("10.8.1.1", "10.8.2.1", seq=2))
+    assert unseal(KEY_AB, other.recv(65535))[1] == 1     # the loop goes on from there
+    seen, received, sent = table.activity()[pid]
+    assert seen is None and received is None and sent >= before - 0.01
+    pump.send_keepalive(pid)
+    assert unseal(KEY_AB, other.recv(65535)) == (2, 2, b"")
+    other.sendto(seal(KEY_BA, 1, 0, b""), sock.getsockname())          # a keepalive
+    wait_for(lambda: table.activity()[pid][0] is not None, "heard from")
+    assert table.activity()[pid][1] is None                              # not data
+    other.sendto(seal(KEY_BA, 1, 1, v4("10.8.2.1", "10.8.1.1")), sock.getsockname())
+    wait_for(lambda: table.activity()[pid][1] is not None, "data received")
+    info = table.info(pid)
+    assert info["egress"]["packets"] == 2 and info["egress"]["keepalives"] == 1
+    with pytest.raises(fp.PumpArgumentError, match="longer than the MTU"):
+        pump.send_packet(pid, bytes(1401))
+    with pytest.raises(fp.PumpStateError, match="no current session"):
+        pump.send_packet(table.add("nobody", endpoint=("127.0.0.1", 9)), packet)

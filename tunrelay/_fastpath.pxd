@@ -140,6 +140,7 @@ cdef struct PeerSlot
 cdef enum:
     SESSION_HEADER_LEN = 16   # type 4, 3 zero bytes, receiver index (u32 LE), counter (u64 LE)
     SESSION_OVERHEAD = 32     # header + tag
+    SESSION_PAD_MAX = 15      # zeros after a packet: its plaintext is a multiple of 16
     MAX_READERS = 64          # loops that may read one PeerTable (2 per pump)
     CONTROL_SLOT = 2048       # longest control datagram queued
     EVENT_ENDPOINT = 1        # PeerSlot.events bits
@@ -157,7 +158,8 @@ cdef struct PeerCounters:
     uint64_t bytes
     uint64_t drops
     uint64_t keepalives
-    uint8_t pad[32]
+    uint64_t last_ms          # monotonic ms of the newest data packet (0: never)
+    uint8_t pad[24]
 
 
 # A session's keys (framing "session"), installed from Python.  The send
@@ -243,11 +245,15 @@ cdef struct PeerShared:
     uint8_t *control_buf      # control_slots x CONTROL_SLOT
     uint32_t *control_len
     sockaddr_storage *control_addr
+    uint32_t *control_peer    # a staged packet's peer id (0: a datagram from the network)
     unsigned int control_slots
     unsigned int control_head
     unsigned int control_count
+    unsigned int control_staged   # slots holding staged packets (at most half the ring)
     uint64_t control_queued
     uint64_t control_dropped
+    uint64_t staged_queued
+    uint64_t staged_dropped
     uint8_t control_types[256]
     int event_fd
     unsigned int signalled    # event_fd written and not yet drained (atomic)

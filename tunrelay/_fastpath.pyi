@@ -91,6 +91,8 @@ class Pump:
         """One datagram through the pump's own socket (same port as data)."""
     def send_keepalive(self, peer_id: int) -> None:
         """A sealed empty packet to a peer (framing "session")."""
+    def send_packet(self, peer_id: int, packet: _Bytes) -> None:
+        """One IP packet sealed to a peer from Python (framing "session")."""
     def start(self) -> None: ...
     def request_stop(self) -> None: ...
     def stop(self, timeout: float | None = None) -> Outcome | None: ...
@@ -103,7 +105,7 @@ class Pump:
 class Event(NamedTuple):
     """What PeerTable.take() reports."""
 
-    kind: Literal["control", "endpoint", "renew", "promoted"]
+    kind: Literal["control", "endpoint", "renew", "promoted", "staged"]
     peer: int | None
     address: Address | None
     data: bytes | None
@@ -146,6 +148,8 @@ class PeerTable:
                         send_key: bytes, recv_key: bytes, initiator: bool) -> None:
         """Install a session's keys (framing "session")."""
     def clear_sessions(self, peer_id: int) -> None: ...
+    def activity(self) -> dict[int, tuple[float | None, float | None, float | None]]:
+        """{peer_id: (last_seen, last_data_received, last_data_sent)}, monotonic."""
     def fileno(self) -> int:
         """Readable while control datagrams or events wait."""
     def take(self) -> list[Event]:

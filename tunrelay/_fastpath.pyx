@@ -19,7 +19,7 @@ import time
 from tunrelay import aead as _aead
 
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport errno
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
@@ -166,11 +166,12 @@ cdef class Pump:
         """Slot sizes.  An offload TUN read is a virtio_net_hdr and up to
         64 KiB, a GRO receive up to 64 KiB of datagrams; one byte more than
         the longest shows truncation.  Egress slots have HEADROOM in front
-        (a framing header is written there, not copied) and room for an
-        aead tag behind the packet."""
+        (a framing header is written there, not copied) and room behind
+        the packet for a tag (and framing session's padding before it)."""
         cdef size_t longest_read = (VNET_HDR_LEN + IP_LENGTH_MAX if self.offload
                                     else self.st.max_frame)
-        self.st.slot_size = (HEADROOM + longest_read + 1 + AEAD_TAG_LEN + 63) & ~(<size_t>63)
+        self.st.slot_size = (HEADROOM + longest_read + 1 + SESSION_PAD_MAX + AEAD_TAG_LEN
+                             + 63) & ~(<size_t>63)
         self.st.ingress_slot = (IP_LENGTH_MAX + 1 if self.offload
                                 else AEAD_OVERHEAD + self.st.max_frame + 1)
         if self.st.ingress_slot < CONTROL_SLOT + 1:
@@ -538,6 +539,21 @@ cdef class Pump:
         if self.peers is None or not self.st.session:
             raise PumpArgumentError("send_keepalive() is for framing 'session' with peers=")
         datagram, endpoint = self.peers._keepalive(peer_id)
+        self.send_control(endpoint, datagram)
+
+    def send_packet(self, peer_id, packet):
+        """Send a peer one IP packet from Python (framing "session"): sealed
+        under its current session's next counter, padded like the loops
+        pad, through this pump's socket to the peer's endpoint.  For the
+        packets a control plane held while a handshake ran (Event
+        "staged").  PumpStateError without a current session or endpoint;
+        OSError when the socket refuses it."""
+        if self.peers is None or not self.st.session:
+            raise PumpArgumentError("send_packet() is for framing 'session' with peers=")
+        if <size_t>len(packet) > self.st.max_frame:
+            raise PumpArgumentError(f"packet of {len(packet)} bytes is longer than the MTU "
+                                    f"({self.st.max_frame})")
+        datagram, endpoint = self.peers._seal(peer_id, packet, self.st.max_frame)
         self.send_control(endpoint, datagram)
 
     @property

@@ -100,7 +100,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     cdef unsigned int n = 0
     cdef ssize_t r
     cdef int err, reason
-    cdef size_t header = st.front
+    cdef size_t header = st.front, pad
     cdef uint8_t *packet
     while n < st.batch:
         packet = egress_packet(st, n)
@@ -130,11 +130,17 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             continue
         if st.peers != NULL:
             reason = egress_route(st, packet, <size_t>r, n)
-            if reason == DROP_NONE and st.session:
+            if reason == DROP_NO_SESSION:
+                if stage_packet(st.peers, st.eg.peer[n], packet, <size_t>r) == DROP_NONE:
+                    continue
+                tr_add64(&st.eg.peer[n].egress.drops, 1)
+            elif reason == DROP_NONE and st.session:
+                pad = session_pad(<size_t>r, st.max_frame)
                 reason = session_seal(st, st.eg.keys[n], packet - SESSION_HEADER_LEN,
-                                      packet, <size_t>r, NULL, 0, packet + r)
+                                      packet, <size_t>r, NULL, 0, packet + r, pad)
                 if reason != DROP_NONE:
                     tr_add64(&st.eg.peer[n].egress.drops, 1)
+                r += <ssize_t>pad
             if reason != DROP_NONE:
                 c.drops[reason] += 1
                 continue
@@ -254,6 +260,7 @@ cdef size_t count_sent(PumpState *st, const SendPlan *p, size_t done, int sent) 
     returns the new `done`."""
     cdef Counters *c = &st.eg.c
     cdef size_t j, q, size
+    cdef uint64_t now_ms = <uint64_t>(st.eg.now * 1000) + 1
     c.batches += 1
     for j in range(<size_t>sent):
         for q in range(done, done + p.counts[j]):
@@ -263,6 +270,7 @@ cdef size_t count_sent(PumpState *st, const SendPlan *p, size_t done, int sent) 
             if st.peers != NULL:
                 tr_add64(&st.eg.dg_peer[q].egress.packets, 1)
                 tr_add64(&st.eg.dg_peer[q].egress.bytes, size)
+                tr_store64(&st.eg.dg_peer[q].egress.last_ms, now_ms)
         done += p.counts[j]
     return done
 
@@ -508,6 +516,16 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             continue
         if st.peers != NULL:
             reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
+            if reason == DROP_NO_SESSION:
+                # Only a plain packet can wait for the handshake (a TCP SYN,
+                # a ping), checksummed first: Python sends it as it is.
+                if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
+                        (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
+                            slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0) and \
+                        stage_packet(st.peers, st.eg.peer[n - 1], slot + VNET_HDR_LEN,
+                                     <size_t>r - VNET_HDR_LEN) == DROP_NONE:
+                    continue
+                tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
             if reason != DROP_NONE:
                 c.drops[reason] += 1
                 continue
@@ -541,6 +559,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
     cdef size_t n = 0
     cdef int reason
     cdef unsigned int slot
+    cdef size_t pad = 0
     if st.session:
         tag = AEAD_TAG_LEN
     st.eg.nseg = 0
@@ -549,9 +568,10 @@ cdef int send_segments(PumpState *st) noexcept nogil:
         if st.peers != NULL:
             slot = g.group - 1
             if st.session:
+                pad = session_pad(g.head_len - st.front + g.data_len, st.max_frame)
                 reason = session_seal(st, st.eg.keys[slot], g.head + st.front - SESSION_HEADER_LEN,
                                       g.head + st.front, g.head_len - st.front,
-                                      g.data, g.data_len, g.tail)
+                                      g.data, g.data_len, g.tail, pad)
                 if reason != DROP_NONE:
                     c.drops[reason] += 1
                     tr_add64(&st.eg.peer[slot].egress.drops, 1)
@@ -573,7 +593,7 @@ cdef int send_segments(PumpState *st) noexcept nogil:
         st.eg.seg_iov[3 * k + 1].iov_base = g.data
         st.eg.seg_iov[3 * k + 1].iov_len = g.data_len
         st.eg.seg_iov[3 * k + 2].iov_base = g.tail
-        st.eg.seg_iov[3 * k + 2].iov_len = tag
+        st.eg.seg_iov[3 * k + 2].iov_len = tag + pad
     if n == 0:
         return ST_GO_ON
     if st.stream:

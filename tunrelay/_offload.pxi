@@ -23,6 +23,7 @@ cdef enum:
     # A copied header: len16 (2) + IPv4 with options (60) + TCP with
     # options (60), rounded up.
     SEG_HEAD_MAX = 192  # + aead: its header (24) in front and its tag (16) at the end
+    SEG_TAIL_ROOM = 32  # the tag, after up to SESSION_PAD_MAX zeros (framing session)
     # Segments one batch can hold before it must be sent: enough for a
     # 64 KiB super-packet at the smallest MSS Linux sends (48 bytes).
     SEG_POOL = 2048
@@ -123,7 +124,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.head_len = <uint32_t>(framing + length)
         s.data = NULL
         s.data_len = 0
-        s.tail = pkt + length  # the slot has tail room for a tag
+        s.tail = pkt + length  # the slot has tail room for padding and a tag
         s.group = group
         if st.len16:
             put16(s.head, <uint32_t>(length + st.overhead - LEN16_HEADER))
@@ -159,7 +160,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         l4_len = 8
     hdrs = l4 + l4_len
     mss = h.gso_size
-    if hdrs > length or mss == 0 or framing + hdrs + AEAD_TAG_LEN > SEG_HEAD_MAX:
+    if hdrs > length or mss == 0 or framing + hdrs + SEG_TAIL_ROOM > SEG_HEAD_MAX:
         return SEGMENT_BAD
     if hdrs + mss > st.max_frame:
         return SEGMENT_OVERSIZE
@@ -211,7 +212,7 @@ cdef int segment_packet(PumpState *st, uint8_t *pkt, size_t length,
         s.head_len = <uint32_t>(framing + hdrs)
         s.data = pkt + hdrs + i * mss
         s.data_len = <uint32_t>seg_len
-        s.tail = head + SEG_HEAD_MAX - AEAD_TAG_LEN
+        s.tail = head + SEG_HEAD_MAX - SEG_TAIL_ROOM
         s.group = group
         st.eg.nseg += 1
     return SEGMENT_OK

@@ -100,10 +100,38 @@ cdef int control_push(PeerShared *sh, const uint8_t *data, size_t length,
     at = (sh.control_head + sh.control_count) % sh.control_slots
     memcpy(sh.control_buf + <size_t>at * CONTROL_SLOT, data, length)
     sh.control_len[at] = <uint32_t>length
+    sh.control_peer[at] = 0
     memset(&sh.control_addr[at], 0, sizeof(sockaddr_storage))
     memcpy(&sh.control_addr[at], sender, sender_len)
     sh.control_count += 1
     sh.control_queued += 1
+    pthread_mutex_unlock(&sh.control_lock)
+    raise_signal(sh)
+    return DROP_NONE
+
+
+cdef int stage_packet(PeerShared *sh, PeerSlot *p, const uint8_t *packet,
+                      size_t length) noexcept nogil:
+    """A packet for a peer that has no session yet: hand it to Python (the
+    control plane holds it until its handshake completes) through the
+    control ring.  Staged packets take at most half the ring, so a burst
+    of them never leaves the peers' handshakes without room.  DROP_NONE,
+    or DROP_NO_SESSION when it cannot be held (too long, no room)."""
+    cdef unsigned int at
+    pthread_mutex_lock(&sh.control_lock)
+    if length > CONTROL_SLOT or sh.control_count == sh.control_slots \
+            or 2 * (sh.control_staged + 1) > sh.control_slots:
+        sh.staged_dropped += 1
+        pthread_mutex_unlock(&sh.control_lock)
+        return DROP_NO_SESSION
+    at = (sh.control_head + sh.control_count) % sh.control_slots
+    memcpy(sh.control_buf + <size_t>at * CONTROL_SLOT, packet, length)
+    sh.control_len[at] = <uint32_t>length
+    sh.control_peer[at] = p.id
+    memset(&sh.control_addr[at], 0, sizeof(sockaddr_storage))
+    sh.control_count += 1
+    sh.control_staged += 1
+    sh.staged_queued += 1
     pthread_mutex_unlock(&sh.control_lock)
     raise_signal(sh)
     return DROP_NONE
@@ -260,11 +288,22 @@ cdef void ask_renewal(PeerShared *sh, PeerSlot *p, Keypair *k, double now) noexc
     peer_event(sh, p, EVENT_RENEW)
 
 
+cdef inline size_t session_pad(size_t length, size_t mtu) noexcept nogil:
+    """How many zeros follow a packet of `length` bytes: its plaintext is
+    padded to a multiple of 16, but never past the MTU (WireGuard hides
+    the exact length this way; the receiver trims by the IP header)."""
+    cdef size_t padded = (length + 15) & ~(<size_t>15)
+    if padded > mtu:
+        padded = mtu if mtu > length else length
+    return padded - length
+
+
 cdef int seal_with(EVP_CIPHER_CTX *ctx, uint64_t *ctx_gen, Keypair *k, uint64_t counter,
                    uint8_t *header, uint8_t *first, size_t first_len, uint8_t *second,
-                   size_t second_len, uint8_t *tag) noexcept nogil:
-    """Encrypt first + second in place under `counter`, write the header and
-    the tag.  `ctx` is rekeyed only when it holds another session."""
+                   size_t second_len, uint8_t *tail, size_t pad) noexcept nogil:
+    """Encrypt first + second in place under `counter`, then `pad` zeros
+    written at `tail`, with the tag after them; write the header.  `ctx`
+    is rekeyed only when it holds another session."""
     cdef uint8_t nonce[12]
     cdef int out_len
     if ctx_gen[0] != k.gen:
@@ -285,9 +324,13 @@ cdef int seal_with(EVP_CIPHER_CTX *ctx, uint64_t *ctx_gen, Keypair *k, uint64_t 
         return DROP_SEND_ERROR
     if second_len and EVP_EncryptUpdate(ctx, second, &out_len, second, <int>second_len) != 1:
         return DROP_SEND_ERROR
-    if EVP_EncryptFinal_ex(ctx, tag, &out_len) != 1:
+    if pad:
+        memset(tail, 0, pad)
+        if EVP_EncryptUpdate(ctx, tail, &out_len, tail, <int>pad) != 1:
+            return DROP_SEND_ERROR
+    if EVP_EncryptFinal_ex(ctx, tail + pad, &out_len) != 1:
         return DROP_SEND_ERROR
-    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tag) != 1:
+    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tail + pad) != 1:
         return DROP_SEND_ERROR
     return DROP_NONE
 
@@ -311,15 +354,15 @@ cdef int session_counter(PeerShared *sh, Keypair *k, double now, uint64_t *count
 
 cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first,
                       size_t first_len, uint8_t *second, size_t second_len,
-                      uint8_t *tag) noexcept nogil:
-    """Egress: seal a packet under the session's next counter.  DROP_NONE or
-    a drop reason."""
+                      uint8_t *tail, size_t pad) noexcept nogil:
+    """Egress: seal a packet (and `pad` zeros at `tail`, the tag after them)
+    under the session's next counter.  DROP_NONE or a drop reason."""
     cdef uint64_t counter
     cdef int reason = session_counter(st.peers, k, st.eg.now, &counter)
     if reason != DROP_NONE:
         return reason
     return seal_with(st.eg.seal_ctx, &st.eg.seal_gen, k, counter, header, first, first_len,
-                     second, second_len, tag)
+                     second, second_len, tail, pad)
 
 
 cdef void promote(PeerShared *sh, Keypair *k) noexcept nogil:
@@ -448,7 +491,7 @@ cdef int egress_route(PumpState *st, uint8_t *packet, size_t length,
     if st.session:
         k = <Keypair *>tr_load_ptr(<void **>&p.current)
         if k == NULL:
-            tr_add64(&p.egress.drops, 1)
+            # The caller stages the packet (stage_packet) or counts it.
             ask_renewal(st.peers, p, NULL, st.eg.now)
             return DROP_NO_SESSION
         st.eg.keys[slot] = k
@@ -532,6 +575,7 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
         return 0
     if not st.session:
         tr_store64(&p.last_seen_ms, <uint64_t>(st.ing.now * 1000) + 1)
+    tr_store64(&p.ingress.last_ms, <uint64_t>(st.ing.now * 1000) + 1)
     tr_add64(&p.ingress.packets, 1)
     tr_add64(&p.ingress.bytes, plain)
     return deliver(st, packet, plain)
@@ -545,7 +589,10 @@ Event.__doc__ = """What a PeerTable reports through take(): kind "control" (a
 datagram for the control plane: address, data), "endpoint" (a roaming
 peer moved: peer, address), "renew" (the peer's session asks for renewal,
 or there is none to send with: peer), "promoted" (a next session was
-confirmed by the peer and is current now: peer).  ``session``: for
+confirmed by the peer and is current now: peer), "staged" (a packet from
+the device for a peer with no session yet, held for the control plane
+to send with Pump.send_packet once its handshake completes: peer, data).
+``session``: for
 "renew" the local index of the session that asks (None: there is no
 session to send with), for "promoted" the one that became current."""
 
@@ -621,7 +668,9 @@ cdef class PeerTable:
         self.sh.control_buf = <uint8_t *>malloc(<size_t>control_slots * CONTROL_SLOT)
         self.sh.control_len = <uint32_t *>calloc(control_slots, sizeof(uint32_t))
         self.sh.control_addr = <sockaddr_storage *>calloc(control_slots, sizeof(sockaddr_storage))
-        if self.sh.control_buf == NULL or self.sh.control_len == NULL or self.sh.control_addr == NULL:
+        self.sh.control_peer = <uint32_t *>calloc(control_slots, sizeof(uint32_t))
+        if self.sh.control_buf == NULL or self.sh.control_len == NULL \
+                or self.sh.control_addr == NULL or self.sh.control_peer == NULL:
             raise MemoryError()
         self.sh.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.sh.event_fd < 0:
@@ -670,6 +719,7 @@ cdef class PeerTable:
         free(self.sh.control_buf)
         free(self.sh.control_len)
         free(self.sh.control_addr)
+        free(self.sh.control_peer)
         pthread_mutex_destroy(&self.sh.control_lock)
         free(self.sh)
         self.sh = NULL
@@ -1026,7 +1076,7 @@ cdef class PeerTable:
             "last_seen": (None if seen == 0 else
                           time.time() - (time.monotonic() - (seen - 1) / 1000.0)),
             "egress": {"packets": p.egress.packets, "bytes": p.egress.bytes,
-                       "drops": p.egress.drops},
+                       "drops": p.egress.drops, "keepalives": p.egress.keepalives},
             "ingress": {"packets": p.ingress.packets, "bytes": p.ingress.bytes,
                         "drops": p.ingress.drops, "keepalives": p.ingress.keepalives},
             "sessions": sessions,
@@ -1052,7 +1102,9 @@ cdef class PeerTable:
                 "retired_pending": self._retired_count,
                 "control_queued": self.sh.control_queued,
                 "control_dropped": self.sh.control_dropped,
-                "control_waiting": self.sh.control_count}
+                "control_waiting": self.sh.control_count,
+                "staged_queued": self.sh.staged_queued,
+                "staged_dropped": self.sh.staged_dropped}
 
     # ------------------------------------------------------------ sessions
 
@@ -1135,22 +1187,63 @@ cdef class PeerTable:
     def _keepalive(self, peer_id):
         """A keepalive for a peer (an empty packet sealed under its current
         session's next counter) and where to send it."""
+        return self._seal(peer_id, b"")
+
+    def _seal(self, peer_id, packet, size_t mtu=0):
+        """`packet` sealed for a peer under its current session's next counter
+        (padded like the loops pad, to at most `mtu`; 0: a multiple of 16
+        whatever the length), and where to send it: (datagram,
+        (host, port)).  Counted in the peer's egress counters (an empty
+        packet as a keepalive)."""
         record = self._record(peer_id)
         cdef PeerSlot *p = <PeerSlot *><size_t>record.slot
         cdef Keypair *k = <Keypair *>tr_load_ptr(<void **>&p.current)
         cdef sockaddr_storage where
         cdef uint64_t counter
-        cdef uint8_t datagram[SESSION_OVERHEAD]
+        cdef const uint8_t[::1] view
+        cdef size_t length = len(packet)
+        cdef size_t pad
+        cdef double now = tr_monotonic()
+        if length > CONTROL_SLOT:
+            raise PumpArgumentError(f"a packet sent from Python is at most {CONTROL_SLOT} bytes, "
+                                    f"got {length}")
         if k == NULL:
             raise PumpStateError(f"peer {record.name!r} has no current session to send with")
         if not peer_endpoint(p, &where):
             raise PumpStateError(f"peer {record.name!r} has no endpoint yet")
-        if session_counter(self.sh, k, tr_monotonic(), &counter) != DROP_NONE:
+        pad = session_pad(length, mtu if mtu else length + SESSION_PAD_MAX)
+        out = PyBytes_FromStringAndSize(NULL, SESSION_OVERHEAD + length + pad)
+        cdef uint8_t *d = <uint8_t *>PyBytes_AS_STRING(out)
+        if length:
+            view = memoryview(packet).cast("B")
+            memcpy(d + SESSION_HEADER_LEN, &view[0], length)
+        if session_counter(self.sh, k, now, &counter) != DROP_NONE:
             raise PumpStateError(f"peer {record.name!r}: its session is past its limits")
-        if seal_with(self._ctx, &self._ctx_gen, k, counter, datagram, NULL, 0, NULL, 0,
-                     datagram + SESSION_HEADER_LEN) != DROP_NONE:
+        if seal_with(self._ctx, &self._ctx_gen, k, counter, d, d + SESSION_HEADER_LEN, length,
+                     NULL, 0, d + SESSION_HEADER_LEN + length, pad) != DROP_NONE:
             raise MemoryError("OpenSSL refused to seal")
-        return PyBytes_FromStringAndSize(<char *>datagram, SESSION_OVERHEAD), _sockaddr_tuple(&where)
+        if length:
+            tr_add64(&p.egress.packets, 1)
+            tr_add64(&p.egress.bytes, length + pad)
+            tr_store64(&p.egress.last_ms, <uint64_t>(now * 1000) + 1)
+        else:
+            tr_add64(&p.egress.keepalives, 1)
+        return out, _sockaddr_tuple(&where)
+
+    def activity(self):
+        """When each peer was last heard from and last exchanged data:
+        {peer_id: (last_seen, last_data_received, last_data_sent)}, each a
+        time.monotonic() value or None.  last_seen counts any authenticated
+        datagram (keepalives too); the data times count packets only (a
+        keepalive is not data).  One call for a control plane's timer tick."""
+        cdef PeerSlot *p
+        out = {}
+        for record in self._peers.values():
+            p = <PeerSlot *><size_t>record.slot
+            out[record.id] = (_ms_time(tr_load64(&p.last_seen_ms)),
+                              _ms_time(tr_load64(&p.ingress.last_ms)),
+                              _ms_time(tr_load64(&p.egress.last_ms)))
+        return out
 
     def _live_indexes(self):
         cdef PeerSlot *p
@@ -1188,7 +1281,11 @@ cdef class PeerTable:
                 at = self.sh.control_head
                 data = PyBytes_FromStringAndSize(
                     <char *>self.sh.control_buf + <size_t>at * CONTROL_SLOT, self.sh.control_len[at])
-                events.append(Event("control", None, _shown(&self.sh.control_addr[at]), data))
+                if self.sh.control_peer[at]:
+                    events.append(Event("staged", self.sh.control_peer[at], None, data))
+                    self.sh.control_staged -= 1
+                else:
+                    events.append(Event("control", None, _shown(&self.sh.control_addr[at]), data))
                 self.sh.control_head = (at + 1) % self.sh.control_slots
                 self.sh.control_count -= 1
         finally:
@@ -1300,6 +1397,11 @@ cdef object _shown(sockaddr_storage *address):
         return socket.inet_ntop(socket.AF_INET, PyBytes_FromStringAndSize(<char *>b + 12, 4)), \
             ntohs(v6.sin6_port)
     return _sockaddr_tuple(address)
+
+
+cdef object _ms_time(uint64_t ms):
+    """A loop's stored time (monotonic ms + 1; 0: never) as monotonic s."""
+    return None if ms == 0 else (ms - 1) / 1000.0
 
 
 cdef object _index_of(Keypair *k):

@@ -73,7 +73,7 @@ __all__ = ["AsyncPump", "EventKind", "EventCallback", "EventQueue"]
 log = logging.getLogger(__name__)
 
 #: The kinds of ``tunrelay._fastpath.Event``.
-EventKind = Literal["control", "endpoint", "renew", "promoted"]
+EventKind = Literal["control", "endpoint", "renew", "promoted", "staged"]
 KINDS: tuple[str, ...] = get_args(EventKind)
 
 #: What ``AsyncPump.on()`` takes: called with each Event of its kind; may

@@ -2307,7 +2307,7 @@ def _expected_info(p: PeerModel) -> dict:
     return {"id": p.id, "name": p.name,
             "endpoint": address_tuple(p.endpoint) if p.endpoint else None,
             "allowed_ips": [str(n) for n in p.nets], "roaming": p.roaming, "roams": p.roams,
-            "egress": {"packets": 0, "bytes": 0, "drops": 0},
+            "egress": {"packets": 0, "bytes": 0, "drops": 0, "keepalives": 0},
             "ingress": {"packets": p.packets, "bytes": p.bytes, "drops": p.drops,
                         "keepalives": p.keepalives},
             "sessions": {role: None if s is None else s.local_index for role, s in
