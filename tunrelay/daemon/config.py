@@ -455,6 +455,11 @@ def loads(text: str, path: str = "<string>") -> Config:
     peer_tables = _split_peers(data, path)
     transport = _read_transport(tables["transport"], many_peers=bool(peer_tables))
     wireguard = transport.framing == WIREGUARD
+    if not wireguard and data.get(WIREGUARD) is not None:
+        raise tables["transport"].error(
+            "framing", f'expected "{WIREGUARD}" with a [wireguard] table, got '
+            f'"{transport.framing}": the [wireguard] table configures a WireGuard device; '
+            f'set framing = "{WIREGUARD}" or remove the table')
     cfg = Config(
         path=path,
         device=_read_device(tables["device"]),
@@ -466,11 +471,6 @@ def loads(text: str, path: str = "<string>") -> Config:
     )
     if wireguard:
         cfg = _with_wireguard(cfg, tables, peer_tables)
-    elif data.get(WIREGUARD) is not None:
-        raise tables["transport"].error(
-            "framing", f'expected "{WIREGUARD}" with a [wireguard] table, got '
-            f'"{transport.framing}": the [wireguard] table configures a WireGuard device; '
-            f'set framing = "{WIREGUARD}" or remove the table')
     if cfg.peers:
         cfg = _with_peers(cfg, tables, peer_tables)
     _check_across_tables(cfg, tables)
