@@ -527,8 +527,12 @@ class UapiServer:
                 await task
         self.remove_socket_file()
 
+    def owns_socket_file(self) -> bool:
+        """Whether the socket file is still there and still ours."""
+        return self._inode is not None and _inode(self.path) == self._inode
+
     def remove_socket_file(self) -> None:
-        if self._inode is not None and _inode(self.path) == self._inode:
+        if self.owns_socket_file():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         self._inode = None
