@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
     Encoding, NoEncryption, PrivateFormat, PublicFormat)
 
 __all__ = [
-    "CONSTRUCTION", "IDENTIFIER", "HandshakeError", "Identity", "Initiation", "InitiatorState",
+    "CONSTRUCTION", "IDENTIFIER", "HandshakeError", "UnknownPeer", "Identity", "Initiation", "InitiatorState",
     "Keys", "KEY_SIZE", "blake2s", "consume_initiation", "consume_response",
     "create_initiation", "create_response", "generate_private_key", "hmac_blake2s", "kdf",
     "key_from_hex", "key_to_base64", "key_to_hex", "keyed_mac", "parse_key",
@@ -59,6 +59,11 @@ ZERO32 = bytes(32)
 
 class HandshakeError(ValueError):
     """A handshake message that does not parse or does not authenticate."""
+
+
+class UnknownPeer(HandshakeError):
+    """An initiation that opens, from a static key we do not know (raised by
+    consume_initiation's ``static_secret`` lookup, before the second DH)."""
 
 
 # ---------------------------------------------------------------- keys (text forms)
@@ -340,8 +345,9 @@ def consume_initiation(me: Identity, msg: bytes,
     peer's last one and the rate limit, and only then answers.
 
     ``static_secret``: a callable giving DH(our static, their static) for a
-    decrypted static key from the peer's precomputation, or None (a known
-    peer saves one DH; an unknown one costs it)."""
+    decrypted static key from the peer's precomputation (None: compute
+    it), or raising UnknownPeer: a known peer saves one DH, and an unknown
+    one costs no second DH."""
     if len(msg) != INITIATION_SIZE or msg[0] != MSG_INITIATION or msg[1:4] != b"\0\0\0":
         raise HandshakeError("not an initiation")
     (sender,) = struct.unpack_from("<I", msg, 4)
