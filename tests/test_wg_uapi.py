@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -724,6 +725,257 @@ def test_close_leaves_a_socket_file_that_is_no_longer_ours(sockdir):
     other = asyncio.run(main())
     assert os.path.exists(uapi.socket_path("wgt3", sockdir))
     other.close()
+
+
+# ---------------------------------------------------------------- tunrelay-wg, no root
+
+def tunrelay_wg() -> str:
+    """The console script, installed beside this interpreter."""
+    path = os.path.join(os.path.dirname(sys.executable), "tunrelay-wg")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: install the package "
+                    f"({sys.executable} -m pip install -e . --no-deps)", pytrace=False)
+    return path
+
+
+def test_version_and_usage():
+    done = subprocess.run([tunrelay_wg(), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("tunrelay-wg v")
+    for argv in ([], ["-f"], ["-x", "wg0"], ["a", "b"], ["-f", "a", "b"]):
+        done = subprocess.run([tunrelay_wg(), *argv], capture_output=True, text=True)
+        assert done.returncode == 2, argv
+        assert "Usage: tunrelay-wg [-f/--foreground] INTERFACE-NAME" in done.stderr
+
+
+# ---------------------------------------------------------------- tunrelay-wg, root
+
+def require_tools(*names: str) -> None:
+    from _root import require_root
+    require_root()
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        reason = f"needs {', '.join(missing)} (scripts/install-system-deps)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot run under CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def ns():
+    """A namespace of our own (removed afterwards, with what runs in it),
+    and an interface name no one else uses: (Namespaces, ns, ifname)."""
+    require_tools("wg")
+    from tunrelay.testrig.netns import Namespaces
+    with Namespaces() as spaces:
+        name = spaces.base + "u"
+        spaces.add_namespace(name)
+        ifname = spaces.base + "w"
+        try:
+            yield spaces, name, ifname
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SOCKET_DIR, f"{ifname}.sock"))
+
+
+def sock_of(ifname: str) -> str:
+    return os.path.join(SOCKET_DIR, f"{ifname}.sock")
+
+
+def in_ns(name: str, *argv: str, check: bool = True, env: dict | None = None,
+          input: str | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env}, input=input,
+                          timeout=60)
+    if check:
+        assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+    return done
+
+
+def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def pids_in(name: str) -> list[str]:
+    return subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                          text=True).stdout.split()
+
+
+def link_exists(name: str, ifname: str) -> bool:
+    return subprocess.run(["ip", "-n", name, "link", "show", "dev", ifname],
+                          capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def foreground(spaces, name: str, ifname: str, log_level: str = "verbose"):
+    """``tunrelay-wg -f IFNAME`` in the namespace, answering on its socket."""
+    import tempfile
+    out = tempfile.TemporaryFile()
+    proc = spaces.popen(name, ["env", f"LOG_LEVEL={log_level}", tunrelay_wg(), "-f", ifname],
+                        stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_socket(sock_of(ifname), proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+        out.seek(0)
+        print("----- tunrelay-wg log -----\n" + out.read().decode(errors="replace"))
+        out.close()
+
+
+@pytest.mark.root
+def test_the_recorded_exchange_against_a_live_tunrelay_wg(ns):
+    """The same bytes wireguard-go was sent, sent to tunrelay-wg with its
+    real WireGuardDevice: the same replies."""
+    spaces, name, ifname = ns
+    with foreground(spaces, name, ifname) as proc:
+        replies = run_steps(sock_of(ifname), name, STEPS)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    recorded = read_recording()
+    assert not differences(recorded, replies), "\n".join(differences(recorded, replies))
+    assert not os.path.exists(sock_of(ifname))
+
+
+@pytest.mark.root
+def test_background_start_wg_set_show_showconf_setconf_and_ip_link_del(ns, tmp_path):
+    spaces, name, ifname = ns
+    done = in_ns(name, tunrelay_wg(), ifname)
+    # The parent returned 0: the interface and the socket are there now,
+    # down and without addresses, as wg-quick expects them.
+    assert os.path.exists(sock_of(ifname))
+    link = in_ns(name, "ip", "-o", "link", "show", "dev", ifname).stdout
+    assert "mtu 1420" in link and "state DOWN" in link
+    assert not in_ns(name, "ip", "-o", "addr", "show", "dev", ifname).stdout.strip()
+    assert done.stdout == "" and done.stderr == ""
+    assert pids_in(name), "the daemon is not running in the background"
+
+    key = in_ns(name, "wg", "genkey").stdout.strip()
+    public = in_ns(name, "wg", "pubkey", input=key + "\n").stdout.strip()
+    peer = in_ns(name, "wg", "pubkey", input=in_ns(name, "wg", "genkey").stdout).stdout.strip()
+    psk = in_ns(name, "wg", "genpsk").stdout.strip()
+    keyfile, pskfile = tmp_path / "key", tmp_path / "psk"
+    keyfile.write_text(key + "\n")
+    pskfile.write_text(psk + "\n")
+    in_ns(name, "wg", "set", ifname, "private-key", str(keyfile), "listen-port", "51822",
+          "peer", peer, "preshared-key", str(pskfile), "allowed-ips",
+          "10.5.0.2/32,fd00:5::2/128", "endpoint", "[fd00:5::9]:51820",
+          "persistent-keepalive", "25")
+    assert in_ns(name, "wg", "show", ifname, "public-key").stdout.strip() == public
+    assert in_ns(name, "wg", "show", ifname, "dump").stdout.split("\n") == [
+        f"{key}\t{public}\t51822\toff",
+        f"{peer}\t{psk}\t[fd00:5::9]:51820\t10.5.0.2/32,fd00:5::2/128\t0\t0\t0\t25", ""]
+    assert in_ns(name, "wg", "showconf", ifname).stdout == (
+        f"[Interface]\nListenPort = 51822\nPrivateKey = {key}\n\n"
+        f"[Peer]\nPublicKey = {peer}\nPresharedKey = {psk}\n"
+        f"AllowedIPs = 10.5.0.2/32, fd00:5::2/128\nEndpoint = [fd00:5::9]:51820\n"
+        f"PersistentKeepalive = 25\n")
+    shown = in_ns(name, "wg", "show", ifname).stdout
+    assert f"peer: {peer}" in shown and "listening port: 51822" in shown
+
+    # setconf replaces everything: the old peer goes, the new one comes.
+    other = in_ns(name, "wg", "pubkey", input=in_ns(name, "wg", "genkey").stdout).stdout.strip()
+    conf = tmp_path / "set.conf"
+    conf.write_text(f"[Interface]\nPrivateKey = {key}\nListenPort = 51823\nFwMark = 0x2a\n\n"
+                    f"[Peer]\nPublicKey = {other}\nAllowedIPs = 10.6.0.0/16\n"
+                    f"Endpoint = 192.0.2.3:4000\n")
+    in_ns(name, "wg", "setconf", ifname, str(conf))
+    assert in_ns(name, "wg", "showconf", ifname).stdout == (
+        f"[Interface]\nListenPort = 51823\nFwMark = 0x2a\nPrivateKey = {key}\n\n"
+        f"[Peer]\nPublicKey = {other}\nAllowedIPs = 10.6.0.0/16\n"
+        f"Endpoint = 192.0.2.3:4000\n")
+    # A mistake is refused with wg's message for the daemon's errno.
+    bad = in_ns(name, "wg", "set", ifname, "peer", other, "endpoint", "[::1]:0", check=False)
+    assert bad.returncode != 0
+
+    # `ip link del` (what wg-quick down does): the daemon exits, its socket goes.
+    in_ns(name, "ip", "link", "del", "dev", ifname)
+    wait_until(lambda: not pids_in(name), "tunrelay-wg to exit after ip link del")
+    assert not os.path.exists(sock_of(ifname))
+
+
+@pytest.mark.root
+def test_a_second_daemon_for_the_interface_is_refused(ns):
+    spaces, name, ifname = ns
+    with foreground(spaces, name, ifname):
+        again = in_ns(name, tunrelay_wg(), ifname, check=False)
+        assert again.returncode == 1
+        assert "in use" in again.stderr and "UAPI listen error" in again.stderr
+        assert exchange(sock_of(ifname), GET).endswith(b"errno=0\n\n")  # undisturbed
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_it_and_removes_socket_and_interface(ns, signum):
+    spaces, name, ifname = ns
+    with foreground(spaces, name, ifname) as proc:
+        proc.send_signal(signum)
+        assert proc.wait(30) == 0
+    assert not os.path.exists(sock_of(ifname))
+    assert not link_exists(name, ifname)
+
+
+@pytest.mark.root
+def test_removing_the_socket_file_stops_it(ns):
+    """As wireguard-go, which watches the file with inotify."""
+    spaces, name, ifname = ns
+    with foreground(spaces, name, ifname) as proc:
+        os.unlink(sock_of(ifname))
+        assert proc.wait(30) == 0
+    assert not link_exists(name, ifname)
+
+
+@pytest.mark.root
+def test_a_failed_start_says_why_and_leaves_nothing(ns):
+    spaces, name, ifname = ns
+    done = in_ns(name, tunrelay_wg(), "x" * 16, check=False)
+    assert done.returncode == 1
+    assert "Failed to create TUN device" in done.stderr and "IFNAMSIZ" in done.stderr
+    done = in_ns(name, "env", "LOG_LEVEL=silent", tunrelay_wg(), "x" * 16, check=False)
+    assert done.returncode == 1 and "Failed to create TUN device" in done.stderr
+
+
+@pytest.mark.root
+def test_wg_quick_up_and_down_with_tunrelay_wg(ns, tmp_path):
+    """wg-quick takes the userspace path only when `ip link add type
+    wireguard` fails and /sys/module/wireguard does not exist."""
+    require_tools("wg-quick")
+    if os.path.exists("/sys/module/wireguard"):
+        reason = ("the wireguard kernel module is loaded: wg-quick uses it and never "
+                  "runs WG_QUICK_USERSPACE_IMPLEMENTATION")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot run under CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    spaces, name, ifname = ns
+    key = in_ns(name, "wg", "genkey").stdout.strip()
+    peer = in_ns(name, "wg", "pubkey", input=in_ns(name, "wg", "genkey").stdout).stdout.strip()
+    conf = tmp_path / f"{ifname}.conf"
+    conf.write_text(f"[Interface]\nPrivateKey = {key}\nAddress = 10.44.0.1/24, fd44::1/64\n"
+                    f"ListenPort = 51824\nMTU = 1380\n\n"
+                    f"[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.44.0.2/32, fd44::2/128\n"
+                    f"Endpoint = 192.0.2.4:51820\nPersistentKeepalive = 15\n")
+    conf.chmod(0o600)
+    env = {"WG_QUICK_USERSPACE_IMPLEMENTATION": tunrelay_wg()}
+    up = in_ns(name, "wg-quick", "up", str(conf), env=env)
+    assert tunrelay_wg() in up.stderr                      # it ran us
+    assert pids_in(name)
+    addresses = in_ns(name, "ip", "-o", "addr", "show", "dev", ifname).stdout
+    assert "10.44.0.1/24" in addresses and "fd44::1/64" in addresses
+    link = in_ns(name, "ip", "-o", "link", "show", "dev", ifname).stdout
+    assert "mtu 1380" in link and ",UP" in link
+    assert in_ns(name, "wg", "show", ifname, "dump").stdout.split("\n")[1].split("\t") == [
+        peer, "(none)", "192.0.2.4:51820", "10.44.0.2/32,fd44::2/128", "0", "0", "0", "15"]
+    routes = in_ns(name, "ip", "route", "show", "dev", ifname).stdout
+    assert "10.44.0.2" in routes or "10.44.0.0/24" in routes
+    in_ns(name, "wg-quick", "down", str(conf), env=env)
+    wait_until(lambda: not pids_in(name), "tunrelay-wg to exit after wg-quick down")
+    assert not os.path.exists(sock_of(ifname))
+    assert not link_exists(name, ifname)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ stay attached only when LOG_LEVEL is set (and not silent), as in
 wireguard-go; otherwise they go to /dev/null.
 
 ``TUNRELAY_WG_QUEUES`` (default 1) opens the TUN device with that many
-queues, one pump each.
+queues, one pump each; ``TUNRELAY_WG_OFFLOAD=off`` opens it without TUN
+offloads (by default they are used where the kernel has them, as
+``tunrelay run`` does with ``offload = "auto"``).
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   os.environ.get("TUNRELAY_WG_QUEUES"))
         return 1
     try:
-        tun_fds, ifname = create_tun(ifname, queues)
+        offload = os.environ.get("TUNRELAY_WG_OFFLOAD", "auto") not in ("off", "0", "false")
+        tun_fds, ifname = create_tun(ifname, queues, offload)
     except Exception as exc:
         _report(ifname, f"Failed to create TUN device: {exc}")
         return 1
@@ -177,14 +180,26 @@ def _report(ifname: str, message: str) -> None:
 
 # ---------------------------------------------------------------- set-up
 
-def create_tun(name: str, queues: int = 1) -> tuple[list[int], str]:
-    """The TUN device (multi-queue, IFF_NO_PI), MTU 1420, left down."""
+def create_tun(name: str, queues: int = 1, offload: bool = True) -> tuple[list[int], str]:
+    """The TUN device (multi-queue, IFF_NO_PI), MTU 1420, left down.  With
+    ``offload`` its fds carry virtio_net_hdrs and TSO/USO are asked for; the
+    device sees that on the fds (its offload "auto")."""
     from ..daemon.device import open_tun
-    fd, ifname = open_tun(name, "tun", multi_queue=True)
+    from ..errors import DeviceError
+    fd, ifname = open_tun(name, "tun", multi_queue=True, vnet_hdr=offload)
     fds = [fd]
     try:
         for _ in range(queues - 1):
-            fds.append(open_tun(ifname, "tun", multi_queue=True)[0])
+            fds.append(open_tun(ifname, "tun", multi_queue=True, vnet_hdr=offload)[0])
+        if offload:
+            from ..daemon.device import enable_offloads
+            try:
+                for queue in fds:
+                    enable_offloads(queue)
+            except DeviceError as exc:
+                # The fds still carry virtio_net_hdrs; the kernel just sends
+                # no super-packets.
+                log.debug("%s; carrying on without TUN offloads", exc)
         _set_mtu(ifname, DEFAULT_MTU)
     except BaseException:
         _close_all(fds)
