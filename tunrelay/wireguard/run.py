@@ -162,13 +162,25 @@ class WgRunner:
         self._seen: dict[bytes, tuple[float | None, tuple[str, int] | None]] = {}
 
     def run(self) -> None:
-        check_own_key(self.settings)
-        asyncio.run(self._main())
+        """The TUN device is made before the event loop runs and closed
+        after it ended: pyroute2's netlink calls run an event loop of their
+        own, which cannot run inside ours."""
+        from ..daemon.device import Device
+        s = self.settings
+        check_own_key(s)
+        # Offloads as the relay asks for them; the device sees from the fds
+        # whether they carry virtio_net_hdrs.
+        self.device = Device(s.device, log=logging.getLogger("tunrelay.daemon.device"),
+                             offload=s.offload)
+        self.device.open()
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._close_device()
 
     # ------------------------------------------------------------ lifecycle
 
     async def _main(self) -> None:
-        from ..daemon.device import Device
         from ..daemon.privileges import drop_privileges
         from ..daemon.stats import ControlServer
         from .device import WireGuardDevice
@@ -179,15 +191,13 @@ class WgRunner:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
         self._loop.add_signal_handler(
             signal.SIGHUP, lambda: log.info("SIGHUP: ignored (nothing to reload)"))
-        self.device = Device(s.device, log=logging.getLogger("tunrelay.daemon.device"),
-                             offload=False)
+        assert self.device is not None
         try:
-            self.device.open()
             self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
                                                   timers=self.timers, bind=s.bind)
             await self.wg.start()
-            log.info("wireguard: device %s, public key %s, listening on port %d (%s), %d peer%s",
-                     self.device.name, _b64(self.wg.public_key), self.wg.listen_port, s.bind,
+            log.info("wireguard: device %s, public key %s, bound to %s, %d peer%s",
+                     self.device.name, _b64(self.wg.public_key), s.bind,
                      len(s.wg.peers), "" if len(s.wg.peers) == 1 else "s")
             self._remember_peers()
             self._control = ControlServer(s.control_socket, self._snapshot_from_thread)
@@ -235,8 +245,9 @@ class WgRunner:
         return None
 
     async def _close(self) -> None:
-        """Stop the device's pumps (joined), then the control socket, then
-        the TUN fds: never close an fd a loop may still be blocked on."""
+        """Stop the device's pumps (joined), then the control socket; the
+        TUN fds close after (``_close_device``): never close an fd a loop
+        may still be blocked on."""
         if self.wg is not None:
             try:
                 await self.wg.stop()
@@ -245,6 +256,10 @@ class WgRunner:
         if self._control is not None:
             self._control.close()
             self._control = None
+
+    def _close_device(self) -> None:
+        if self.wg is not None and self.wg.running:
+            return  # its pumps could not be stopped: leave the fds to the exit
         if self.device is not None and self.device.fds:
             name = self.device.name
             self.device.close()
@@ -333,10 +348,14 @@ class WgRunner:
         wg = self.wg
         if wg is None:
             return snap
-        counters = _jsonable(wg.stats())
-        pumps = counters.get("pumps") if isinstance(counters, dict) else None
-        if isinstance(pumps, dict) and "egress" in pumps and "ingress" in pumps:
-            snap.update(egress=pumps["egress"], ingress=pumps["ingress"])
+        from ..daemon.relay import sum_counters
+        raw = wg.stats()
+        pumps = raw.get("pumps")
+        if isinstance(pumps, list) and pumps:
+            # The queues' pumps read as one, as the relay shows them.
+            summed = sum_counters(pumps)
+            snap.update(egress=summed["egress"], ingress=summed["ingress"])
+        counters = _jsonable(raw)
         snap["wireguard"] = {
             "public_key": _b64(wg.public_key), "listen_port": wg.listen_port,
             "fwmark": wg.fwmark, "counters": counters,
