@@ -402,6 +402,19 @@ def test_toml_wireguard_defaults(tmp_path):
     assert load(toml(tmp_path, "[device]\nmtu = 1300\n")).device.mtu == 1300
 
 
+def test_toml_wireguard_ipv6_endpoint_keeps_the_wireguard_port(tmp_path):
+    """A peer reached over IPv6 needs a dual-stack socket, which the
+    WireGuard default listen ("[::]:51820") already is."""
+    cfg = load(toml(tmp_path, peers=peer_with('endpoint = "[2001:db8::9]:51820"')))
+    assert str(cfg.transport.listen) == "[::]:51820"
+    v4 = toml(tmp_path, WG_HEAD.replace('framing = "wireguard"\n',
+                                        'framing = "wireguard"\nlisten = "0.0.0.0:51820"\n'),
+              peers=peer_with('endpoint = "[2001:db8::9]:51820"'))
+    with pytest.raises(ConfigError, match=r'\[peer #1 "office"\] endpoint: expected the address '
+                                          r"family of \[transport\] listen 0.0.0.0:51820"):
+        load(v4)
+
+
 def test_toml_wireguard_round_trip(tmp_path):
     cfg = load(full_toml(tmp_path))
     again = loads(to_toml(cfg), cfg.path)
@@ -502,6 +515,7 @@ BAD_TOML = [
     ('[security]\ncipher = "aes-256-gcm"\n', None, "security.cipher", "ChaCha20-Poly1305"),
     ('[relay]\nengine = "python"\n', None, "relay.engine", "the Python pump has no sessions"),
     ('[device]\nmode = "tap"\n', None, "device.mode", "WireGuard carries IP packets"),
+    ("[relay]\nbatch = 32\n", None, "relay.batch", "sizes its pumps' batches itself"),
 ]
 
 
@@ -638,6 +652,12 @@ def test_cli_pubkey_agrees_with_wg_when_installed():
     assert mine == theirs
 
 
+def test_cli_run_wg_config_user_must_exist(tmp_path):
+    conf = write(tmp_path, f"[Interface]\nPrivateKey = {B64(PRIVATE)}\n")
+    done = tunrelay("run", "--wg-config", str(conf), "--user", "no-such-user-here")
+    assert done.returncode == 2 and "not a user on this system" in done.stderr
+
+
 def test_cli_main_in_process(tmp_path, capsys):
     """The same through main(), for coverage of the error mapping."""
     conf = write(tmp_path, "[Peer]\nAllowedIPs = 10.0.0.0/24\n")
@@ -674,3 +694,4 @@ def test_format_table_of_a_wireguard_snapshot():
     other = next(line for line in text.splitlines() if line.startswith(short_key(PEER2)))
     assert "never" in other and "(unknown)" in other
     assert "handshakes.completed 3" in text and "refused" not in text  # zeros left out
+    assert "egress" not in text  # no pump counters in this snapshot: no table of them

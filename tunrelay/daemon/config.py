@@ -574,6 +574,9 @@ def _with_wireguard(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Con
         raise tables["relay"].error("engine", f'expected "fast" with {why}, got '
                                               f'"{cfg.relay.engine}": the Python pump has no '
                                               "sessions")
+    if "batch" in tables["relay"].data:
+        raise tables["relay"].error("batch", f"does not apply to {why}: the WireGuard device "
+                                             "sizes its pumps' batches itself; remove batch")
     security = tables["security"]
     for key, reason in _NOT_WIREGUARD.items():
         if key in security.data:
@@ -1179,7 +1182,7 @@ def _with_peers(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Config:
             "engine", f'expected "fast" with [[peer]] tables, got "{cfg.relay.engine}": the '
             "Python pump serves one peer")
     listen = t.listen
-    if "listen" not in tables["transport"].data and any(
+    if "listen" not in tables["transport"].data and t.framing != WIREGUARD and any(
             p.endpoint is not None and p.endpoint.family == socket.AF_INET6 for p in cfg.peers):
         # Dual stack: an IPv6 socket on "::" reaches IPv4 peers too.
         listen = Endpoint("::", DEFAULT_PORT)
@@ -1268,6 +1271,7 @@ def to_toml(cfg: Config) -> str:
     if wg is not None:
         for key in _NOT_WIREGUARD:
             tables["security"][key] = None
+        tables["relay"]["batch"] = None
         tables[WIREGUARD] = {"private_key_file": wg.private_key_file, "fwmark": wg.fwmark}
     lines = []
     for name, values in tables.items():

@@ -108,11 +108,18 @@ def format_wg_peers(peers: list, now: float | None = None) -> list[str]:
             for row in rows]
 
 
+#: Numbers in a WireGuard device's stats that are facts, not counters
+#: (the header shows them), and its per-pump list (summed above it).
+_NOT_COUNTERS = ("peers", "listen_port", "under_load", "pumps")
+
+
 def format_counters(counters: dict, prefix: str = "") -> list[str]:
     """A device's nested counters, one ``name value`` line each (dotted
     names for nesting), the zeros left out; ``--json`` has them all."""
     lines = []
     for key, value in counters.items():
+        if not prefix and key in _NOT_COUNTERS:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             lines.extend(format_counters(value, name + "."))
