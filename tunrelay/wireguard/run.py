@@ -46,8 +46,12 @@ __all__ = ["Settings", "from_relay_config_settings", "from_wg_quick", "run", "in
 
 log = logging.getLogger("tunrelay.wireguard.run")
 
-#: How often the peers are looked at for new handshakes and endpoints.
+#: How often the peers are looked at for new handshakes and endpoints, and
+#: how many at most each time: a hub of 10,000 peers is looked at in turns
+#: (each peer every 20 s) rather than costing the event loop a scan of all
+#: of them every second.
 WATCH_INTERVAL_S = 1.0
+WATCH_PEERS_PER_TICK = 512
 #: How long the control socket waits for the event loop's snapshot.
 SNAPSHOT_TIMEOUT_S = 2.0
 # wg-quick's rule for an interface name taken from a file name.
@@ -160,6 +164,7 @@ class WgRunner:
         self._state = "starting"
         self._started = time.monotonic()
         self._seen: dict[bytes, tuple[float | None, tuple[str, int] | None]] = {}
+        self._watch_from = 0
 
     def run(self) -> None:
         """The TUN device is made before the event loop runs and closed
@@ -292,7 +297,12 @@ class WgRunner:
 
     def _log_peer_changes(self) -> None:
         assert self.wg is not None
-        for key in self.wg.peers():
+        keys = self.wg.peers()
+        if len(keys) > WATCH_PEERS_PER_TICK:
+            start = self._watch_from % len(keys)
+            keys = (keys[start:] + keys[:start])[:WATCH_PEERS_PER_TICK]
+            self._watch_from = start + WATCH_PEERS_PER_TICK
+        for key in keys:
             status = self.wg.peer_status(key)
             before_handshake, before_endpoint = self._seen.get(key, (None, None))
             label = status.name or short_key(key)
