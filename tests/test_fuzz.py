@@ -51,7 +51,7 @@ import fuzz_common as fc  # noqa: E402
 import make_corpus  # noqa: E402
 
 #: Inputs per short run: about 10-20 s each on a 2-core machine.
-RUNS = {"fuzz_ingress": 6000, "fuzz_len16": 4000, "fuzz_peers": 3000}
+RUNS = {"fuzz_ingress": 6000, "fuzz_len16": 4000, "fuzz_peers": 3000, "fuzz_wg_handshake": 3000}
 MAX_LEN = 4096
 #: A fixed libFuzzer seed keeps CI repeatable; TUNRELAY_FUZZ_SEED varies it.
 SEED = os.environ.get("TUNRELAY_FUZZ_SEED", "20240604")

@@ -992,6 +992,8 @@ class WireGuardDevice:
         if peer.current_index is None:
             self._initiate(peer, "keepalive")
             return
+        if not self._pumps:
+            return
         try:
             self._pumps[0].send_keepalive(peer.table_id)
         except PumpStateError:
