@@ -7,8 +7,8 @@ consumes.  They come from:
   ``load_wg_config`` (``tunrelay run --wg-config wg0.conf``), so an
   existing WireGuard set-up moves over unchanged;
 - the TOML file with ``framing = "wireguard"``: ``daemon/config.py``
-  checks it (and reads the key files with ``read_key_file`` here), and
-  ``from_relay_config`` turns it into a ``WgConfig``.
+  checks it and reads its key files (``read_key_file``, re-exported
+  here), and ``from_relay_config`` turns it into a ``WgConfig``.
 
 Every problem is a ``ConfigError`` naming the file, the line (INI) or the
 key (TOML), and what was expected.  Only the standard library is imported:
@@ -30,8 +30,11 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Callable
 
-from ..daemon.config import (KEY_B64_LEN, KEY_LEN, Config, Endpoint, decode_key, key_expected,
-                             parse_endpoint, read_key_file)
+from ..daemon.config import IPV6_MIN_MTU, KEY_LEN, MAX_FWMARK, MAX_KEEPALIVE, MAX_MTU, MIN_MTU
+from ..daemon.config import WG_DEFAULT_MTU as DEFAULT_MTU
+from ..daemon.config import WG_DEFAULT_PORT as DEFAULT_PORT
+from ..daemon.config import (Config, Endpoint, decode_key, key_expected, parse_endpoint,
+                             read_key_file)
 from ..errors import ConfigError
 
 __all__ = ["PeerConfig", "WgConfig", "WgQuickFile", "load_wg_config", "read_wg_quick",
@@ -39,15 +42,6 @@ __all__ = ["PeerConfig", "WgConfig", "WgQuickFile", "load_wg_config", "read_wg_q
            "DEFAULT_MTU", "DEFAULT_PORT", "KEY_LEN"]
 
 log = logging.getLogger("tunrelay.wireguard.config")
-
-#: 1500 - 80: an IPv6 outer header (40), UDP (8) and the data message's
-#: own 32 bytes (type, index, counter, tag), as wg-quick and wireguard-go.
-DEFAULT_MTU = 1420
-#: The TOML file's default listen port when [transport] listen is absent.
-DEFAULT_PORT = 51820
-MAX_KEEPALIVE = 65535
-MAX_FWMARK = 2**32 - 1
-MIN_MTU, MAX_MTU, IPV6_MIN_MTU = 68, 65535, 1280
 
 Network = IPv4Network | IPv6Network
 Interface = IPv4Interface | IPv6Interface
