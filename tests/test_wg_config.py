@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunrelay.daemon.cli import main as cli_main
 from tunrelay.daemon.config import load, loads, to_toml
@@ -29,6 +31,7 @@ from tunrelay.wireguard.config import (
     load_wg_config,
     quick_routes,
     read_wg_quick,
+    to_wg_config,
 )
 from tunrelay.wireguard.noise import generate_private_key, key_to_base64, private_to_public
 from tunrelay.wireguard.run import (
@@ -129,6 +132,21 @@ def test_realistic_wg_quick_file(tmp_path, caplog):
     assert "DNS, PostUp, PostDown, SaveConfig" in warnings[0] and "wg0.conf" in warnings[0]
     # Table = auto: every allowed IP is routed into the device, as wg-quick does.
     assert quick_routes(q) == laptop.allowed_ips + office.allowed_ips
+
+
+def test_realistic_wg_quick_file_round_trip(tmp_path):
+    """Written back (the keys tunrelay uses, as `wg showconf` orders them)
+    and read again: the same configuration."""
+    first = quick(tmp_path, REALISTIC).config
+    text = to_wg_config(first)
+    again = quick(tmp_path, text, "again.conf").config
+    assert again == first
+    assert [p.preshared_key for p in again.peers] == [PSK, None]
+    assert "PostUp" not in text and f"PrivateKey = {B64(PRIVATE)}" in text
+    assert "FwMark = 0x1234" in text and "Endpoint = 192.0.2.44:51821" in text
+    v6 = WgConfig(private_key=None, peers=(PeerConfig(public_key=PEER1,
+                                                      endpoint=("2001:db8::1", 51820)),))
+    assert quick(tmp_path, to_wg_config(v6), "v6.conf").config == v6
 
 
 def test_wg_quick_settings_name_the_device_after_the_file(tmp_path):
@@ -277,6 +295,26 @@ def test_bad_wg_quick_file(tmp_path, text, line, key, message):
     assert text.startswith(f"{path}: line {line}: {key}"), text
     assert message in text, text
     assert info.value.path == str(path)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([
+    "[Interface]", "[Peer]", "[peer]", "[Other]", "", "# c", "=", "x = y",
+    f"PrivateKey = {B64(PRIVATE)}", f"PublicKey = {B64(PEER1)}", f"PublicKey = {B64(PEER2)}",
+    "ListenPort = 51820", "ListenPort = -1", "FwMark = 0x10", "MTU = 1280", "MTU = 1279",
+    "Address = fd00::1/64", "Address = 10.0.0.1", "AllowedIPs = 10.0.0.0/8, ::/0",
+    "AllowedIPs = 10.0.0.0/8", "Endpoint = [::1]:1", "Endpoint = 1.2.3.4:5", "Endpoint = x:1",
+    "PersistentKeepalive = off", "PersistentKeepalive = 99999", "Table = off", "DNS = 1.1.1.1",
+    "PresharedKey = abc"]), max_size=12), st.text(max_size=30))
+def test_any_wg_quick_text_reads_or_is_a_config_error(tmp_path, lines, noise):
+    """Whatever the lines, the reader returns a configuration or a
+    ConfigError naming the file; it never crashes."""
+    path = write(tmp_path, "\n".join(lines) + "\n" + noise)
+    try:
+        read_wg_quick(path, resolve=no_dns)
+    except ConfigError as exc:
+        assert exc.path == str(path)
 
 
 def test_unreadable_and_not_utf8_wg_quick_files(tmp_path):

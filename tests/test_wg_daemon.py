@@ -2,8 +2,9 @@
 two network namespaces (a Testbed) joined by a veth.
 
 Side A runs `tunrelay run --config a.toml` with framing = "wireguard",
-bound to its underlay address, with a pre-shared key and [security] user
-= "nobody" (privileges dropped once the device and sockets are open).
+bound to its underlay address, two queues, a pre-shared key and
+[security] user = "nobody" (privileges dropped once the device and
+sockets are open).
 Side B runs `tunrelay run --wg-config <name>.conf`, a wg-quick file with
 a PostUp hook (ignored) and no Endpoint for A: B learns where A is from
 A's handshake, as a WireGuard server learns its clients.  Its interface
@@ -78,6 +79,7 @@ class WgPair:
 [device]
 name = "{self.dev_a}"
 address = ["{A}/24", "{A6}/64"]
+queues = 2
 
 [transport]
 framing = "wireguard"
@@ -239,6 +241,7 @@ def test_stats_show_the_peer_and_its_handshake(pair):
     assert done.returncode == 0, done.stderr
     a = json.loads(done.stdout)
     assert a["framing"] == "wireguard" and a["state"] == "running"
+    assert a["queues"] == 2   # [device] queues: one pump and socket per queue
     assert a["wireguard"]["public_key"] == key_to_base64(pair.pub_a)
     assert a["wireguard"]["listen_port"] == PORT_A
     (bee,) = a["wg_peers"]

@@ -38,6 +38,7 @@ from ..daemon.config import (Config, Endpoint, decode_key, key_expected, parse_e
 from ..errors import ConfigError
 
 __all__ = ["PeerConfig", "WgConfig", "WgQuickFile", "load_wg_config", "read_wg_quick",
+           "to_wg_config",
            "decode_key", "read_key_file", "from_relay_config", "quick_routes",
            "DEFAULT_MTU", "DEFAULT_PORT", "KEY_LEN"]
 
@@ -402,6 +403,41 @@ def _resolve(host: str, port: int) -> tuple[str, int]:
         raise OSError(f"no address for {host}")
     sockaddr = infos[0][4]
     return str(sockaddr[0]), int(sockaddr[1])
+
+
+def to_wg_config(config: WgConfig) -> str:
+    """``config`` as a wg-quick file, the keys in ``wg showconf``'s order
+    (with wg-quick's Address and MTU first), so ``read_wg_quick`` reads
+    back the same ``WgConfig``.  Peer names have no place in the format
+    and are left out; so are the keys tunrelay ignores."""
+    import base64
+
+    def b64(key: bytes) -> str:
+        return base64.b64encode(key).decode("ascii")
+
+    lines = ["[Interface]"]
+    if config.addresses:
+        lines.append(f"Address = {', '.join(str(a) for a in config.addresses)}")
+    if config.mtu is not None:
+        lines.append(f"MTU = {config.mtu}")
+    if config.listen_port:
+        lines.append(f"ListenPort = {config.listen_port}")
+    if config.fwmark:
+        lines.append(f"FwMark = {config.fwmark:#x}")
+    if config.private_key is not None:
+        lines.append(f"PrivateKey = {b64(config.private_key)}")
+    for peer in config.peers:
+        lines += ["", "[Peer]", f"PublicKey = {b64(peer.public_key)}"]
+        if peer.preshared_key is not None:
+            lines.append(f"PresharedKey = {b64(peer.preshared_key)}")
+        if peer.allowed_ips:
+            lines.append(f"AllowedIPs = {', '.join(str(n) for n in peer.allowed_ips)}")
+        if peer.endpoint is not None:
+            host, port = peer.endpoint
+            lines.append(f"Endpoint = {f'[{host}]' if ':' in host else host}:{port}")
+        if peer.persistent_keepalive:
+            lines.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
+    return "\n".join(lines) + "\n"
 
 
 def quick_routes(quick: WgQuickFile) -> tuple[Network, ...]:
