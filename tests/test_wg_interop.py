@@ -1,0 +1,485 @@
+"""tunrelay speaks WireGuard to wireguard-go (issue 9), in two namespaces.
+
+tunrelay runs in namespace a as ``tunrelay run --config`` with ``framing =
+"wireguard"`` (or as ``tunrelay-wg`` driven by ``wg``), wireguard-go in
+namespace b configured with ``wg set``; tests/wgrig.py builds them.  Each
+test checks one thing a WireGuard user relies on:
+
+* each side initiating, the responder knowing no endpoint beforehand
+  (it learns it from the handshake), over an IPv4 and an IPv6 underlay,
+  IPv4 and IPv6 inside; the first ping of a cold tunnel waits for the
+  handshake instead of being lost;
+* bytes arrive exactly (a TCP transfer with a SHA-256 on both ends) and
+  packets of every padding remainder up to the MTU pass;
+* a peer killed and started again (either side) is talked to again;
+* roaming: when one side's address changes, the other side's endpoint
+  follows its newest authenticated packet;
+* ``wg show`` / ``wg showconf`` / ``wg set`` against ``tunrelay-wg``,
+  its fork to the background, and ``wg-quick`` using it;
+* a rekey under traffic with the tunrelay side's timers shortened.
+
+Tests that must wait for wireguard-go's own fixed timers (its 120 s rekey,
+its 15 s "no reply, handshake again") run only with TUNRELAY_WG_SOAK=1,
+which ``make soak`` sets: the default run stays near a minute.
+
+Every test runs wireguard-go as installed (``make test`` installs it; the
+version is printed in the test's output).  A control test runs
+wireguard-go against itself through the same rig, so a broken rig or
+wireguard-go shows there, not as a tunrelay failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests._root import require_root
+from tests.wgrig import (INNER, PORT, Keypair, TunrelayPeer, TunrelayWg, WgBed, WireguardGo,
+                         all_logs, endpoint, expected_digest, genpsk, missing_tools, ping,
+                         ping_once, same_host, split_endpoint, transfer, tunrelay_wg_argv,
+                         tunrelay_wg_env, wait_until, wg_quick_file, wireguard_go_version,
+                         write_secret)
+
+pytestmark = pytest.mark.root
+
+SOAK = os.environ.get("TUNRELAY_WG_SOAK") == "1"
+soak_only = pytest.mark.skipif(not SOAK, reason="waits for wireguard-go's own timers: "
+                                                "TUNRELAY_WG_SOAK=1 (make soak) runs it")
+OUTERS = [pytest.param(4, id="outer4"), pytest.param(6, id="outer6")]
+TRANSFER_BYTES = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def bed():
+    require_root()
+    reason = missing_tools()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"WireGuard interop cannot run under CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    print(f"peer: {wireguard_go_version()}")
+    with WgBed() as tb:
+        yield tb
+
+
+@pytest.fixture
+def parties():
+    """What a test started; their logs are printed at teardown (pytest
+    shows them when the test failed)."""
+    started: list = []
+    yield started
+    for party in started:
+        try:
+            party.stop()
+        except Exception as exc:  # the bed's close() still kills what is left
+            print(f"stopping {party}: {exc}")
+    print(all_logs(*started))
+
+
+def tunnel(bed: WgBed, parties: list, outer: int, *, tunrelay_knows: bool = True,
+           go_knows: bool = True, tr_keepalive: int = 0, psk: bool = False,
+           tr_timers: dict | None = None,
+           wg_config: bool = False) -> tuple[TunrelayPeer, WireguardGo]:
+    """tunrelay (side t) and wireguard-go (side g) as each other's one peer;
+    ``*_knows``: whether that side is given the other's endpoint;
+    ``wg_config``: tunrelay runs from a wg-quick file, not relay.toml."""
+    go_keys = Keypair.generate()
+    psk_file = write_secret(bed.path("psk"), genpsk()) if psk else None
+    tr = TunrelayPeer(bed, go_keys, psk_file=psk_file, keepalive=tr_keepalive,
+                      timers=tr_timers, wg_config=wg_config,
+                      peer_endpoint=endpoint(bed.underlay("g", outer)) if tunrelay_knows else None)
+    go = WireguardGo(bed, go_keys)
+    parties += [tr, go]
+    go.start()
+    go.configure(tr.keys, psk_file=psk_file,
+                 peer_endpoint=endpoint(bed.underlay("t", outer)) if go_knows else None)
+    tr.start()
+    return tr, go
+
+
+def other(side: str) -> str:
+    return "g" if side == "t" else "t"
+
+
+def handshake_seen(go: WireguardGo, tr: TunrelayPeer) -> int:
+    """wireguard-go's latest handshake with tunrelay (unix s, 0 = none)."""
+    return go.peer(tr.keys.public).latest_handshake
+
+
+# ---------------------------------------------------------------- control
+
+def test_rig_wireguard_go_to_itself(bed, parties):
+    """The rig with wireguard-go on both sides: what every test below
+    expects of tunrelay, shown to hold for wireguard-go itself here."""
+    a, b = WireguardGo(bed, side="t"), WireguardGo(bed)
+    parties += [a, b]
+    a.start()
+    b.start()
+    a.configure(b.keys, peer_endpoint=endpoint(bed.underlay("g", 4)))
+    b.configure(a.keys)
+    assert ping_once(bed, "t", INNER["g"][0])
+    ping(bed, "g", INNER["t"][1])
+
+
+# ---------------------------------------------------------------- handshake
+
+@pytest.mark.parametrize("outer", OUTERS)
+@pytest.mark.parametrize("initiator", ["t", "g"], ids=["tunrelay-first", "wireguard-go-first"])
+def test_each_side_initiates(bed, parties, outer, initiator):
+    """The initiator alone knows an endpoint; its first ping, sent into a
+    cold tunnel, is held for the handshake and answered; then the
+    responder, which learnt the endpoint from the handshake, pings back;
+    IPv4 and IPv6 inside."""
+    tr, go = tunnel(bed, parties, outer, tunrelay_knows=initiator == "t",
+                    go_knows=initiator == "g")
+    responder = other(initiator)
+    assert ping_once(bed, initiator, INNER[responder][0]), (
+        "the first ping into a cold tunnel was not answered (lost before or "
+        "during the handshake?)")
+    assert handshake_seen(go, tr) > 0
+    ping(bed, responder, INNER[initiator][0])
+    ping(bed, responder, INNER[initiator][1])
+    ping(bed, initiator, INNER[responder][1])
+    # Each side now names the other's underlay address.
+    seen = go.peer(tr.keys.public).endpoint
+    assert seen is not None and same_host(split_endpoint(seen)[0], bed.underlay("t", outer)), seen
+    reported = tr.peer_endpoint()
+    assert reported is not None and same_host(split_endpoint(reported)[0],
+                                              bed.underlay("g", outer)), reported
+
+
+def test_wg_quick_file_moves_over(bed, parties):
+    """``tunrelay run --wg-config wg0.conf``: an ordinary wg-quick file
+    (Address, MTU, ListenPort, [Peer]) runs tunrelay unchanged, and the
+    tunnel works both ways."""
+    tr, go = tunnel(bed, parties, 4, wg_config=True)
+    assert ping_once(bed, "t", INNER["g"][0])
+    ping(bed, "g", INNER["t"][1])
+    mtu = bed.sh(bed.ns_a, ["cat", "/sys/class/net/wg0/mtu"]).strip()
+    assert mtu == "1420"
+
+
+def test_preshared_key_and_keepalive(bed, parties):
+    """A preshared key on both sides (Noise's psk2), and tunrelay's
+    persistent keepalive: with no traffic at all, wireguard-go hears from
+    tunrelay (its handshake made by the keepalive itself)."""
+    tr, go = tunnel(bed, parties, 4, psk=True, tr_keepalive=1)
+    wait_until(lambda: go.peer(tr.keys.public).rx_bytes > 0, 15,
+               "a keepalive from tunrelay with no traffic")
+    assert handshake_seen(go, tr) > 0
+    ping(bed, "g", INNER["t"][0])
+    ping(bed, "t", INNER["g"][1])
+
+
+def test_wrong_preshared_key_gets_no_tunnel(bed, parties):
+    """Different preshared keys: no handshake completes, nothing passes."""
+    go_keys = Keypair.generate()
+    tr = TunrelayPeer(bed, go_keys, peer_endpoint=endpoint(bed.underlay("g", 4)),
+                      psk_file=write_secret(bed.path("psk-t"), genpsk()))
+    go = WireguardGo(bed, go_keys)
+    parties += [tr, go]
+    go.start()
+    go.configure(tr.keys, psk_file=write_secret(bed.path("psk-g"), genpsk()))
+    tr.start()
+    assert not ping_once(bed, "t", INNER["g"][0], wait=3)
+    assert handshake_seen(go, tr) == 0
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.mark.parametrize("outer", OUTERS)
+def test_byte_exact_transfer_both_ways(bed, parties, outer):
+    """4 MiB each way through TCP (full-MTU packets), the SHA-256 compared
+    on both ends: wireguard-go -> tunrelay over inner IPv4, tunrelay ->
+    wireguard-go over inner IPv6."""
+    tunnel(bed, parties, outer)
+    ping(bed, "g", INNER["t"][0])
+    want = expected_digest(TRANSFER_BYTES, seed=outer)
+    for sender, family in (("g", 0), ("t", 1)):
+        receiver = other(sender)
+        moved = transfer(bed, sender, receiver, INNER[receiver][family], TRANSFER_BYTES,
+                         seed=outer)
+        assert moved.sent == (TRANSFER_BYTES, want)
+        assert moved.received == (TRANSFER_BYTES, want), f"{sender} -> {receiver}"
+
+
+def test_every_padding_remainder_up_to_the_mtu(bed, parties):
+    """Echo requests of sizes covering every remainder mod 16 and the full
+    MTU (don't fragment), both ways: WireGuard pads the plaintext to a
+    multiple of 16, capped at the MTU, and each side strips the other's."""
+    tunnel(bed, parties, 4)
+    ping(bed, "t", INNER["g"][0])
+    sizes4 = list(range(0, 33)) + [1000, 1391, 1392]  # 1392 + 28 = 1420, the MTU
+    sizes6 = [0, 1, 15, 16, 17, 1371, 1372]            # 1372 + 48 = 1420
+    for side in ("t", "g"):
+        for family, sizes in ((0, sizes4), (1, sizes6)):
+            dst = INNER[other(side)][family]
+            for size in sizes:
+                done = bed.run(bed.ns(side), ["ping", "-n", "-c", "1", "-W", "3", "-M", "do",
+                                              "-s", str(size), dst],
+                               capture_output=True, text=True)
+                assert done.returncode == 0, f"{size}-byte echo {side} -> {dst}: {done.stdout}"
+
+
+# ---------------------------------------------------------------- restart
+
+@pytest.mark.parametrize("victim", ["t", "g"], ids=["tunrelay-restarts", "wireguard-go-restarts"])
+def test_peer_restart(bed, parties, victim):
+    """Kill one side (SIGKILL: no goodbye) and start it again with the same
+    keys: the restarted side talks first, its new initiation carries a
+    later timestamp than the peer has seen and is taken, and traffic
+    flows both ways again."""
+    tr, go = tunnel(bed, parties, 4)
+    ping(bed, "t", INNER["g"][0])
+    ping(bed, "g", INNER["t"][0])
+    before = handshake_seen(go, tr)
+    time.sleep(1.1)  # `wg show` counts handshakes in whole seconds
+    if victim == "t":
+        tr.stop(signal.SIGKILL)
+        tr.start()
+    else:
+        go.stop(signal.SIGKILL)
+        go.start()
+        go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    ping(bed, victim, INNER[other(victim)][0])
+    ping(bed, other(victim), INNER[victim][1])
+    assert handshake_seen(go, tr) > before
+
+
+@soak_only
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["t", "g"], ids=["tunrelay-restarts", "wireguard-go-restarts"])
+def test_peer_restart_stable_side_talks_first(bed, parties, victim):
+    """After a restart, the side that kept running talks first: its packets
+    go out under a session the restarted side no longer has, so nothing
+    comes back, and after KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s) it
+    handshakes again by itself."""
+    tr, go = tunnel(bed, parties, 4)
+    ping(bed, "t", INNER["g"][0])
+    if victim == "t":
+        tr.stop(signal.SIGKILL)
+        tr.start()
+    else:
+        go.stop(signal.SIGKILL)
+        go.start()
+        go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    ping(bed, other(victim), INNER[victim][0], timeout=45)
+    ping(bed, victim, INNER[other(victim)][0])
+
+
+# ---------------------------------------------------------------- roaming
+
+@pytest.mark.parametrize("outer", OUTERS)
+@pytest.mark.parametrize("mover", ["t", "g"], ids=["tunrelay-moves", "wireguard-go-moves"])
+def test_roaming(bed, parties, outer, mover):
+    """One side's address changes (a new one on its veth, the old one
+    removed); it talks first from the new address, and the other side's
+    endpoint follows (its replies reach the new address); then the other
+    side talks first too."""
+    tr, go = tunnel(bed, parties, outer)
+    ping(bed, "t", INNER["g"][0])
+    ping(bed, "g", INNER["t"][0])
+    new = bed.roam(mover, outer)
+    ping(bed, mover, INNER[other(mover)][0])
+    ping(bed, other(mover), INNER[mover][1])
+    if mover == "t":
+        seen = go.peer(tr.keys.public).endpoint
+        assert seen is not None and same_host(split_endpoint(seen)[0], new), seen
+    else:
+        reported = tr.peer_endpoint()
+        assert reported is not None and same_host(split_endpoint(reported)[0], new), reported
+
+
+# ---------------------------------------------------------------- tunrelay-wg
+
+def test_wg_show_against_tunrelay_wg(bed, parties):
+    """``tunrelay-wg -f`` configured and read with ``wg``, as wireguard-go
+    is: ``wg set``, ``wg show`` (human and dump), ``wg showconf``; a
+    live ``wg set`` of persistent-keepalive and of the listen port."""
+    tw = TunrelayWg(bed)
+    go = WireguardGo(bed)
+    parties += [tw, go]
+    tw.start()
+    go.start()
+    go.configure(tw.keys)
+    tw.configure(go.keys, peer_endpoint=endpoint(bed.underlay("g", 4)))
+
+    view = tw.show()
+    assert (view.private_key, view.public_key, view.listen_port, view.fwmark) == (
+        tw.keys.private, tw.keys.public, PORT, 0)
+    assert list(view.peers) == [go.keys.public]
+    peer = view.peers[go.keys.public]
+    assert peer.endpoint == endpoint(bed.underlay("g", 4))
+    assert sorted(peer.allowed_ips) == sorted([f"{INNER['g'][0]}/32", f"{INNER['g'][1]}/128"])
+    assert (peer.latest_handshake, peer.rx_bytes, peer.tx_bytes, peer.persistent_keepalive,
+            peer.preshared_key) == (0, 0, 0, 0, None)
+
+    assert ping_once(bed, "t", INNER["g"][0])
+    ping(bed, "g", INNER["t"][1])
+    peer = tw.peer(go.keys.public)
+    assert peer.latest_handshake > 0 and peer.rx_bytes > 0 and peer.tx_bytes > 0, peer
+    assert abs(peer.latest_handshake - time.time()) < 120, peer  # a wall-clock time, not 0 or 1970+uptime
+
+    human = tw.wg("show", tw.ifname)
+    for line in (f"interface: {tw.ifname}", f"public key: {tw.keys.public}",
+                 f"listening port: {PORT}", f"peer: {go.keys.public}",
+                 f"endpoint: {endpoint(bed.underlay('g', 4))}", "latest handshake:", "transfer:"):
+        assert line in human, f"{line!r} not in:\n{human}"
+    conf = tw.wg("showconf", tw.ifname)
+    for line in (f"PrivateKey = {tw.keys.private}", f"ListenPort = {PORT}",
+                 f"PublicKey = {go.keys.public}", f"Endpoint = {endpoint(bed.underlay('g', 4))}"):
+        assert line in conf, f"{line!r} not in:\n{conf}"
+
+    # Persistent keepalive set live: wireguard-go hears tunrelay-wg with no traffic.
+    tw.wg_set(["wg", "set", tw.ifname, "peer", go.keys.public, "persistent-keepalive", "1"])
+    assert tw.peer(go.keys.public).persistent_keepalive == 1
+    heard = go.peer(tw.keys.public).rx_bytes
+    wait_until(lambda: go.peer(tw.keys.public).rx_bytes > heard, 10,
+               "a persistent keepalive from tunrelay-wg")
+    # A new listen port: tunrelay-wg sends from it, wireguard-go follows.
+    tw.wg_set(["wg", "set", tw.ifname, "listen-port", str(PORT + 1)])
+    assert tw.show().listen_port == PORT + 1
+    ping(bed, "t", INNER["g"][0])
+    seen = go.peer(tw.keys.public).endpoint
+    assert seen is not None and split_endpoint(seen)[1] == PORT + 1, seen
+    ping(bed, "g", INNER["t"][0])
+
+
+def test_tunrelay_wg_forks_and_ends_with_its_interface(bed, parties):
+    """Without -f, ``tunrelay-wg IFNAME`` returns only once the interface
+    and its UAPI socket exist (wg-quick runs ``wg`` right after), leaving
+    a daemon behind; deleting the interface ends the daemon, which
+    removes its socket."""
+    ifname = bed.ifname("d")
+    sock = f"/var/run/wireguard/{ifname}.sock"
+    log = bed.path(f"{ifname}.log")
+    # To a file: the daemon keeps the parent's stdout and stderr for its log
+    # (as wireguard-go does when LOG_LEVEL is set), so a pipe never ends.
+    with open(log, "wb") as out:
+        done = bed.run(bed.ns_a, [*tunrelay_wg_argv(), ifname], stdout=out,
+                       stderr=subprocess.STDOUT, timeout=30, env=tunrelay_wg_env())
+    print(f"----- tunrelay-wg log -----\n{_read_text(log)}")
+    assert done.returncode == 0
+    assert os.path.exists(sock)
+    bed.sh(bed.ns_a, ["ip", "link", "show", "dev", ifname])
+    out = bed.sh(bed.ns_a, ["wg", "show", ifname, "dump"])
+    assert out.split("\t")[0] == "(none)", out  # no private key yet
+    assert bed.pids(bed.ns_a), "no daemon left running"
+    bed.sh(bed.ns_a, ["ip", "link", "del", "dev", ifname])
+    wait_until(lambda: not os.path.exists(sock), 10, f"{sock} removed after ip link del")
+    wait_until(lambda: not bed.pids(bed.ns_a), 10, "the daemon to exit after ip link del")
+
+
+def test_wg_quick_up_and_down_with_tunrelay_wg(bed, parties):
+    """``wg-quick up`` with WG_QUICK_USERSPACE_IMPLEMENTATION=tunrelay-wg
+    and an ordinary wg0.conf (Address, MTU, [Peer]); ``wg-quick down``."""
+    if os.path.exists("/sys/module/wireguard"):
+        reason = ("the kernel has the wireguard module: wg-quick uses it and never runs "
+                  "tunrelay-wg (run this test on a host without it)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    go = WireguardGo(bed)
+    parties.append(go)
+    go.start()
+    keys = Keypair.generate()
+    go.configure(keys)
+    ifname = bed.ifname("q")
+    conf = wg_quick_file(bed.path(f"{ifname}.conf"), keys, go.keys,
+                         peer_endpoint=endpoint(bed.underlay("g", 4)))
+    env = dict(tunrelay_wg_env(), WG_QUICK_USERSPACE_IMPLEMENTATION=" ".join(tunrelay_wg_argv()))
+    log = bed.path(f"{ifname}.log")
+    try:
+        # To a file: tunrelay-wg's daemon keeps wg-quick's stdout/stderr for
+        # its log (as wireguard-go does), so a pipe would not end.
+        with open(log, "wb") as out:
+            done = bed.run(bed.ns_a, ["wg-quick", "up", conf], stdout=out,
+                           stderr=subprocess.STDOUT, timeout=60, env=env)
+        assert done.returncode == 0, _read_text(log)
+        assert ping_once(bed, "t", INNER["g"][0])
+        ping(bed, "g", INNER["t"][1])
+        mtu = bed.sh(bed.ns_a, ["cat", f"/sys/class/net/{ifname}/mtu"]).strip()
+        assert mtu == "1420"
+    finally:
+        with open(log, "ab") as out:
+            down = bed.run(bed.ns_a, ["wg-quick", "down", conf], stdout=out,
+                           stderr=subprocess.STDOUT, timeout=60, env=env)
+        print(f"----- wg-quick and tunrelay-wg log -----\n{_read_text(log)}")
+    assert down.returncode == 0, _read_text(log)
+    wait_until(lambda: not os.path.exists(f"/var/run/wireguard/{ifname}.sock"), 10,
+               "tunrelay-wg to exit after wg-quick down")
+
+
+def _read_text(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- rekey
+
+def _ping_loss(output: str) -> tuple[int, int]:
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    assert match, output
+    return int(match.group(1)), int(match.group(2))
+
+
+#: tunrelay's timers for the rekey test, in proportion to the protocol's:
+#: a rekey every 2 s of sending; on receive the initiator rekeys past
+#: reject - keepalive - rekey_timeout = 4 s, after the 2 s one.
+FAST_TIMERS = {"rekey_after_time": 2.0, "reject_after_time": 6.0, "keepalive_timeout": 1.0,
+               "rekey_timeout": 1.0}
+
+
+def test_rekey_under_traffic(bed, parties):
+    """tunrelay initiates with REKEY_AFTER_TIME shortened to 2 s (and
+    REJECT_AFTER_TIME to 6 s, so a session it failed to replace would stop
+    the traffic): under 10 s of a paced TCP stream and a 5/s ping it
+    handshakes again several times, wireguard-go takes every new session,
+    the stream arrives intact and the ping loses at most one echo."""
+    tr, go = tunnel(bed, parties, 4, go_knows=False, tr_timers=FAST_TIMERS)
+    assert ping_once(bed, "t", INNER["g"][0])
+    first = tr.peer_row()["latest_handshake"]
+    seconds, rate = 10, 400_000
+    pinger = bed.popen(bed.ns_a, ["ping", "-n", "-q", "-i", "0.2", "-W", "2", "-w", str(seconds),
+                                  INNER["g"][1]],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    moved = transfer(bed, "t", "g", INNER["g"][0], seconds * rate, rate=rate, seed=3,
+                     timeout=seconds + 30)
+    out, _ = pinger.communicate(timeout=30)
+    assert moved.received == (seconds * rate, expected_digest(seconds * rate, seed=3))
+    initiations = go.log().count("Received handshake initiation")
+    assert initiations >= 4, f"wireguard-go saw {initiations} initiations in {seconds} s"
+    assert tr.peer_row()["latest_handshake"] > first
+    sent, received = _ping_loss(out)
+    assert sent - received <= 1, out
+
+
+@soak_only
+@pytest.mark.slow
+@pytest.mark.parametrize("initiator", ["g", "t"], ids=["wireguard-go-rekeys", "tunrelay-rekeys"])
+def test_real_rekey_against_wireguard_go(bed, parties, initiator):
+    """130 s of traffic across REKEY_AFTER_TIME (120 s) with every timer at
+    its protocol value: the side that initiated the first session
+    handshakes again, and a paced TCP stream (running all along) arrives
+    intact; a 5/s ping running beside it loses at most one echo."""
+    tr, go = tunnel(bed, parties, 4, tunrelay_knows=initiator == "t", go_knows=initiator == "g")
+    assert ping_once(bed, initiator, INNER[other(initiator)][0])
+    first = handshake_seen(go, tr)
+    seconds, rate = 130, 200_000
+    pinger = bed.popen(bed.ns(initiator), ["ping", "-n", "-q", "-i", "0.2", "-W", "2",
+                                           "-w", str(seconds), INNER[other(initiator)][0]],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    moved = transfer(bed, initiator, other(initiator), INNER[other(initiator)][1],
+                     seconds * rate, rate=rate, seed=7, timeout=seconds + 60)
+    out, _ = pinger.communicate(timeout=60)
+    want = expected_digest(seconds * rate, seed=7)
+    assert moved.received == (seconds * rate, want)
+    later = handshake_seen(go, tr)
+    assert later >= first + 100, f"no new handshake: first {first}, latest {later}"
+    sent, received = _ping_loss(out)
+    assert sent - received <= 1, out
