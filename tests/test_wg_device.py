@@ -191,6 +191,19 @@ def test_staged_first_packet_starts_the_handshake_and_arrives(first: str) -> Non
     run(main)
 
 
+def test_simultaneous_initiations_settle_on_one_session() -> None:
+    async def main() -> None:
+        async with pair() as (a, b):
+            ab, ba = packet(a.v4, b.v4, 100, 1), packet(b.v4, a.v4, 100, 2)
+            a.send(ab)
+            b.send(ba)                 # both initiate before either hears the other
+            assert await b.recv() == ab
+            assert await a.recv() == ba
+            await exchange(a, b, 3, seq=10)
+            assert a.drops() == {} and b.drops() == {}
+    run(main)
+
+
 def test_packets_byte_exact_both_ways_all_sizes() -> None:
     async def main() -> None:
         async with pair() as (a, b):
@@ -415,6 +428,92 @@ def test_bind_dual_stack_reaches_ipv4_and_ipv6_peers() -> None:
             await b.close()
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this host")
+    run(main)
+
+
+def test_two_queues_share_the_port() -> None:
+    async def main() -> None:
+        load_fastpath()
+        b = End("b", B_NETS)
+        q0, d0 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        q1, d1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a_private = noise.generate_private_key()
+        a = WireGuardDevice([d0.fileno(), d1.fileno()], private_key=a_private,
+                            bind="127.0.0.1", timers=FAST)
+        try:
+            await a.start()
+            await b.device.start()
+            assert len(a.stats()["pumps"]) == 2
+            a_public = noise.private_to_public(a_private)
+            a.add_peer(b.public, "b")
+            a.set_peer(b.public, allowed_ips=B_NETS, endpoint=("127.0.0.1", b.port))
+            b.device.add_peer(a_public, "a")
+            b.device.set_peer(a_public, allowed_ips=A_NETS, endpoint=("127.0.0.1", a.listen_port))
+            for i, queue in enumerate((q0, q1, q0, q1)):
+                data = packet(A_NETS[0].split("/")[0], b.v4, 100 + i, i)
+                queue.send(data)               # from either queue, one session
+                assert await b.recv() == data
+            assert a.stats()["handshakes"]["completed"] == 1
+        finally:
+            await a.stop()
+            await b.close()
+            for s in (q0, d0, q1, d1):
+                s.close()
+    run(main)
+
+
+def test_fwmark_is_set_on_the_sockets_while_running() -> None:
+    async def main() -> None:
+        load_fastpath()
+        a = End("a", A_NETS)
+        try:
+            await a.device.start()
+            try:
+                a.device.set_fwmark(0x51)
+            except PermissionError:
+                pytest.skip("SO_MARK needs CAP_NET_ADMIN")
+            assert a.device.fwmark == 0x51
+            sock = a.device._socks[0]
+            assert sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MARK", 36)) == 0x51
+            with pytest.raises(ValueError):
+                a.device.set_fwmark(-1)
+        finally:
+            await a.close()
+    run(main)
+
+
+def test_from_config_builds_the_same_device() -> None:
+    from tunrelay.wireguard.config import PeerConfig, WgConfig
+
+    async def main() -> None:
+        load_fastpath()
+        b = End("b", B_NETS)
+        a_private = noise.generate_private_key()
+        test_end, dev_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        test_end.setblocking(False)
+        try:
+            await b.device.start()
+            config = WgConfig(private_key=a_private, peers=(PeerConfig(
+                public_key=b.public, endpoint=("127.0.0.1", b.port), name="b",
+                allowed_ips=tuple(ipaddress.ip_network(n) for n in B_NETS),
+                persistent_keepalive=25),))
+            a = WireGuardDevice.from_config(config, [dev_end.fileno()], timers=FAST,
+                                            bind="127.0.0.1")
+            assert a.peers() == [b.public] and a.public_key == noise.private_to_public(a_private)
+            status = a.peer_status(b.public)
+            assert status.name == "b" and status.persistent_keepalive == 25
+            assert status.endpoint == ("127.0.0.1", b.port) and status.last_handshake is None
+            await a.start()
+            b.device.add_peer(a.public_key, "a")   # type: ignore[arg-type]
+            b.device.set_peer(a.public_key, allowed_ips=A_NETS)  # type: ignore[arg-type]
+            data = packet(A_NETS[0].split("/")[0], b.v4, 100, 1)
+            test_end.send(data)
+            assert await b.recv() == data
+            await a.stop()
+        finally:
+            await b.close()
+            test_end.close()
+            dev_end.close()
     run(main)
 
 

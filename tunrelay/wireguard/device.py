@@ -25,11 +25,13 @@ the control ring, latched for a second) is decided before any DH of it.
 
 Simultaneous initiations.  When both ends initiate at once, installing our
 own session as initiator would retire the responder session the peer is
-about to use (the table keeps one ``next``).  So the end with the smaller
-public key yields: answering the peer's initiation, it abandons its own
-(the peer's response to it is then refused as "unknown_index").  The
-other end completes as initiator and the yielding end's staged packets
-go once the peer's first datagram promotes the session.
+about to use (the table keeps one ``next``, and an initiator's install
+drops it).  So the end with the smaller public key yields: answering the
+peer's initiation, it abandons its own (the peer's response to it is then
+refused as "unknown_index").  The other end completes as initiator and
+the yielding end's staged packets go once the peer's first datagram
+promotes the session.  For the same reason no handshake is started
+within REKEY_TIMEOUT of answering one whose session is not confirmed yet.
 
 Configuration (``set_*``, ``add_peer``...) is made from the event loop's
 thread, running or not; ``batch()`` makes many changes one publication.
@@ -874,6 +876,8 @@ class WireGuardDevice:
             if (peer.last_handshake_sent is not None
                     and now - peer.last_handshake_sent < self.timers.rekey_timeout):
                 return
+            if self._awaiting_confirmation(peer, now):
+                return
         if not peer.has_endpoint:
             return
         endpoint = self.table.info(peer.table_id)["endpoint"]
@@ -899,6 +903,16 @@ class WireGuardDevice:
         self._counts["initiations_sent"] += 1
         if retry:
             self._counts["retransmits"] += 1
+
+    def _awaiting_confirmation(self, peer: WgPeer, now: float) -> bool:
+        """We answered the peer's initiation moments ago and its first
+        datagram (which makes that session current) is on its way: a
+        handshake of ours now would retire that session in the table (an
+        initiator's install drops the unconfirmed next) and lose what the
+        peer sends under it.  The staged packets go on promotion."""
+        return any(not s.initiator and index != peer.current_index
+                   and now - s.created < self.timers.rekey_timeout
+                   for index, s in peer.sessions.items())
 
     def _drop_pending(self, peer: WgPeer, *, keep_attempt: bool = False) -> None:
         if peer.pending is not None:
@@ -1036,6 +1050,10 @@ class WireGuardDevice:
                 new_handshake_for=peer.new_handshake_for)
             for action in due(clock, self.timers):
                 self._act(peer, action, clock)
+            if peer.staged and peer.pending is None and peer.current_index is None:
+                # Packets wait and no handshake runs (a confirmation that
+                # never came, a refused response): start one.
+                self._initiate(peer, "packets waiting")
 
     def _act(self, peer: WgPeer, action: Action, clock: PeerClock) -> None:
         if peer.public_key not in self._peers:
