@@ -339,6 +339,45 @@ Endpoint = {bed.addr_b}:{PORT_B}
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_port_in_use_exits_1_and_removes_the_device():
+    """A ListenPort taken by another socket: exit 1, one line naming the
+    port, and the TUN device made for the run is gone again."""
+    require_root()
+    workdir = tempfile.mkdtemp(prefix="trw-")
+    with Testbed() as bed:
+        try:
+            name = f"{bed.base}p"
+            conf = _write(os.path.join(workdir, f"{name}.conf"), f"""\
+[Interface]
+PrivateKey = {key_to_base64(generate_private_key())}
+ListenPort = {PORT_B}
+Address = 10.68.0.1/24
+""")
+            holder = bed.popen(bed.ns_a, [sys.executable, "-c", (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                f"s.bind(('::', {PORT_B}))\n"
+                "print('bound', flush=True)\n"
+                "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout.readline().strip() == "bound"
+                done = bed.run(bed.ns_a, [sys.executable, "-m", "tunrelay", "run", "--wg-config",
+                                          conf, "--socket", os.path.join(workdir, "p.sock")],
+                               capture_output=True, text=True, timeout=60, env=_env())
+            finally:
+                holder.stdin.close()
+                holder.wait(10)
+            print(done.stderr)
+            assert done.returncode == 1
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("tunrelay: wireguard: cannot bind UDP port") and \
+                str(PORT_B) in last and "in use" in last, last
+            assert not _has_link(bed, bed.ns_a, name)
+            assert "Traceback" not in done.stderr
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _read(workdir: str, name: str) -> str:
     try:
         with open(os.path.join(workdir, name), errors="replace") as f:

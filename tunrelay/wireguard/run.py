@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..daemon.config import Config, DeviceConfig
-from ..errors import ConfigError, PumpError
+from ..errors import ConfigError, PumpError, TransportError
 from .config import DEFAULT_MTU, WgConfig, from_relay_config, quick_routes, read_wg_quick
 
 if TYPE_CHECKING:
@@ -200,7 +200,10 @@ class WgRunner:
         try:
             self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
                                                   timers=self.timers, bind=s.bind)
-            await self.wg.start()
+            try:
+                await self.wg.start()
+            except OSError as exc:  # the port in use, a bad bind address
+                raise TransportError(f"wireguard: {exc.strerror or exc}") from exc
             log.info("wireguard: device %s, public key %s, bound to %s, %d peer%s",
                      self.device.name, _b64(self.wg.public_key), s.bind,
                      len(s.wg.peers), "" if len(s.wg.peers) == 1 else "s")
