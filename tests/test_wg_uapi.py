@@ -941,6 +941,64 @@ def test_a_failed_start_says_why_and_leaves_nothing(ns):
 
 
 @pytest.mark.root
+def test_a_start_that_fails_in_the_background_is_reported_by_the_parent(ns):
+    """The parent exits 1 with the child's error (the readiness pipe), and
+    neither the socket nor the interface is left behind."""
+    spaces, name, ifname = ns
+    script = ("import sys\n"
+              "from tunrelay.wireguard import device, cli\n"
+              "async def start(self):\n"
+              "    raise OSError(98, 'cannot bind UDP port 4: Address already in use')\n"
+              "device.WireGuardDevice.start = start\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    done = in_ns(name, sys.executable, "-c", script, ifname, check=False)
+    assert done.returncode == 1
+    assert "failed to start" in done.stderr and "Address already in use" in done.stderr
+    wait_until(lambda: not pids_in(name), "the child to exit")
+    assert not os.path.exists(sock_of(ifname))
+    assert not link_exists(name, ifname)
+
+
+@pytest.mark.root
+def test_traffic_with_wireguard_go_and_wg_show_reports_it(tmp_path):
+    """The TUN as tunrelay-wg sets it up carries WireGuard to wireguard-go
+    both ways; wg show then reports the handshake and the bytes."""
+    require_tools("wg", "wireguard-go", "ping")
+    from tunrelay.testrig.netns import Testbed
+    with Testbed() as bed:
+        ours, theirs = bed.base + "x", bed.base + "y"
+        try:
+            keys = {}
+            for side in ("a", "b"):
+                key = in_ns(bed.ns_a, "wg", "genkey").stdout.strip()
+                (tmp_path / side).write_text(key + "\n")
+                keys[side] = in_ns(bed.ns_a, "wg", "pubkey", input=key + "\n").stdout.strip()
+            in_ns(bed.ns_a, tunrelay_wg(), ours)
+            in_ns(bed.ns_b, "wireguard-go", theirs)
+            for ns, dev, me, peer, port, other_addr, other_port, inner, other_inner in (
+                    (bed.ns_a, ours, "a", "b", 51830, bed.addr_b, 51831, "10.9.0.1", "10.9.0.2"),
+                    (bed.ns_b, theirs, "b", "a", 51831, bed.addr_a, 51830, "10.9.0.2",
+                     "10.9.0.1")):
+                in_ns(ns, "wg", "set", dev, "private-key", str(tmp_path / me), "listen-port",
+                      str(port), "peer", keys[peer], "allowed-ips", f"{other_inner}/32",
+                      "endpoint", f"{other_addr}:{other_port}")
+                in_ns(ns, "ip", "addr", "add", f"{inner}/24", "dev", dev)
+                in_ns(ns, "ip", "link", "set", dev, "up")
+            in_ns(bed.ns_a, "ping", "-c", "2", "-W", "5", "10.9.0.2")
+            in_ns(bed.ns_b, "ping", "-c", "2", "-W", "5", "10.9.0.1")
+            fields = in_ns(bed.ns_a, "wg", "show", ours, "dump").stdout.split("\n")[1].split("\t")
+            handshake, rx, tx = int(fields[4]), int(fields[5]), int(fields[6])
+            assert handshake > 0 and rx >= 4 * 84 and tx >= 4 * 84
+        finally:
+            for ns, dev in ((bed.ns_a, ours), (bed.ns_b, theirs)):
+                subprocess.run(["ip", "-n", ns, "link", "del", dev], capture_output=True)
+            wait_until(lambda: not os.path.exists(sock_of(ours)), "tunrelay-wg to go")
+            for dev in (ours, theirs):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock_of(dev))
+
+
+@pytest.mark.root
 def test_wg_quick_up_and_down_with_tunrelay_wg(ns, tmp_path):
     """wg-quick takes the userspace path only when `ip link add type
     wireguard` fails and /sys/module/wireguard does not exist."""
