@@ -653,6 +653,29 @@ def test_a_client_that_never_finishes_is_cut_off_and_nothing_applied(sockdir):
     assert stats["timeouts"] == 1
 
 
+def test_a_client_that_never_reads_its_replies_is_cut_off(sockdir):
+    device = FakeDevice()
+    for i in range(200):
+        key = i.to_bytes(32, "big")
+        device.add_peer(key)
+        device.set_peer(key, add_allowed_ips=[ipaddress.ip_network(f"10.{i}.0.0/16")])
+
+    async def main():
+        async with serving(device, sockdir, timeout=0.5) as server:
+            deaf = socket.socket(socket.AF_UNIX)
+            deaf.connect(server.path)
+            deaf.sendall(GET * 200)        # megabytes of replies, never read
+            while server.stats()["timeouts"] == 0:
+                fine = await ask(server, GET)   # others are served meanwhile
+                assert fine.endswith(b"errno=0\n\n")
+                await asyncio.sleep(0.05)
+            deaf.close()
+            return server.stats()
+
+    stats = asyncio.run(main())
+    assert stats["timeouts"] == 1
+
+
 def test_clients_beyond_the_limit_are_refused_and_counted(sockdir):
     async def main():
         async with serving(FakeDevice(), sockdir, max_clients=2) as server:

@@ -292,9 +292,9 @@ async def _serve(ifname: str, tun_fds: list[int], uapi_sock: socket.socket,
         try:
             ifindex = socket.if_nametoindex(ifname)
             device = WireGuardDevice(tun_fds, mtu=DEFAULT_MTU)
+            server = UapiServer(device, uapi_sock)   # owns the socket (file) from here
             await device.start()
             log.debug("Device started")
-            server = UapiServer(device, uapi_sock)
             await server.start()
             log.debug("UAPI listener started")
         except Exception as exc:
@@ -308,7 +308,7 @@ async def _serve(ifname: str, tun_fds: list[int], uapi_sock: socket.socket,
     finally:
         if server is not None:
             await server.close()
-        else:
+        else:  # the device could not even be made: the socket file is the one we just made
             uapi_sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(SOCKET_DIR, f"{ifname}.sock"))

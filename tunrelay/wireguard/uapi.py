@@ -587,7 +587,15 @@ class UapiServer:
                                "disconnected", self.timeout)
                 return
             writer.write(reply)
-            await writer.drain()
+            try:
+                # A client that does not read its replies is cut off too.
+                async with asyncio.timeout(self.timeout):
+                    await writer.drain()
+            except TimeoutError:
+                self.counters["timeouts"] += 1
+                self.log.error("UAPI client read no reply within %g s; disconnected",
+                               self.timeout)
+                return
             if not keep_open:
                 return
 
