@@ -260,6 +260,27 @@ def test_rekey_under_traffic_loses_nothing() -> None:
     run(main)
 
 
+def test_rekey_after_messages_both_ways_loses_nothing() -> None:
+    timers = dataclasses.replace(FAST, rekey_after_messages=40)
+
+    async def main() -> None:
+        async with pair(timers) as (a, b):
+            seq = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while a.handshakes() + b.handshakes() < 6:
+                await exchange(a, b, 5, size=300, seq=seq)
+                seq += 5
+                await asyncio.sleep(0.01)
+                if loop.time() > deadline:
+                    pytest.fail(f"no rekeys: {a.device.stats()} {b.device.stats()}")
+            assert a.drops() == {} and b.drops() == {}
+            # both ends count messages, so both ask; the responder of the
+            # current session rekeys on messages too (its session is young)
+            assert b.handshakes("initiations_sent") >= 1 and a.handshakes("initiations_sent") >= 1
+    run(main)
+
+
 def test_restarted_peer_handshakes_again() -> None:
     async def main() -> None:
         async with pair() as (a, b):

@@ -839,6 +839,7 @@ class WireGuardDevice:
                     and time.monotonic() - info.created >= self.timers.rekey_after_time):
                 self._counts["rekeys_ignored"] += 1
                 return
+        peer.rekey_wanted = event.session
         self._initiate(peer, "rekey" if event.session is not None else "no session")
 
     def _on_promoted(self, event: Event) -> None:
@@ -1050,10 +1051,16 @@ class WireGuardDevice:
                 new_handshake_for=peer.new_handshake_for)
             for action in due(clock, self.timers):
                 self._act(peer, action, clock)
-            if peer.staged and peer.pending is None and peer.current_index is None:
-                # Packets wait and no handshake runs (a confirmation that
-                # never came, a refused response): start one.
-                self._initiate(peer, "packets waiting")
+            if peer.rekey_wanted is not None and peer.rekey_wanted != peer.current_index:
+                peer.rekey_wanted = None             # a newer session is current: done
+            if peer.pending is None and (peer.rekey_wanted is not None or (
+                    peer.staged and peer.current_index is None)):
+                # The data path asks for renewal once per session, and packets
+                # may wait with no handshake running (a confirmation that
+                # never came, a refused response): until it happens, each
+                # tick tries (REKEY_TIMEOUT still spaces the initiations).
+                self._initiate(peer, "rekey" if peer.rekey_wanted is not None
+                               else "packets waiting")
 
     def _act(self, peer: WgPeer, action: Action, clock: PeerClock) -> None:
         if peer.public_key not in self._peers:

@@ -59,6 +59,9 @@ class WgPeer:
     last_handshake_sent: float | None = None
     last_timestamp_sent: bytes | None = None
     new_handshake_for: float | None = None
+    #: The session whose renewal the data path asked for (it asks once per
+    #: session): retried on the tick until a newer session is current.
+    rekey_wanted: int | None = None
     # --- responder side
     latest_timestamp: bytes | None = None
     last_initiation_consumed: float | None = None
