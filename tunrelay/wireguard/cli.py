@@ -52,7 +52,8 @@ __all__ = ["main", "run"]
 
 PROG = "tunrelay-wg"
 DEFAULT_MTU = 1420                 # 1500 - 80, what wireguard-go creates the TUN with
-SIOCSIFMTU = 0x8922                # linux/sockios.h
+SIOCGIFMTU = 0x8921                # linux/sockios.h
+SIOCSIFMTU = 0x8922
 _IFREQ_MTU = struct.Struct("16si20x")
 WATCH_INTERVAL = 1.0               # seconds between checks that the TUN and socket exist
 
@@ -212,6 +213,15 @@ def _set_mtu(ifname: str, mtu: int) -> None:
         fcntl.ioctl(sock.fileno(), SIOCSIFMTU, _IFREQ_MTU.pack(ifname.encode(), mtu))
 
 
+def _get_mtu(ifname: str) -> int | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            reply = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, _IFREQ_MTU.pack(ifname.encode(), 0))
+    except OSError:
+        return None
+    return int(_IFREQ_MTU.unpack(reply)[1])
+
+
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -332,14 +342,22 @@ async def _until_done(device: WireGuardDevice, server: UapiServer, ifindex: int,
         return f"device ended: {outcome}"
 
     async def watched() -> str:
+        warned_mtu = DEFAULT_MTU
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                socket.if_indextoname(ifindex)
+                name = socket.if_indextoname(ifindex)
             except OSError:
                 return "the TUN device was deleted"
             if not server.owns_socket_file():
                 return "the UAPI socket file was removed"
+            mtu = _get_mtu(name)
+            if mtu is not None and mtu > DEFAULT_MTU and mtu != warned_mtu:
+                # The device's MTU is fixed when it is made (wireguard-go
+                # follows the interface's); say so instead of dropping quietly.
+                log.warning("the interface MTU is %d, but this daemon carries packets "
+                            "of at most %d bytes: larger ones are dropped", mtu, DEFAULT_MTU)
+                warned_mtu = mtu
 
     tasks = [asyncio.ensure_future(c) for c in (signalled(), device_ended(), watched())]
     try:
