@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +76,6 @@ class Step:
     random_port: bool = False        # the reply's listen_port is the OS's choice
     # Why tunrelay-wg answers differently on purpose (None: it must not).
     deviation: str | None = None
-    tags: tuple[str, ...] = field(default=())
 
 
 def _steps() -> list[Step]:
