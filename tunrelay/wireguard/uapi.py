@@ -36,6 +36,7 @@ hostile client never holds the device or delays another client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno as _errno
 import ipaddress
@@ -324,6 +325,8 @@ class _Setter:
 
     def _device_line(self, key: str, value: str) -> None:
         device = self.device
+        if key in _DEVICE_VERBS:
+            log.debug("UAPI: %s", _DEVICE_VERBS[key])
         if key == "private_key":
             raw = _hex_key(value, "private_key")
             new = None if raw == _ZERO_KEY else clamp(raw)
@@ -356,6 +359,7 @@ class _Setter:
                 raise UapiError(EINVAL, f"too many peers (at most {MAX_PEERS})")
             self._call(self.device.add_peer, key)
             self.known.add(key)
+            log.debug("%s - UAPI: Created", _label(key))
         self.peer = _Peer(key, dummy=False, created=created)
 
     def _remove(self, peer: _Peer) -> None:
@@ -366,6 +370,8 @@ class _Setter:
 
     def _peer_line(self, peer: _Peer, key: str, value: str) -> None:
         set_peer = self.device.set_peer
+        if key in _PEER_VERBS and key != "allowed_ip" and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s - UAPI: %s", _label(peer.key), _PEER_VERBS[key])
         if key == "update_only":
             _true(value, key)
             if peer.created:
@@ -408,6 +414,21 @@ class _Setter:
                 raise UapiError(EINVAL, f"protocol_version: only 1 exists, got {value[:20]!r}")
         else:
             raise UapiError(EINVAL, f"unknown peer key {key[:80]!r}")
+
+
+# What LOG_LEVEL=verbose shows of a set, in wireguard-go's words.
+_DEVICE_VERBS = {"private_key": "Updating private key", "listen_port": "Updating listen port",
+                 "fwmark": "Updating fwmark", "replace_peers": "Removing all peers"}
+_PEER_VERBS = {"remove": "Removing", "preshared_key": "Updating preshared key",
+               "endpoint": "Updating endpoint",
+               "persistent_keepalive_interval": "Updating persistent keepalive interval",
+               "replace_allowed_ips": "Removing all allowedips"}
+
+
+def _label(key: bytes) -> str:
+    """A peer as wireguard-go's log names it: peer(ABCD…WXYZ)."""
+    text = base64.b64encode(key).decode()
+    return f"peer({text[:4]}…{text[39:43]})"
 
 
 def apply_set(device: UapiDevice, lines: Iterable[str]) -> UapiError | None:
