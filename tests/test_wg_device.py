@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import socket
 import struct
@@ -359,6 +360,42 @@ def test_peer_moving_port_is_followed() -> None:
             b.send(back)
             assert await a.recv() == back
             assert a.handshakes("initiations_sent") + b.handshakes("initiations_sent") == 1
+    run(main)
+
+
+def test_listen_port_in_use_changes_nothing() -> None:
+    async def main() -> None:
+        async with pair() as (a, b):
+            await exchange(a, b, 1)
+            taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            taken.bind(("127.0.0.1", 0))
+            try:
+                port = a.port
+                with pytest.raises(OSError) as raised:
+                    a.device.set_listen_port(taken.getsockname()[1])
+                assert raised.value.errno == errno.EADDRINUSE
+                assert a.port == port
+                await exchange(a, b, 1, seq=5)      # still on the old socket
+            finally:
+                taken.close()
+    run(main)
+
+
+def test_idle_sessions_expire_and_traffic_handshakes_again() -> None:
+    timers = dataclasses.replace(FAST, rekey_after_time=0.5, reject_after_time=1.0)
+
+    async def main() -> None:
+        async with pair(timers) as (a, b):
+            await exchange(a, b, 1)
+            # no traffic: past REJECT_AFTER_TIME every session is cleared
+            await until(lambda: a.device.stats()["timers"]["sessions_expired"] >= 1
+                        and b.device.stats()["timers"]["sessions_expired"] >= 1,
+                        "both ends to clear their expired sessions")
+            for end in (a, b):
+                sessions = end.device.table.info(end.device.table.ids()[0])["sessions"]
+                assert set(sessions.values()) == {None}
+            await exchange(a, b, 2, seq=20)         # staged, a new handshake, delivered
+            assert a.drops() == {} and b.drops() == {}
     run(main)
 
 

@@ -330,10 +330,20 @@ class WireGuardDevice:
         """One UDP socket per queue on ``port`` (0: any, the same for all),
         sharing it with SO_REUSEPORT; dual-stack on "::", IPv4 when this
         host has no IPv6."""
+        try:
+            return self._open_on(self._bind, port)
+        except OSError as exc:
+            if self._bind != "::" or exc.errno not in (
+                    errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            log.info("wireguard: no IPv6 here (%s): listening on IPv4 only", exc.strerror)
+            return self._open_on("0.0.0.0", port)
+
+    def _open_on(self, host: str, port: int) -> list[socket.socket]:
         socks: list[socket.socket] = []
         try:
             for _ in self._tun_fds:
-                sock = self._udp_socket(port)
+                sock = self._udp_socket(host, port)
                 socks.append(sock)
                 port = sock.getsockname()[1]
         except BaseException:
@@ -342,23 +352,15 @@ class WireGuardDevice:
             raise
         return socks
 
-    def _udp_socket(self, port: int) -> socket.socket:
-        host = self._bind
+    def _udp_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        except OSError as exc:
-            if family != socket.AF_INET6 or host != "::" or exc.errno not in (
-                    errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-                raise
-            host, family = "0.0.0.0", socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             if len(self._tun_fds) > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
                                  (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-                try:
+                try:       # forced when privileged, else what rmem_max/wmem_max allow
                     sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
                 except OSError:
                     sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
@@ -369,13 +371,6 @@ class WireGuardDevice:
             try:
                 sock.bind((host, port))
             except OSError as exc:
-                if family == socket.AF_INET6 and host == "::" and exc.errno == errno.EADDRNOTAVAIL:
-                    sock.close()
-                    self._bind, saved = "0.0.0.0", self._bind
-                    try:
-                        return self._udp_socket(port)
-                    finally:
-                        self._bind = saved
                 raise OSError(exc.errno, f"cannot bind UDP port {port} on {host}: "
                               f"{exc.strerror}") from None
         except BaseException:
