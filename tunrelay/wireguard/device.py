@@ -930,6 +930,8 @@ class WireGuardDevice:
             peer.last_handshake_completed = now
             peer.last_handshake_wall = time.time()
             self._counts["completed"] += 1
+            log.debug("wireguard: session %08x with %s (we initiated)", keys.local_index,
+                      self._label(peer))
         self._reconcile(peer)
 
     def _reconcile(self, peer: WgPeer) -> None:
@@ -1029,6 +1031,9 @@ class WireGuardDevice:
     def _tick(self, now: float) -> None:
         activity = self.table.activity()
         for peer in list(self._peers.values()):
+            if not (peer.sessions or peer.pending or peer.staged or peer.persistent_keepalive
+                    or peer.rekey_wanted is not None):
+                continue        # nothing can be due: the common case of many idle peers
             seen, got, sent = activity.get(peer.table_id, (None, None, None))
             current = peer.sessions.get(peer.current_index) if peer.current_index else None
             clock = PeerClock(
