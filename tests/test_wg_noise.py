@@ -169,7 +169,8 @@ def test_round_trip_keys_match(psk: bytes) -> None:
     msg = noise.seal_transport(ka.send_key, kb.local_index, 0, pkt)
     assert len(msg) == 16 + 32 + 16 and len(msg) % 16 == 0
     r, c, plain = noise.open_transport(kb.recv_key, msg)
-    assert (r, c) == (kb.local_index, 0) and plain[:len(pkt)] == pkt and plain[len(pkt):] == bytes(4)
+    assert (r, c) == (kb.local_index, 0)
+    assert plain[:len(pkt)] == pkt and plain[len(pkt):] == bytes(4)
     keepalive = noise.seal_transport(kb.send_key, ka.local_index, 0, b"")
     assert len(keepalive) == 32 and noise.open_transport(ka.recv_key, keepalive)[2] == b""
 

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.serialization import (
     Encoding, NoEncryption, PrivateFormat, PublicFormat)
 
 __all__ = [
-    "CONSTRUCTION", "IDENTIFIER", "HandshakeError", "UnknownPeer", "Identity", "Initiation", "InitiatorState",
+    "CONSTRUCTION", "IDENTIFIER", "HandshakeError", "UnknownPeer", "Identity", "Initiation",
+    "InitiatorState",
     "Keys", "KEY_SIZE", "blake2s", "consume_initiation", "consume_response",
     "create_initiation", "create_response", "generate_private_key", "hmac_blake2s", "kdf",
     "key_from_hex", "key_to_base64", "key_to_hex", "keyed_mac", "parse_key",
