@@ -298,7 +298,8 @@ class WireGuardDevice:
         self._bound_port = socks[0].getsockname()[1]
 
     async def _start_pumps(self) -> None:
-        ap = AsyncPump(*self._pumps, peers=self.table)
+        # Callbacks only: the events() queue keeps nothing worth holding.
+        ap = AsyncPump(*self._pumps, peers=self.table, queue_size=1)
         ap.on("control", self._on_control)
         ap.on("staged", self._on_staged)
         ap.on("renew", self._on_renew)
