@@ -251,6 +251,33 @@ def test_peer_restart(bed, parties, victim):
     assert handshake_seen(go, tr) > before
 
 
+#: KEEPALIVE_TIMEOUT + REKEY_TIMEOUT ("data sent, nothing heard: handshake
+#: again") shortened from 15 s to 2 s; the rekey times as they are.
+QUICK_RETRY_TIMERS = {"keepalive_timeout": 1.0, "rekey_timeout": 1.0}
+
+
+def test_restarted_peer_is_found_by_tunrelay_sending_steadily(bed, parties):
+    """wireguard-go restarts (its sessions gone) and tunrelay, which kept
+    running, talks first, steadily (an echo request every 0.5 s): its
+    packets go out under a session the peer no longer has, nothing comes
+    back, and KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (shortened to 2 s) after
+    the first unanswered one it must handshake again, however often it
+    keeps sending meanwhile (wireguard-go's timer starts at the first
+    unanswered packet and only a received one stops it)."""
+    tr, go = tunnel(bed, parties, 4, tr_timers=QUICK_RETRY_TIMERS)
+    ping(bed, "t", INNER["g"][0])
+    go.stop(signal.SIGKILL)
+    logged = len(go.log())
+    go.start()
+    go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    done = bed.run(bed.ns_a, ["ping", "-n", "-c", "1", "-i", "0.5", "-w", "20", INNER["g"][0]],
+                   capture_output=True, text=True, timeout=40)
+    initiations = go.log()[logged:].count("Received handshake initiation")
+    assert done.returncode == 0, (
+        f"no reply in 20 s of pinging every 0.5 s; the restarted wireguard-go received "
+        f"{initiations} initiation(s) from tunrelay:\n{done.stdout}")
+
+
 @soak_only
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["t", "g"], ids=["tunrelay-restarts", "wireguard-go-restarts"])
