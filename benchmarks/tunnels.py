@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,11 @@ ONE_PEER_TABLE = "tunrelay udp 1 [[peer]] offload=on q=1"
 #: the point-to-point row's settings.  Issue 8: at least 50 % of it.
 HUB = "tunrelay hub, spoke to spoke (3 relays)"
 
+#: tunrelay speaking WireGuard (``TunrelayWireguard``), measured beside
+#: wireguard-go.  Issue 9: TCP 1 stream >= 1.5x, CPU per GB <= 0.6x, ping
+#: rtt <= 1x, UDP 64 B delivered >= 2x wireguard-go's.
+TUNRELAY_WG = "tunrelay wireguard"
+
 #: The "naive Python relay" baseline: tunrelay with its pure-Python pump
 #: (select, one packet per system call).
 PYTHON_RELAY = ("udp", {"relay": ['engine = "python"']})
@@ -88,7 +94,7 @@ class Tunnel:
     """The interface; also the no-op parts."""
 
     # "veth", "vxlan", "tunrelay", "tunrelay-aead", "tunrelay-peers", "tunrelay-hub",
-    # "python", "openvpn", "wireguard-go"
+    # "tunrelay-wg", "python", "openvpn", "wireguard-go"
     kind = ""
     binaries: tuple = ()   # commands that must be installed
     server_ip = TUNNEL_A   # side a's address, reached from side b
@@ -385,6 +391,114 @@ class OpenVPN(Tunnel):
             log.close()
 
 
+class TunrelayWireguard(Tunnel):
+    """Two ``tunrelay run --config`` with ``framing = "wireguard"``, each
+    the other's one ``[[peer]]`` (endpoint, the other side's /32 and /128
+    as allowed IPs), MTU 1400 like every row, offloads and queues as the
+    daemon defaults them (no key set): the WireGuard protocol against
+    wireguard-go in the same run.  Keys are made with tunrelay's own
+    helpers, so the row needs no wireguard-tools."""
+
+    kind = "tunrelay-wg"
+    PORT = 51820
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def missing(self) -> str | None:
+        try:
+            import tunrelay.wireguard.noise  # noqa: F401  (needs cryptography)
+        except ImportError as exc:
+            return f"this build cannot speak WireGuard: {exc}"
+        return None
+
+    def _path(self, name: str, suffix: str) -> str:
+        assert self._workdir is not None, "start() makes the work directory"
+        return os.path.join(self._workdir.name, f"{name}.{suffix}")
+
+    def configs(self, bed: Testbed) -> dict[str, tuple[str, str]]:
+        """name -> (namespace, relay.toml text) of the two relays; writes
+        their private keys (owner-only) beside them."""
+        from tunrelay.wireguard.noise import generate_private_key, key_to_base64, private_to_public
+        sides = {"a": (bed.ns_a, bed.addr_a, TUNNEL_A, TUNNEL6_A),
+                 "b": (bed.ns_b, bed.addr_b, TUNNEL_B, TUNNEL6_B)}
+        public = {}
+        for name in sides:
+            private = generate_private_key()
+            public[name] = key_to_base64(private_to_public(private))
+            fd = os.open(self._path(name, "key"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key_to_base64(private) + "\n")
+        out = {}
+        for name, (ns, here, v4, v6) in sides.items():
+            other = "b" if name == "a" else "a"
+            _, there, ov4, ov6 = sides[other]
+            tables = {
+                "device": ['name = "trtun0"', 'mode = "tun"', f"mtu = {MTU}",
+                           f'address = ["{v4}/{PREFIX}", "{v6}/64"]'],
+                "transport": ['protocol = "udp"', f'listen = "{here}:{self.PORT}"',
+                              'framing = "wireguard"'],
+                "stats": [f'socket = "{self._path(name, "sock")}"'],
+                "wireguard": [f'private_key_file = "{self._path(name, "key")}"'],
+            }
+            text = "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
+                           for t, lines in tables.items())
+            text += "\n".join(["[[peer]]", f'name = "{other}"', f'public_key = "{public[other]}"',
+                               f'endpoint = "{there}:{self.PORT}"',
+                               f'allowed_ips = ["{ov4}/32", "{ov6}/128"]', ""])
+            out[name] = (ns, text)
+        return out
+
+    def start(self, bed: Testbed) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="trbw-")  # short: sun_path
+        for name, (ns, text) in self.configs(bed).items():
+            with open(self._path(name, "toml"), "w") as f:
+                f.write(text)
+            with open(self._path(name, "log"), "ab") as log:
+                self.procs[name] = bed.popen(
+                    ns, [sys.executable, "-m", "tunrelay", "run", "--config", self._path(name, "toml")],
+                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15.0
+        for name, proc in self.procs.items():
+            try:
+                wait_running(name, proc, self._path(name, "sock"), lambda n=name: self.log(n),
+                             deadline, 15.0)
+            except TunrelayError:
+                # Exit 2 naming the framing: a build from before WireGuard.
+                if proc.poll() == 2 and "wireguard" in self.log(name):
+                    raise Unsupported(f"rejected by this build: {self.log(name).strip()[-200:]}"
+                                      ) from None
+                raise
+
+    def log(self, name: str) -> str:
+        try:
+            with open(self._path(name, "log"), errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError, AttributeError):
+            return ""
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs.values()]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _terminate(proc, timeout=10.0)
+        if self._workdir is not None:
+            self._workdir.cleanup()
+
+
+def wireguard_go_label() -> str:
+    """"wireguard-go v0.0.20230223": the row says which build it measured
+    (Debian bookworm's 2022 build lacks the offloads of later ones)."""
+    if shutil.which("wireguard-go") is None:
+        return "wireguard-go"
+    done = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True)
+    match = re.search(r"v\d[\w.]*", done.stdout + done.stderr)
+    return f"wireguard-go {match.group(0)}" if match else "wireguard-go (version unknown)"
+
+
 class WireguardGo(Tunnel):
     """Userspace WireGuard: one wireguard-go per side, configured with wg."""
 
@@ -447,7 +561,9 @@ def all_tunnels() -> list[Tunnel]:
                                     pair=OnePeerTablePair))
             tunnels.append(HubTunnel(HUB, overrides))
     tunnels.append(Tunrelay("python relay udp (naive)", *PYTHON_RELAY, kind="python"))
-    tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo("wireguard-go")]
+    # The WireGuard protocol both ways, next to each other (issue 9's targets).
+    tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo(wireguard_go_label()),
+                TunrelayWireguard(TUNRELAY_WG)]
     return tunnels
 
 
