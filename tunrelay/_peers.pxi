@@ -1111,8 +1111,10 @@ cdef class PeerTable:
     def install_session(self, peer_id, *, local_index, remote_index, send_key, recv_key,
                         bint initiator):
         """Install a session's keys for a peer (framing "session").
-        ``initiator``: it becomes current at once; else it becomes next,
-        and current when the peer's first datagram under it authenticates.
+        ``initiator``: it becomes current at once (previous: an unconfirmed
+        next if there is one, as in WireGuard, else the old current); else
+        it becomes next, and current when the peer's first datagram under
+        it authenticates.
         ``local_index``: the receiver index the peer puts in its datagrams
         (unique in the table); ``remote_index``: the one we put in ours."""
         record = self._record(peer_id)
@@ -1151,10 +1153,16 @@ cdef class PeerTable:
         gone[0] = gone[1] = NULL
         pthread_mutex_lock(&p.lock)
         if initiator:
+            # A responder session the peer has not confirmed yet stays
+            # usable as previous (the peer may be sending under it now:
+            # both ends initiated at once); else the old current does.
             gone[0] = p.previous
-            gone[1] = p.next
-            tr_store_ptr(<void **>&p.previous, p.current)
-            tr_store_ptr(<void **>&p.next, NULL)
+            if p.next != NULL:
+                gone[1] = p.current
+                tr_store_ptr(<void **>&p.previous, p.next)
+                tr_store_ptr(<void **>&p.next, NULL)
+            else:
+                tr_store_ptr(<void **>&p.previous, p.current)
             tr_store_ptr(<void **>&p.current, k)
         else:
             gone[0] = p.next

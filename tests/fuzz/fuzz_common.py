@@ -1725,7 +1725,10 @@ class PeerTableModel:
         self.serial += 1
         self.sessions.append(session)
         if initiator:
-            peer.previous, peer.current, peer.next = peer.current, session, None
+            # An unconfirmed next stays usable as previous (WireGuard's rule:
+            # the peer may be sending under it); else the old current does.
+            kept = peer.next if peer.next is not None else peer.current
+            peer.previous, peer.current, peer.next = kept, session, None
         else:
             peer.next = session
         return session
