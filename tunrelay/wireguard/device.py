@@ -904,9 +904,9 @@ class WireGuardDevice:
     def _awaiting_confirmation(self, peer: WgPeer, now: float) -> bool:
         """We answered the peer's initiation moments ago and its first
         datagram (which makes that session current) is on its way: a
-        handshake of ours now would retire that session in the table (an
-        initiator's install drops the unconfirmed next) and lose what the
-        peer sends under it.  The staged packets go on promotion."""
+        handshake of ours now would only demote that session to previous
+        and cost both ends a handshake for nothing.  The staged packets go
+        on promotion."""
         return any(not s.initiator and index != peer.current_index
                    and now - s.created < self.timers.rekey_timeout
                    for index, s in peer.sessions.items())
