@@ -40,10 +40,10 @@ import pytest
 
 from tests._root import require_root
 from tests.wgrig import (INNER, PORT, Keypair, TunrelayPeer, TunrelayWg, WgBed, WireguardGo,
-                         all_logs, endpoint, expected_digest, genpsk, missing_tools, ping,
-                         ping_once, same_host, split_endpoint, transfer, tunrelay_wg_argv,
-                         tunrelay_wg_env, wait_until, wg_quick_file, wireguard_go_version,
-                         write_secret)
+                         all_logs, endpoint, expected_digest, genpsk, missing_tools,
+                         no_kernel_wireguard_path, ping, ping_once, same_host, split_endpoint,
+                         transfer, tunrelay_wg_argv, tunrelay_wg_command, tunrelay_wg_env,
+                         wait_until, wg_quick_file, wireguard_go_version, write_secret)
 
 pytestmark = pytest.mark.root
 
@@ -404,10 +404,14 @@ def test_tunrelay_wg_forks_and_ends_with_its_interface(bed, parties):
 
 def test_wg_quick_up_and_down_with_tunrelay_wg(bed, parties):
     """``wg-quick up`` with WG_QUICK_USERSPACE_IMPLEMENTATION=tunrelay-wg
-    and an ordinary wg0.conf (Address, MTU, [Peer]); ``wg-quick down``."""
+    and an ordinary wg0.conf (Address, MTU, [Peer]); ``wg-quick down``.
+    wg-quick runs it only where ``ip link add type wireguard`` fails, so
+    its ``ip`` fails that (``no_kernel_wireguard_path``), as on a kernel
+    without WireGuard; a loaded module it checks itself, and then it would
+    refuse the userspace path."""
     if os.path.exists("/sys/module/wireguard"):
-        reason = ("the kernel has the wireguard module: wg-quick uses it and never runs "
-                  "tunrelay-wg (run this test on a host without it)")
+        reason = ("the kernel's wireguard module is loaded: wg-quick then refuses to run a "
+                  "userspace implementation (rmmod wireguard, or run this on another host)")
         if os.environ.get("CI") == "true":
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
@@ -419,7 +423,8 @@ def test_wg_quick_up_and_down_with_tunrelay_wg(bed, parties):
     ifname = bed.ifname("q")
     conf = wg_quick_file(bed.path(f"{ifname}.conf"), keys, go.keys,
                          peer_endpoint=endpoint(bed.underlay("g", 4)))
-    env = dict(tunrelay_wg_env(), WG_QUICK_USERSPACE_IMPLEMENTATION=" ".join(tunrelay_wg_argv()))
+    env = dict(tunrelay_wg_env(), WG_QUICK_USERSPACE_IMPLEMENTATION=tunrelay_wg_command(bed),
+               PATH=no_kernel_wireguard_path(bed))
     log = bed.path(f"{ifname}.log")
     try:
         # To a file: tunrelay-wg's daemon keeps wg-quick's stdout/stderr for
@@ -428,6 +433,8 @@ def test_wg_quick_up_and_down_with_tunrelay_wg(bed, parties):
             done = bed.run(bed.ns_a, ["wg-quick", "up", conf], stdout=out,
                            stderr=subprocess.STDOUT, timeout=60, env=env)
         assert done.returncode == 0, _read_text(log)
+        link = bed.sh(bed.ns_a, ["ip", "-d", "-o", "link", "show", "dev", ifname])
+        assert "tun type tun" in link, f"not tunrelay-wg's TUN device: {link}"
         assert ping_once(bed, "t", INNER["g"][0])
         ping(bed, "g", INNER["t"][1])
         mtu = bed.sh(bed.ns_a, ["cat", f"/sys/class/net/{ifname}/mtu"]).strip()

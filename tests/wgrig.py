@@ -415,6 +415,41 @@ class TunrelayWg(_WgDriven):
         return tunrelay_wg_env()
 
 
+def tunrelay_wg_command(bed: WgBed) -> str:
+    """One executable path that runs tunrelay-wg, for
+    WG_QUICK_USERSPACE_IMPLEMENTATION (wg-quick runs it as one word): the
+    console script, else a wrapper script around the module."""
+    argv = tunrelay_wg_argv()
+    if len(argv) == 1:
+        return argv[0]
+    path = bed.path("tunrelay-wg")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nexec " + " ".join(argv) + ' "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def no_kernel_wireguard_path(bed: WgBed) -> str:
+    """A PATH whose ``ip`` refuses ``ip link add ... type wireguard`` as a
+    kernel without WireGuard does, and is the real ``ip`` otherwise: so
+    wg-quick takes its userspace path (tunrelay-wg) and never loads the
+    host's wireguard module (which would then make it always take the
+    kernel's).  Everything else passes through."""
+    real = shutil.which("ip")
+    assert real is not None
+    directory = bed.path("bin")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "ip"), "w") as f:
+        f.write("#!/bin/sh\n"
+                "# a kernel without WireGuard, for wg-quick (tests/wgrig.py)\n"
+                'case " $* " in *" type wireguard "*)\n'
+                '    echo "Error: Unknown device type (test stand-in: no kernel WireGuard)." >&2\n'
+                "    exit 2 ;;\nesac\n"
+                f'exec {real} "$@"\n')
+    os.chmod(os.path.join(directory, "ip"), 0o755)
+    return directory + os.pathsep + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+
+
 def tunrelay_wg_env() -> dict[str, str]:
     """tunrelay-wg's environment: verbose logs, and this checkout first."""
     return dict(os.environ, LOG_LEVEL="verbose",
