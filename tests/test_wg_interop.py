@@ -42,8 +42,8 @@ from tests._root import require_root
 from tests.wgrig import (INNER, PORT, Keypair, TunrelayPeer, TunrelayWg, WgBed, WireguardGo,
                          all_logs, endpoint, expected_digest, genpsk, missing_tools,
                          no_kernel_wireguard_path, ping, ping_once, same_host, split_endpoint,
-                         transfer, tunrelay_wg_argv, tunrelay_wg_command, tunrelay_wg_env,
-                         wait_until, wg_quick_file, wireguard_go_version, write_secret)
+                         start_flood, transfer, tunrelay_wg_argv, tunrelay_wg_command,
+                         tunrelay_wg_env, wait_until, wg_quick_file, wireguard_go_version, write_secret)
 
 pytestmark = pytest.mark.root
 
@@ -188,6 +188,80 @@ def test_wrong_preshared_key_gets_no_tunnel(bed, parties):
     tr.start()
     assert not ping_once(bed, "t", INNER["g"][0], wait=3)
     assert handshake_seen(go, tr) == 0
+
+
+# ---------------------------------------------------------------- cookies
+
+#: How long a flood may go on: past the 20 s the real peer has to get through.
+FLOOD_S = 25
+
+
+def _stop_flood(flood: subprocess.Popen) -> str:
+    """Stop a flood (start_flood); how many initiations it sent."""
+    flood.terminate()
+    try:
+        out, _ = flood.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        flood.kill()
+        out, _ = flood.communicate()
+    return out.strip() or "?"
+
+
+def _handshake_counters(tr: TunrelayPeer) -> dict:
+    return tr.stats()["wireguard"]["counters"]["handshakes"]
+
+
+def test_wireguard_go_under_load_sends_a_cookie_and_tunrelay_honours_it(bed, parties):
+    """wireguard-go, flooded with initiations from another address, is
+    under load: it answers tunrelay's initiation with a cookie reply and
+    takes only initiations that carry a mac2 made with that cookie.
+    tunrelay's retransmitted initiation carries one and gets through while
+    the flood goes on."""
+    tr, go = tunnel(bed, parties, 4, go_knows=False)
+    flood = start_flood(bed, "t", bed.underlay("g", 4), go.keys.public, FLOOD_S)
+    try:
+        time.sleep(0.5)  # let wireguard-go's handshake queue fill
+        done = bed.run(bed.ns_a, ["ping", "-n", "-c", "1", "-i", "0.5", "-w", "20",
+                                  INNER["g"][0]], capture_output=True, text=True, timeout=40)
+        flooding = flood.poll() is None
+    finally:
+        out = _stop_flood(flood)
+    ours = f"Sending cookie response for denied handshake message for {bed.underlay('t', 4)}:"
+    assert ours in go.log(), (
+        "wireguard-go never answered tunrelay with a cookie: the flood did not put it under "
+        f"load (sent {out} initiations)")
+    assert _handshake_counters(tr)["cookies_received"] >= 1
+    assert done.returncode == 0, f"tunrelay did not get through with its cookie:\n{done.stdout}"
+    assert flooding, "the flood ended before tunrelay got through: this proves nothing"
+
+
+def test_tunrelay_under_load_sends_a_cookie_and_wireguard_go_honours_it(bed, parties):
+    """tunrelay, flooded with initiations from another address, is under
+    load: it answers wireguard-go's initiation with a cookie reply, which
+    wireguard-go takes (its log says so) and puts in its next initiation
+    as mac2, and that one gets through while the flood goes on."""
+    tr, go = tunnel(bed, parties, 4, tunrelay_knows=False)
+    flood = start_flood(bed, "g", bed.underlay("t", 4), tr.keys.public, FLOOD_S)
+    try:
+        time.sleep(0.5)
+        done = bed.run(bed.ns_b, ["ping", "-n", "-c", "1", "-i", "0.5", "-w", "20",
+                                  INNER["t"][0]], capture_output=True, text=True, timeout=40)
+        flooding = flood.poll() is None
+    finally:
+        out = _stop_flood(flood)
+    counters = _handshake_counters(tr)
+    table = tr.stats()["wireguard"]["counters"]["table"]
+    print(f"flood: {out} initiations; tunrelay's handshake "
+          f"counters {counters}; its table's {table}")
+    assert counters["cookies_sent"] >= 1, (
+        f"tunrelay sent no cookie: not under load (flood sent {out}): {counters}")
+    assert f"Receiving cookie response from {bed.underlay('t', 4)}:" in go.log(), (
+        "wireguard-go got no cookie reply from tunrelay's address")
+    assert done.returncode == 0, (
+        f"wireguard-go did not get through with tunrelay's cookie in 20 s of a flood of "
+        f"{out} initiations from another address (wireguard-go, flooded the same way, lets "
+        f"tunrelay through):\n{done.stdout}\nhandshakes {counters}\ntable {table}")
+    assert flooding, "the flood ended before wireguard-go got through: this proves nothing"
 
 
 # ---------------------------------------------------------------- data

@@ -710,6 +710,50 @@ def transfer(bed: WgBed, sender: str, receiver: str, dst: str, nbytes: int, *,
             sink.wait()
 
 
+# Floods a WireGuard port with handshake initiations that pass the cheap
+# check (a valid mac1 for the target's public key) but come from no peer:
+# the target does a DH for each until it is under load, then answers with
+# cookie replies (which land here unread).  Prints how many it sent.
+FLOOD = r"""
+import base64, hashlib, os, signal, socket, sys, time
+src, dst, port, public, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+mac1_key = hashlib.blake2s(b"mac1----" + base64.b64decode(public)).digest()
+messages = []
+for _ in range(256):
+    # type 1, sender index, ephemeral 32, static 32+16, timestamp 12+16: 116 bytes
+    body = b"\x01\x00\x00\x00" + os.urandom(112)
+    messages.append(body + hashlib.blake2s(body, key=mac1_key, digest_size=16).digest() + bytes(16))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+sent, end = 0, time.monotonic() + seconds
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+while time.monotonic() < end and not stop:
+    for message in messages:
+        try:
+            s.sendto(message, (dst, port))
+            sent += 1
+        except OSError:
+            pass
+print(sent, flush=True)
+"""
+
+#: The address a flood comes from, on the flooding side's veth: not the
+#: real peer's, so the target's per-address rate limit does not hit it.
+FLOOD_SOURCE = {"t": "198.18.0.9", "g": "198.18.0.10"}
+
+
+def start_flood(bed: WgBed, side: str, dst: str, public_key: str,
+                seconds: float) -> subprocess.Popen:
+    """A flood of valid-mac1 initiations from ``side``'s namespace (from
+    FLOOD_SOURCE, added to its veth) to ``dst``:PORT for ``seconds``."""
+    src = FLOOD_SOURCE[side]
+    bed.sh(bed.ns(side), ["ip", "addr", "add", f"{src}/24", "dev", bed.veth(side)])
+    return bed.popen(bed.ns(side), [sys.executable, "-c", FLOOD, src, dst, str(PORT), public_key,
+                                    str(seconds)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def expected_digest(nbytes: int, seed: int = 1) -> str:
     """The SHA-256 of what ``SOURCE`` sends for (nbytes, seed)."""
     import random
