@@ -711,15 +711,22 @@ def transfer(bed: WgBed, sender: str, receiver: str, dst: str, nbytes: int, *,
 
 
 # Floods a WireGuard port with handshake initiations that pass the cheap
-# check (a valid mac1 for the target's public key) but come from no peer:
-# the target does a DH for each until it is under load, then answers with
-# cookie replies (which land here unread).  Prints how many it sent.
+# check (a valid mac1 for the target's public key) but come from no peer,
+# in bursts: each burst (as fast as one process sends) fills the target's
+# handshake queue past 1/8 (wireguard-go and tunrelay: 128 of 1024), so it
+# is under load, a state both hold for 1 s, and a burst every half second
+# keeps it so.  A burst stays below the queue's 1024 slots, so a real
+# peer's message arriving meanwhile waits its turn instead of being dropped
+# (a continuous flood above what the target handles drops them at random,
+# in wireguard-go too).  Cookie replies land here unread.  Prints how many
+# it sent.
 FLOOD = r"""
 import base64, hashlib, os, signal, socket, sys, time
 src, dst, port, public, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+burst, every = int(sys.argv[6]), float(sys.argv[7])
 mac1_key = hashlib.blake2s(b"mac1----" + base64.b64decode(public)).digest()
 messages = []
-for _ in range(256):
+for _ in range(burst):
     # type 1, sender index, ephemeral 32, static 32+16, timestamp 12+16: 116 bytes
     body = b"\x01\x00\x00\x00" + os.urandom(112)
     messages.append(body + hashlib.blake2s(body, key=mac1_key, digest_size=16).digest() + bytes(16))
@@ -729,14 +736,19 @@ sent, end = 0, time.monotonic() + seconds
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 while time.monotonic() < end and not stop:
+    began = time.monotonic()
     for message in messages:
         try:
             s.sendto(message, (dst, port))
             sent += 1
         except OSError:
             pass
+    time.sleep(max(0.0, every - (time.monotonic() - began)))
 print(sent, flush=True)
 """
+
+#: A flood's burst size and period (see FLOOD).
+FLOOD_BURST, FLOOD_EVERY_S = 1000, 0.5
 
 #: The address a flood comes from, on the flooding side's veth: not the
 #: real peer's, so the target's per-address rate limit does not hit it.
@@ -745,12 +757,12 @@ FLOOD_SOURCE = {"t": "198.18.0.9", "g": "198.18.0.10"}
 
 def start_flood(bed: WgBed, side: str, dst: str, public_key: str,
                 seconds: float) -> subprocess.Popen:
-    """A flood of valid-mac1 initiations from ``side``'s namespace (from
-    FLOOD_SOURCE, added to its veth) to ``dst``:PORT for ``seconds``."""
+    """Bursts of valid-mac1 initiations (FLOOD) from ``side``'s namespace
+    (from FLOOD_SOURCE, added to its veth) to ``dst``:PORT for ``seconds``."""
     src = FLOOD_SOURCE[side]
     bed.sh(bed.ns(side), ["ip", "addr", "add", f"{src}/24", "dev", bed.veth(side)])
     return bed.popen(bed.ns(side), [sys.executable, "-c", FLOOD, src, dst, str(PORT), public_key,
-                                    str(seconds)],
+                                    str(seconds), str(FLOOD_BURST), str(FLOOD_EVERY_S)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
