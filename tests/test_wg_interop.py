@@ -11,12 +11,18 @@ test checks one thing a WireGuard user relies on:
   handshake instead of being lost;
 * bytes arrive exactly (a TCP transfer with a SHA-256 on both ends) and
   packets of every padding remainder up to the MTU pass;
-* a peer killed and started again (either side) is talked to again;
+* a preshared key, persistent keepalive; a wrong preshared key gets no
+  tunnel; a wg-quick file runs ``tunrelay run --wg-config`` unchanged;
+* cookies both ways: a side flooded with initiations is under load, sends
+  the real peer a cookie reply, and takes its next initiation (mac2);
+* a peer killed and started again (either side) is talked to again, also
+  when tunrelay, which kept running, keeps sending into the dead session;
 * roaming: when one side's address changes, the other side's endpoint
   follows its newest authenticated packet;
 * ``wg show`` / ``wg showconf`` / ``wg set`` against ``tunrelay-wg``,
   its fork to the background, and ``wg-quick`` using it;
-* a rekey under traffic with the tunrelay side's timers shortened.
+* a rekey under traffic with the tunrelay side's timers shortened (the
+  relay.toml has no key for them: tests/wgrig.py's RUN_WITH_TIMERS).
 
 Tests that must wait for wireguard-go's own fixed timers (its 120 s rekey,
 its 15 s "no reply, handshake again") run only with TUNRELAY_WG_SOAK=1,
