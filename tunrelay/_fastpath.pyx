@@ -265,6 +265,14 @@ cdef class Pump:
                 EVP_DecryptInit_ex(self.st.ing.open_ctx, peers.sh.evp, NULL, NULL, NULL) != 1:
             raise MemoryError()
         self.st.session = framing == "session"
+        if self.st.session and self.offload:
+            # One datagram per TSO segment, built whole before it is sealed
+            # (see gather_segment): header, packet, padding, tag.
+            self.st.eg.seg_sealed_slot = (SESSION_OVERHEAD + self.st.max_frame + SESSION_PAD_MAX
+                                          + 63) & ~(<size_t>63)
+            self.st.eg.seg_sealed = <uint8_t *>malloc(SEG_POOL * self.st.eg.seg_sealed_slot)
+            if self.st.eg.seg_sealed == NULL:
+                raise MemoryError()
         self.st.eg.reader = peers._register()
         self.st.ing.reader = peers._register()
         self.st.peers = peers.sh
@@ -321,6 +329,7 @@ cdef class Pump:
         free(self.st.ing.out_iov)
         free(self.st.eg.segs)
         free(self.st.eg.seg_heads)
+        free(self.st.eg.seg_sealed)
         free(self.st.eg.seg_iov)
         free(self.st.eg.seg_msgs)
         free(self.st.eg.msg_segs)

@@ -300,12 +300,23 @@ cdef inline size_t session_pad(size_t length, size_t mtu) noexcept nogil:
 
 cdef int seal_with(EVP_CIPHER_CTX *ctx, uint64_t *ctx_gen, Keypair *k, uint64_t counter,
                    uint8_t *header, uint8_t *first, size_t first_len, uint8_t *second,
-                   size_t second_len, uint8_t *tail, size_t pad) noexcept nogil:
-    """Encrypt first + second in place under `counter`, then `pad` zeros
-    written at `tail`, with the tag after them; write the header.  `ctx`
-    is rekeyed only when it holds another session."""
+                   size_t second_len, uint8_t *tail, size_t tail_len,
+                   size_t pad) noexcept nogil:
+    """Encrypt in place, under `counter`, the plaintext first + second +
+    tail (`tail_len` bytes) + `pad` zeros (written after the tail), with
+    the tag after them; write the header.  `ctx` is rekeyed only when it
+    holds another session.  Pieces that touch go to OpenSSL as one: each
+    call costs, and so does a piece whose length is not a multiple of the
+    cipher's 64-byte block (about a quarter more per packet, measured)."""
     cdef uint8_t nonce[12]
     cdef int out_len
+    cdef uint8_t *tag = tail + tail_len + pad
+    if pad:
+        memset(tail + tail_len, 0, pad)
+    tail_len += pad
+    if tail_len and second_len == 0 and tail == first + first_len:
+        first_len += tail_len
+        tail_len = 0
     if ctx_gen[0] != k.gen:
         if EVP_EncryptInit_ex(ctx, NULL, NULL, k.send_key, NULL) != 1:
             return DROP_SEND_ERROR
@@ -324,13 +335,11 @@ cdef int seal_with(EVP_CIPHER_CTX *ctx, uint64_t *ctx_gen, Keypair *k, uint64_t 
         return DROP_SEND_ERROR
     if second_len and EVP_EncryptUpdate(ctx, second, &out_len, second, <int>second_len) != 1:
         return DROP_SEND_ERROR
-    if pad:
-        memset(tail, 0, pad)
-        if EVP_EncryptUpdate(ctx, tail, &out_len, tail, <int>pad) != 1:
-            return DROP_SEND_ERROR
-    if EVP_EncryptFinal_ex(ctx, tail + pad, &out_len) != 1:
+    if tail_len and EVP_EncryptUpdate(ctx, tail, &out_len, tail, <int>tail_len) != 1:
         return DROP_SEND_ERROR
-    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tail + pad) != 1:
+    if EVP_EncryptFinal_ex(ctx, tag, &out_len) != 1:
+        return DROP_SEND_ERROR
+    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_LEN, tag) != 1:
         return DROP_SEND_ERROR
     return DROP_NONE
 
@@ -354,15 +363,16 @@ cdef int session_counter(PeerShared *sh, Keypair *k, double now, uint64_t *count
 
 cdef int session_seal(PumpState *st, Keypair *k, uint8_t *header, uint8_t *first,
                       size_t first_len, uint8_t *second, size_t second_len,
-                      uint8_t *tail, size_t pad) noexcept nogil:
-    """Egress: seal a packet (and `pad` zeros at `tail`, the tag after them)
-    under the session's next counter.  DROP_NONE or a drop reason."""
+                      uint8_t *tail, size_t tail_len, size_t pad) noexcept nogil:
+    """Egress: seal a packet (first + second + tail_len bytes at `tail`,
+    then `pad` zeros and the tag) under the session's next counter.
+    DROP_NONE or a drop reason."""
     cdef uint64_t counter
     cdef int reason = session_counter(st.peers, k, st.eg.now, &counter)
     if reason != DROP_NONE:
         return reason
     return seal_with(st.eg.seal_ctx, &st.eg.seal_gen, k, counter, header, first, first_len,
-                     second, second_len, tail, pad)
+                     second, second_len, tail, tail_len, pad)
 
 
 cdef void promote(PeerShared *sh, Keypair *k) noexcept nogil:
@@ -1228,7 +1238,7 @@ cdef class PeerTable:
         if session_counter(self.sh, k, now, &counter) != DROP_NONE:
             raise PumpStateError(f"peer {record.name!r}: its session is past its limits")
         if seal_with(self._ctx, &self._ctx_gen, k, counter, d, d + SESSION_HEADER_LEN, length,
-                     NULL, 0, d + SESSION_HEADER_LEN + length, pad) != DROP_NONE:
+                     NULL, 0, d + SESSION_HEADER_LEN + length, 0, pad) != DROP_NONE:
             raise MemoryError("OpenSSL refused to seal")
         if length:
             tr_add64(&p.egress.packets, 1)
