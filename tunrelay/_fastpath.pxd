@@ -305,7 +305,7 @@ cdef struct EgressState:
     size_t nseg
     uint8_t *seg_heads
     uint8_t *seg_sealed       # framing session: SEG_POOL slots of seg_sealed_slot bytes
-    size_t seg_sealed_slot    # where each TSO segment is sealed whole (align_segment)
+    size_t seg_sealed_slot    # where each TSO segment is sealed whole (gather_segment)
     iovec *seg_iov
     mmsghdr *seg_msgs
     unsigned int *msg_segs
