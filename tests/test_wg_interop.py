@@ -89,15 +89,16 @@ def parties():
 
 def tunnel(bed: WgBed, parties: list, outer: int, *, tunrelay_knows: bool = True,
            go_knows: bool = True, tr_keepalive: int = 0, psk: bool = False,
-           tr_timers: dict | None = None,
+           tr_timers: dict | None = None, tr_extra: dict | None = None,
            wg_config: bool = False) -> tuple[TunrelayPeer, WireguardGo]:
     """tunrelay (side t) and wireguard-go (side g) as each other's one peer;
     ``*_knows``: whether that side is given the other's endpoint;
-    ``wg_config``: tunrelay runs from a wg-quick file, not relay.toml."""
+    ``tr_extra``: more relay.toml lines per table; ``wg_config``: tunrelay
+    runs from a wg-quick file, not relay.toml."""
     go_keys = Keypair.generate()
     psk_file = write_secret(bed.path("psk"), genpsk()) if psk else None
     tr = TunrelayPeer(bed, go_keys, psk_file=psk_file, keepalive=tr_keepalive,
-                      timers=tr_timers, wg_config=wg_config,
+                      timers=tr_timers, extra=tr_extra, wg_config=wg_config,
                       peer_endpoint=endpoint(bed.underlay("g", outer)) if tunrelay_knows else None)
     go = WireguardGo(bed, go_keys)
     parties += [tr, go]
@@ -272,20 +273,48 @@ def test_tunrelay_under_load_sends_a_cookie_and_wireguard_go_honours_it(bed, par
 
 # ---------------------------------------------------------------- data
 
-@pytest.mark.parametrize("outer", OUTERS)
-def test_byte_exact_transfer_both_ways(bed, parties, outer):
-    """4 MiB each way through TCP (full-MTU packets), the SHA-256 compared
-    on both ends: wireguard-go -> tunrelay over inner IPv4, tunrelay ->
-    wireguard-go over inner IPv6."""
-    tunnel(bed, parties, outer)
-    ping(bed, "g", INNER["t"][0])
-    want = expected_digest(TRANSFER_BYTES, seed=outer)
+def _transfer_both_ways(bed: WgBed, seed: int) -> None:
+    """TRANSFER_BYTES wireguard-go -> tunrelay over inner IPv4, then
+    tunrelay -> wireguard-go over inner IPv6, checked byte for byte."""
+    want = expected_digest(TRANSFER_BYTES, seed=seed)
     for sender, family in (("g", 0), ("t", 1)):
         receiver = other(sender)
         moved = transfer(bed, sender, receiver, INNER[receiver][family], TRANSFER_BYTES,
-                         seed=outer)
+                         seed=seed)
         assert moved.sent == (TRANSFER_BYTES, want)
         assert moved.received == (TRANSFER_BYTES, want), f"{sender} -> {receiver}"
+
+
+@pytest.mark.parametrize("outer, offload", [
+    pytest.param(4, None, id="outer4"), pytest.param(6, None, id="outer6"),
+    pytest.param(4, "false", id="outer4-offload-off")])
+def test_byte_exact_transfer_both_ways(bed, parties, outer, offload):
+    """4 MiB each way through TCP (full-MTU packets), the SHA-256 compared
+    on both ends: wireguard-go -> tunrelay over inner IPv4, tunrelay ->
+    wireguard-go over inner IPv6; with the TUN offloads as the relay
+    defaults them (on where the kernel has them: TCP super-packets cut into
+    WireGuard messages and joined again), and without."""
+    tunnel(bed, parties, outer, tr_extra={"relay": [f"offload = {offload}"]} if offload else None)
+    link = bed.sh(bed.ns_a, ["ip", "-d", "-o", "link", "show", "dev", TunrelayPeer.DEVICE])
+    # Offloads ride on virtio-net headers: on by default where the kernel
+    # has them (every kernel these tests run on), off when asked.
+    assert f"vnet_hdr {'off' if offload == 'false' else 'on'}" in link, link
+    ping(bed, "g", INNER["t"][0])
+    _transfer_both_ways(bed, seed=outer)
+
+
+def test_byte_exact_transfer_through_tunrelay_wg(bed, parties):
+    """The same transfer with ``tunrelay-wg`` (configured by ``wg``) as
+    wireguard-go's peer: its own TUN set-up and offloads."""
+    tw = TunrelayWg(bed)
+    go = WireguardGo(bed)
+    parties += [tw, go]
+    tw.start()
+    go.start()
+    go.configure(tw.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    tw.configure(go.keys)
+    ping(bed, "g", INNER["t"][0])
+    _transfer_both_ways(bed, seed=5)
 
 
 def test_every_padding_remainder_up_to_the_mtu(bed, parties):
