@@ -285,20 +285,25 @@ def _transfer_both_ways(bed: WgBed, seed: int) -> None:
         assert moved.received == (TRANSFER_BYTES, want), f"{sender} -> {receiver}"
 
 
-@pytest.mark.parametrize("outer, offload", [
-    pytest.param(4, None, id="outer4"), pytest.param(6, None, id="outer6"),
-    pytest.param(4, "false", id="outer4-offload-off")])
-def test_byte_exact_transfer_both_ways(bed, parties, outer, offload):
+@pytest.mark.parametrize("outer, extra", [
+    pytest.param(4, {}, id="outer4"), pytest.param(6, {}, id="outer6"),
+    pytest.param(4, {"relay": ["offload = false"]}, id="outer4-offload-off"),
+    pytest.param(4, {"device": ["queues = 2"]}, id="outer4-queues2")])
+def test_byte_exact_transfer_both_ways(bed, parties, outer, extra):
     """4 MiB each way through TCP (full-MTU packets), the SHA-256 compared
     on both ends: wireguard-go -> tunrelay over inner IPv4, tunrelay ->
     wireguard-go over inner IPv6; with the TUN offloads as the relay
     defaults them (on where the kernel has them: TCP super-packets cut into
-    WireGuard messages and joined again), and without."""
-    tunnel(bed, parties, outer, tr_extra={"relay": [f"offload = {offload}"]} if offload else None)
+    WireGuard messages and joined again), without them, and with two
+    queues (two pumps on one port, one session table)."""
+    tunnel(bed, parties, outer, tr_extra=extra)
     link = bed.sh(bed.ns_a, ["ip", "-d", "-o", "link", "show", "dev", TunrelayPeer.DEVICE])
     # Offloads ride on virtio-net headers: on by default where the kernel
     # has them (every kernel these tests run on), off when asked.
-    assert f"vnet_hdr {'off' if offload == 'false' else 'on'}" in link, link
+    off = "offload = false" in extra.get("relay", [])
+    assert f"vnet_hdr {'off' if off else 'on'}" in link, link
+    if "device" in extra:
+        assert "multi_queue" in link, link
     ping(bed, "g", INNER["t"][0])
     _transfer_both_ways(bed, seed=outer)
 
