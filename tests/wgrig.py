@@ -788,11 +788,20 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1)
         time.sleep(interval)
 
 
+#: Lines of each log shown after a test (a flooded wireguard-go logs a
+#: line per refused message).
+LOG_TAIL_LINES = 400
+
+
 def all_logs(*parties: Any) -> str:
+    """The logs of what a test started, each its last LOG_TAIL_LINES."""
     out = []
     for party in parties:
         if party is None:
             continue
         name = getattr(party, "what", "") or type(party).__name__
-        out.append(f"----- {name} log -----\n{party.log()}")
+        lines = party.log().splitlines()
+        cut = len(lines) - LOG_TAIL_LINES
+        head = f"({cut} earlier lines not shown)\n" if cut > 0 else ""
+        out.append(f"----- {name} log -----\n{head}" + "\n".join(lines[-LOG_TAIL_LINES:]))
     return "\n".join(out)
