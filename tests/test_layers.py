@@ -169,3 +169,32 @@ def test_every_exported_name_resolves():
     namespace: dict = {}
     exec("from tunrelay import *", namespace)
     assert set(tunrelay.__all__) <= set(namespace)
+
+
+# ---------------------------------------------------------------- WireGuard
+
+WG_SCRIPT = """
+import sys
+sys.modules["pyroute2"] = None          # any import of it now raises ImportError
+from tunrelay.wireguard import WireGuardDevice
+from tunrelay.wireguard import device
+loaded = sorted(m for m in sys.modules if m.startswith("tunrelay"))
+print(" ".join(loaded))
+"""
+
+
+def test_the_wireguard_device_embeds_without_pyroute2_or_the_daemons_machinery():
+    """An embedder's WireGuard needs the core, the protocol and cryptography:
+    not netlink, the daemon's config, relay, device or CLI, nor the test rig
+    (the device borrows only the daemon's rate-limited log)."""
+    done = subprocess.run([sys.executable, "-c", WG_SCRIPT], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "tunrelay.wireguard.device" in loaded, loaded
+    heavy = sorted(m for m in loaded if m.split(".")[1:2] == ["testrig"]
+                   or (m.split(".")[1:2] == ["daemon"]
+                       and m not in ("tunrelay.daemon", "tunrelay.daemon.lograte"))
+                   or m in ("tunrelay.wireguard.config", "tunrelay.wireguard.run",
+                            "tunrelay.wireguard.cli", "tunrelay.wireguard.uapi"))
+    assert not heavy, f"importing WireGuardDevice loaded {heavy}"
