@@ -137,6 +137,15 @@ def ratios(results: Results) -> list[Ratio]:
             3.0, "≥ 3 (issue 4)", ours_kind="tunrelay-aead")
     compare("TCP 1 stream: tunrelay aead best / tunrelay raw best", "tcp1_gbps", "tunrelay",
             None, "cost of encryption", ours_kind="tunrelay-aead")
+    # Issue 9: tunrelay's WireGuard against wireguard-go, in the same run.
+    for what, metric, target, text, lower in (
+            ("TCP 1 stream", "tcp1_gbps", 1.5, "≥ 1.5 (issue 9)", False),
+            ("CPU per GB", "cpu_s_per_gb", 0.6, "≤ 0.6 (issue 9)", True),
+            ("ping rtt", "ping_rtt_us", 1.0, "≤ 1 (issue 9)", True),
+            ("UDP 64 B pps", "udp64_kpps", 2.0, "≥ 2 (issue 9)", False)):
+        compare(f"{what}: tunrelay wireguard / wireguard-go", metric, "wireguard-go", target, text,
+                lower_is_better=lower, ours_kind="tunrelay-wg")
+
     def against_point_to_point(name: str, kind: str, metric: str, target: float | None,
                                target_text: str, lower_is_better: bool = False) -> None:
         """The one row of ``kind`` over the POINT_TO_POINT row, same run."""
@@ -320,7 +329,7 @@ def generated_markdown(results: Results, chart: bool) -> str:
                   "kernel tunnels have none to count.", ""]
     else:
         lines += ["No tunnel was measured in this run (needs root).", ""]
-    lines += ["### Ratios against the targets (issues 3, 4, 8)", "",
+    lines += ["### Ratios against the targets (issues 3, 4, 8, 9)", "",
               markdown_table(*ratio_table(results), align="lrlll"), ""]
     if results.micro:
         lines += ["### Pump micro benchmark", "",
