@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import hashlib
 import struct
 import threading
 import time
@@ -745,3 +746,53 @@ def test_send_packet_and_activity(rig):
         pump.send_packet(pid, bytes(1401))
     with pytest.raises(fp.PumpStateError, match="no current session"):
         pump.send_packet(table.add("nobody", endpoint=("127.0.0.1", 9)), packet)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2s(data, key=key, digest_size=16).digest()
+
+
+def test_the_handshake_gate_keeps_room_for_proven_senders_under_a_flood(rig):
+    """WireGuard's defence against initiation floods, in the loops: under
+    load, a message whose mac1 is wrong never takes a control slot, one
+    whose mac2 carries the cookie of its sender's address may take any,
+    the rest only a quarter of the queue.  Not under load, everything goes
+    to Python, which checks it all again."""
+    mac1_key, secret = bytes(range(32)), bytes(range(32, 64))
+    tun, pump, table, pid, sock, other = one_session(rig, control_slots=16)
+    table.set_handshake_gate(mac1_key, secret, valid_for=60)
+    pump.start()
+    to = sock.getsockname()
+
+    def initiation(n: int, *, mac1_ok: bool = True, cookie: bytes | None = None) -> bytes:
+        body = bytes([1, 0, 0, 0]) + struct.pack("<I", n) + bytes(108)
+        mac1 = _mac(mac1_key, body) if mac1_ok else bytes(16)
+        mac2 = _mac(cookie, body + mac1) if cookie else bytes(16)
+        return body + mac1 + mac2
+
+    other.sendto(initiation(0, mac1_ok=False), to)       # not under load: Python's to judge
+    wait_for(lambda: table.counts()["control_waiting"] == 1, "queued")
+    for n in range(1, 9):                                 # load from 2 (16/8) on
+        other.sendto(initiation(n), to)
+    wait_for(lambda: table.counts()["gate_shed"] == 5, "the flood shed at a quarter",
+             lambda: table.counts())
+    assert table.counts()["control_waiting"] == 4
+    other.sendto(initiation(9, mac1_ok=False), to)
+    other.sendto(initiation(10)[:100], to)
+    wait_for(lambda: drops(pump).get("bad_frame", 0) == 1, "a wrong size dropped")
+    assert table.counts()["gate_bad_mac1"] == 1 and drops(pump)["bad_tag"] == 1
+    host, port = other.getsockname()
+    cookie = _mac(secret, socket.inet_aton(host) + struct.pack(">H", port))
+    proven = initiation(11, cookie=cookie)
+    other.sendto(proven, to)
+    wait_for(lambda: table.counts()["gate_mac2_ok"] == 1, "the proven one let in")
+    got = [e.data for e in table.take() if e.kind == "control"]
+    assert len(got) == 5 and got[-1] == proven
+    assert drops(pump)["control_full"] == 5
+    # A cookie for another address proves nothing.
+    other.sendto(initiation(12, cookie=_mac(secret, socket.inet_aton(host) + struct.pack(">H", 9))), to)
+    wait_for(lambda: table.counts()["control_waiting"] == 1, "in the quarter, unproven")
+    assert table.counts()["gate_mac2_ok"] == 1
+    table.set_handshake_gate(None)
+    with pytest.raises(fp.PumpArgumentError, match="32 bytes"):
+        table.set_handshake_gate(b"short")

@@ -5,6 +5,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from tunrelay.includes.crypto cimport EVP_CIPHER_CTX
 from tunrelay.includes.crypto cimport EVP_CIPHER
+from tunrelay.includes.crypto cimport EVP_MAC, EVP_MAC_CTX
 from tunrelay.includes.system cimport (iovec, mmsghdr, pthread_mutex_t, sockaddr_storage,
                                        socklen_t, virtio_net_hdr)
 
@@ -254,6 +255,18 @@ cdef struct PeerShared:
     uint64_t control_dropped
     uint64_t staged_queued
     uint64_t staged_dropped
+    # the WireGuard handshake gate (types 1 and 2 under load), set from
+    # Python under control_lock: mac1 is checked, and a valid mac2 (a
+    # cookie for the sender's address) keeps a reserved part of the ring
+    int gate_on
+    uint8_t gate_mac1_key[32]
+    uint8_t gate_secret[32]
+    double gate_secret_until  # monotonic; no valid mac2 after it
+    double gate_load_until    # under load until (latched by the loops)
+    uint64_t gate_bad_mac1
+    uint64_t gate_mac2_ok
+    uint64_t gate_shed
+    EVP_MAC *blake2s          # fetched once per table
     uint8_t control_types[256]
     int event_fd
     unsigned int signalled    # event_fd written and not yet drained (atomic)
@@ -347,6 +360,7 @@ cdef struct IngressState:
     Snapshot *snap
     double now
     EVP_CIPHER_CTX *open_ctx  # session framing: keyed for open_gen
+    EVP_MAC_CTX *gate_mac     # session framing: the handshake gate's BLAKE2s
     uint64_t open_gen
 
 

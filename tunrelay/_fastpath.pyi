@@ -148,6 +148,9 @@ class PeerTable:
                         send_key: bytes, recv_key: bytes, initiator: bool) -> None:
         """Install a session's keys (framing "session")."""
     def clear_sessions(self, peer_id: int) -> None: ...
+    def set_handshake_gate(self, mac1_key: bytes | None = None,
+                           cookie_secret: bytes | None = None, valid_for: float = 0) -> None:
+        """WireGuard handshakes under load: mac1 and mac2 checked in the loops."""
     def activity(self) -> dict[int, tuple[float | None, float | None, float | None]]:
         """{peer_id: (last_seen, last_data_received, last_data_sent)}, monotonic."""
     def fileno(self) -> int:

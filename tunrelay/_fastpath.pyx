@@ -28,7 +28,8 @@ from posix.unistd cimport close
 
 from tunrelay.includes.crypto cimport (
     EVP_CIPHER, EVP_CIPHER_CTX_free, EVP_CIPHER_CTX_new, EVP_DecryptInit_ex,
-    EVP_EncryptInit_ex, EVP_aes_256_gcm, EVP_chacha20_poly1305, OPENSSL_cleanse)
+    EVP_EncryptInit_ex, EVP_MAC_CTX_free, EVP_MAC_CTX_new, EVP_aes_256_gcm,
+    EVP_chacha20_poly1305, OPENSSL_cleanse)
 from tunrelay.includes.system cimport posix_memalign, sendto
 
 from tunrelay.includes.system cimport (
@@ -261,6 +262,9 @@ cdef class Pump:
                 or self.st.eg.keys == NULL or self.st.eg.dg_name == NULL
                 or self.st.eg.dg_peer == NULL or self.st.eg.seal_ctx == NULL or self.st.ing.open_ctx == NULL):
             raise MemoryError()
+        self.st.ing.gate_mac = EVP_MAC_CTX_new(peers.sh.blake2s)
+        if self.st.ing.gate_mac == NULL:
+            raise MemoryError()
         if EVP_EncryptInit_ex(self.st.eg.seal_ctx, peers.sh.evp, NULL, NULL, NULL) != 1 or \
                 EVP_DecryptInit_ex(self.st.ing.open_ctx, peers.sh.evp, NULL, NULL, NULL) != 1:
             raise MemoryError()
@@ -304,6 +308,7 @@ cdef class Pump:
         opener_free(&self.st.ing.aead)
         EVP_CIPHER_CTX_free(self.st.eg.seal_ctx)
         EVP_CIPHER_CTX_free(self.st.ing.open_ctx)
+        EVP_MAC_CTX_free(self.st.ing.gate_mac)
         if self.peers is not None:
             for reader in (self.st.eg.reader, self.st.ing.reader):
                 if reader >= 0:

@@ -22,6 +22,10 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+from tunrelay.includes.crypto cimport (
+    CRYPTO_memcmp, EVP_MAC_CTX, EVP_MAC_fetch, EVP_MAC_final, EVP_MAC_free, EVP_MAC_init,
+    EVP_MAC_update, OSSL_MAC_PARAM_SIZE, OSSL_PARAM, OSSL_PARAM_construct_end,
+    OSSL_PARAM_construct_size_t)
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
     tr_add64, tr_load64, tr_load_ptr, tr_or32, tr_seq_read_begin, tr_seq_read_retry,
@@ -86,15 +90,19 @@ cdef void peer_event(PeerShared *sh, PeerSlot *p, unsigned int bit) noexcept nog
 
 
 cdef int control_push(PeerShared *sh, const uint8_t *data, size_t length,
-                      const sockaddr_storage *sender, socklen_t sender_len) noexcept nogil:
+                      const sockaddr_storage *sender, socklen_t sender_len,
+                      unsigned int limit) noexcept nogil:
     """Queue a control datagram for Python: DROP_NONE, or the drop reason
-    (the queue is full; longer than a slot)."""
+    (the queue is full, or holds `limit` or more when `limit` is not 0;
+    longer than a slot)."""
     cdef unsigned int at
     if length > CONTROL_SLOT:
         return DROP_OVERSIZE
     pthread_mutex_lock(&sh.control_lock)
-    if sh.control_count == sh.control_slots:
+    if sh.control_count == sh.control_slots or (limit and sh.control_count >= limit):
         sh.control_dropped += 1
+        if limit:
+            sh.gate_shed += 1
         pthread_mutex_unlock(&sh.control_lock)
         return DROP_CONTROL_FULL
     at = (sh.control_head + sh.control_count) % sh.control_slots
@@ -135,6 +143,102 @@ cdef int stage_packet(PeerShared *sh, PeerSlot *p, const uint8_t *packet,
     pthread_mutex_unlock(&sh.control_lock)
     raise_signal(sh)
     return DROP_NONE
+
+
+# ---------------------------------------------------------------- the handshake gate
+
+cdef enum:
+    GATE_INITIATION = 1       # WireGuard's handshake message types and sizes
+    GATE_RESPONSE = 2
+    GATE_INITIATION_LEN = 148
+    GATE_RESPONSE_LEN = 92
+    GATE_MAC = 16
+
+
+cdef bint keyed_blake2s(EVP_MAC_CTX *ctx, const uint8_t *key, size_t key_len,
+                        const uint8_t *data, size_t length, uint8_t *out) noexcept nogil:
+    """BLAKE2s in its keyed mode with a 16-byte digest (WireGuard's MAC),
+    from OpenSSL: mac1, mac2 and the cookie.  False when OpenSSL fails."""
+    cdef size_t size = GATE_MAC
+    cdef size_t written = 0
+    cdef OSSL_PARAM params[2]
+    params[0] = OSSL_PARAM_construct_size_t(OSSL_MAC_PARAM_SIZE, &size)
+    params[1] = OSSL_PARAM_construct_end()
+    return (EVP_MAC_init(ctx, key, key_len, params) == 1
+            and EVP_MAC_update(ctx, data, length) == 1
+            and EVP_MAC_final(ctx, out, &written, GATE_MAC) == 1 and written == GATE_MAC)
+
+
+cdef size_t cookie_source(const sockaddr_storage *sender, uint8_t *out) noexcept nogil:
+    """The sender as a cookie binds it (tunrelay.wireguard.cookie.address_bytes):
+    its packed IP (an IPv4-mapped one as IPv4), then its port, big-endian."""
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in6 *a6
+    cdef const uint8_t *b
+    if sender.ss_family == AF_INET:
+        a4 = <const sockaddr_in *>sender
+        memcpy(out, &a4.sin_addr, 4)
+        memcpy(out + 4, &a4.sin_port, 2)
+        return 6
+    a6 = <const sockaddr_in6 *>sender
+    b = <const uint8_t *>&a6.sin6_addr
+    if memcmp(b, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+        memcpy(out, b + 12, 4)
+        memcpy(out + 4, &a6.sin6_port, 2)
+        return 6
+    memcpy(out, b, 16)
+    memcpy(out + 16, &a6.sin6_port, 2)
+    return 18
+
+
+cdef int gate_handshake(PumpState *st, const uint8_t *datagram, size_t length,
+                        const sockaddr_storage *sender, socklen_t sender_len) noexcept nogil:
+    """A WireGuard initiation or response, before it takes a control slot.
+    Not under load, it is queued for Python (which checks everything).
+    Under load (the queue 1/8 full, latched for a second), a flood must not
+    starve the real peers: a message with a bad mac1 or size is dropped
+    here; one whose mac2 proves its source address (a cookie we gave it)
+    may take any free slot; the rest only the first quarter of the queue,
+    enough for Python to answer some with cookie replies.  DROP_NONE (it
+    was queued) or the drop reason."""
+    cdef PeerShared *sh = st.peers
+    cdef uint8_t mac1_key[32]
+    cdef uint8_t secret[32]
+    cdef uint8_t source[18]
+    cdef uint8_t cookie[GATE_MAC]
+    cdef uint8_t mac[GATE_MAC]
+    cdef double now = st.ing.now
+    cdef bint loaded, secret_valid, proven
+    cdef unsigned int waiting
+    pthread_mutex_lock(&sh.control_lock)
+    waiting = sh.control_count
+    if waiting * 8 >= sh.control_slots:
+        sh.gate_load_until = now + 1.0
+    loaded = now < sh.gate_load_until
+    if loaded:
+        memcpy(mac1_key, sh.gate_mac1_key, 32)
+        memcpy(secret, sh.gate_secret, 32)
+        secret_valid = now < sh.gate_secret_until
+    pthread_mutex_unlock(&sh.control_lock)
+    if not loaded:
+        return control_push(sh, datagram, length, sender, sender_len, 0)
+    if length != <size_t>(GATE_INITIATION_LEN if datagram[0] == GATE_INITIATION
+                          else GATE_RESPONSE_LEN):
+        return DROP_BAD_FRAME
+    if not keyed_blake2s(st.ing.gate_mac, mac1_key, 32, datagram, length - 32, mac) or \
+            CRYPTO_memcmp(mac, datagram + length - 32, GATE_MAC) != 0:
+        tr_add64(&sh.gate_bad_mac1, 1)
+        return DROP_BAD_TAG
+    proven = (secret_valid
+              and keyed_blake2s(st.ing.gate_mac, secret, 32, source,
+                                cookie_source(sender, source), cookie)
+              and keyed_blake2s(st.ing.gate_mac, cookie, GATE_MAC, datagram, length - GATE_MAC, mac)
+              and CRYPTO_memcmp(mac, datagram + length - GATE_MAC, GATE_MAC) == 0)
+    if proven:
+        tr_add64(&sh.gate_mac2_ok, 1)
+        return control_push(sh, datagram, length, sender, sender_len, 0)
+    return control_push(sh, datagram, length, sender, sender_len,
+                        sh.control_slots // 4 if sh.control_slots >= 4 else 1)
 
 
 # ---------------------------------------------------------------- endpoints
@@ -532,7 +636,10 @@ cdef int peer_receive(PumpState *st, uint8_t *datagram, size_t length,
     kind = datagram[LEN16_HEADER] if st.len16 and length > LEN16_HEADER else datagram[0]
     if (kind != SESSION_TYPE_DATA if st.session else
             (kind >> 4 != 4 and kind >> 4 != 6)) and sh.control_types[kind]:
-        reason = control_push(sh, datagram, length, sender, sender_len)
+        if st.session and sh.gate_on and (kind == GATE_INITIATION or kind == GATE_RESPONSE):
+            reason = gate_handshake(st, datagram, length, sender, sender_len)
+        else:
+            reason = control_push(sh, datagram, length, sender, sender_len, 0)
         if reason != DROP_NONE:
             c.drops[reason] += 1
         return 0
@@ -686,6 +793,9 @@ cdef class PeerTable:
         if self.sh.event_fd < 0:
             raise OSError(errno, os.strerror(errno), "eventfd")
         self.sh.evp = EVP_chacha20_poly1305()
+        self.sh.blake2s = EVP_MAC_fetch(NULL, b"BLAKE2SMAC", NULL)
+        if self.sh.blake2s == NULL:
+            raise RuntimeError("OpenSSL has no BLAKE2SMAC (OpenSSL 3 is needed)")
         self._ctx = EVP_CIPHER_CTX_new()
         if self._ctx == NULL or EVP_EncryptInit_ex(self._ctx, self.sh.evp, NULL, NULL, NULL) != 1:
             raise MemoryError()
@@ -724,6 +834,7 @@ cdef class PeerTable:
         _free_snapshot(self.sh.current)
         pthread_mutex_destroy(&self.sh.roamed_lock)
         EVP_CIPHER_CTX_free(self._ctx)
+        EVP_MAC_free(self.sh.blake2s)
         if self.sh.event_fd >= 0:
             close(self.sh.event_fd)
         free(self.sh.control_buf)
@@ -1114,7 +1225,38 @@ cdef class PeerTable:
                 "control_dropped": self.sh.control_dropped,
                 "control_waiting": self.sh.control_count,
                 "staged_queued": self.sh.staged_queued,
-                "staged_dropped": self.sh.staged_dropped}
+                "staged_dropped": self.sh.staged_dropped,
+                "gate_bad_mac1": self.sh.gate_bad_mac1,
+                "gate_mac2_ok": self.sh.gate_mac2_ok,
+                "gate_shed": self.sh.gate_shed}
+
+    def set_handshake_gate(self, mac1_key=None, cookie_secret=None, double valid_for=0):
+        """Let the loops sort WireGuard handshake messages (types 1 and 2)
+        while the control queue is under load (1/8 full, latched for a
+        second): a message whose mac1 (under ``mac1_key``, 32 bytes:
+        HASH("mac1----" || our public key)) is wrong is dropped there, one
+        whose mac2 shows a cookie made with ``cookie_secret`` (32 bytes,
+        good for ``valid_for`` more seconds) for its sender's address may
+        take any free slot, the rest only the first quarter of the queue.
+        So a flood cannot keep a real peer's cookie-carrying message out.
+        ``mac1_key=None`` turns the gate off.  Python still checks every
+        message it gets; counts() has gate_bad_mac1, gate_mac2_ok and
+        gate_shed."""
+        for label, value in (("mac1_key", mac1_key), ("cookie_secret", cookie_secret)):
+            if value is not None and not (isinstance(value, bytes) and len(value) == 32):
+                raise PumpArgumentError(f"{label} must be 32 bytes or None")
+        pthread_mutex_lock(&self.sh.control_lock)
+        if mac1_key is None:
+            self.sh.gate_on = 0
+        else:
+            memcpy(self.sh.gate_mac1_key, <const uint8_t *>mac1_key, 32)
+            self.sh.gate_on = 1
+        if cookie_secret is None or valid_for <= 0:
+            self.sh.gate_secret_until = 0
+        else:
+            memcpy(self.sh.gate_secret, <const uint8_t *>cookie_secret, 32)
+            self.sh.gate_secret_until = tr_monotonic() + valid_for
+        pthread_mutex_unlock(&self.sh.control_lock)
 
     # ------------------------------------------------------------ sessions
 

@@ -33,6 +33,33 @@ cdef extern from "<openssl/evp.h>" nogil:
         EVP_CTRL_AEAD_SET_TAG
 
 
+cdef extern from "<openssl/evp.h>" nogil:
+    # EVP_MAC: keyed BLAKE2s for the WireGuard handshake gate (_peers.pxi)
+    ctypedef struct EVP_MAC:
+        pass
+    ctypedef struct EVP_MAC_CTX:
+        pass
+    ctypedef struct OSSL_PARAM:
+        pass
+    EVP_MAC *EVP_MAC_fetch(void *libctx, const char *algorithm, const char *properties)
+    void EVP_MAC_free(EVP_MAC *mac)
+    EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
+    void EVP_MAC_CTX_free(EVP_MAC_CTX *ctx)
+    int EVP_MAC_init(EVP_MAC_CTX *ctx, const unsigned char *key, size_t keylen,
+                     const OSSL_PARAM *params)
+    int EVP_MAC_update(EVP_MAC_CTX *ctx, const unsigned char *data, size_t datalen)
+    int EVP_MAC_final(EVP_MAC_CTX *ctx, unsigned char *out, size_t *outl, size_t outsize)
+
+
+cdef extern from "<openssl/params.h>" nogil:
+    OSSL_PARAM OSSL_PARAM_construct_size_t(const char *key, size_t *buf)
+    OSSL_PARAM OSSL_PARAM_construct_end()
+
+
+cdef extern from "<openssl/core_names.h>" nogil:
+    const char *OSSL_MAC_PARAM_SIZE
+
+
 cdef extern from "<openssl/hmac.h>" nogil:
     unsigned char *HMAC(const EVP_MD *md, const void *key, int key_len,
                         const unsigned char *data, size_t data_len,
