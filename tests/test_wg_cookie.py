@@ -143,3 +143,24 @@ def test_wireguard_go_cookie_reply() -> None:
     assert signer.sign(v["initiation"][:-32] + bytes(32)) == v["initiation"]
     me = Identity.from_bytes(v["my_private"]).public
     assert cookie.MacVerifier(me).mac1_ok(v["response"])
+
+
+def test_the_secret_is_shared_with_the_loops_gate_on_every_rotation() -> None:
+    """The loops check mac2 under load with the verifier's own secret
+    (PeerTable.set_handshake_gate): every new secret is handed over, with
+    how long it lasts, and a cookie made from it is what the gate checks."""
+    now = [1000.0]
+    seen: list[tuple[bytes, float]] = []
+    verifier = cookie.MacVerifier(bytes(32), clock=lambda: now[0], refresh=120.0,
+                                  on_rotate=lambda s, t: seen.append((s, t)))
+    secret, left = verifier.current_secret()
+    assert seen == [(secret, 120.0)] and left == 120.0
+    now[0] += 100
+    assert verifier.current_secret() == (secret, 20.0) and len(seen) == 1
+    address = ("198.51.100.7", 51820)
+    reply = verifier.reply(bytes(116) + bytes(32), address)
+    assert len(reply) == 64 and len(seen) == 1          # the same secret made it
+    now[0] += 20
+    newer, left = verifier.current_secret()
+    assert newer != secret and seen[-1] == (newer, 120.0) and left == 120.0
+    assert verifier._cookie_for(address) == noise.keyed_mac(newer, cookie.address_bytes(address))

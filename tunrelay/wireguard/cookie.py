@@ -171,6 +171,10 @@ class MacVerifier:
     my_public: bytes
     clock: Clock = time.monotonic
     refresh: float = COOKIE_REFRESH_TIME
+    #: Called with (secret, seconds it stays valid) whenever the secret
+    #: changes: the loops' handshake gate (PeerTable.set_handshake_gate)
+    #: checks mac2 with the same secret.
+    on_rotate: Callable[[bytes, float], None] | None = None
     mac1_key: bytes = field(init=False)
     cookie_key: bytes = field(init=False)
     _secret: bytes = field(init=False, default=b"")
@@ -180,6 +184,16 @@ class MacVerifier:
         self.mac1_key = blake2s(LABEL_MAC1, self.my_public)
         self.cookie_key = blake2s(LABEL_COOKIE, self.my_public)
 
+    def current_secret(self) -> tuple[bytes, float]:
+        """The cookie secret (made or rotated now if it is due) and how many
+        seconds it stays valid."""
+        now = self.clock()
+        if now - self._secret_time >= self.refresh:
+            self._secret, self._secret_time = os.urandom(32), now
+            if self.on_rotate is not None:
+                self.on_rotate(self._secret, self.refresh)
+        return self._secret, self.refresh - (now - self._secret_time)
+
     def mac1_ok(self, msg: bytes) -> bool:
         """Cheap (one keyed BLAKE2s): the first check of every handshake message."""
         if len(msg) < 32:
@@ -187,10 +201,8 @@ class MacVerifier:
         return hmac.compare_digest(keyed_mac(self.mac1_key, msg[:-32]), msg[-32:-16])
 
     def _cookie_for(self, address: tuple[str, int] | tuple[str, int, int, int]) -> bytes:
-        now = self.clock()
-        if now - self._secret_time >= self.refresh:
-            self._secret, self._secret_time = os.urandom(32), now
-        return keyed_mac(self._secret, address_bytes(address))
+        secret, _ = self.current_secret()
+        return keyed_mac(secret, address_bytes(address))
 
     def mac2_ok(self, msg: bytes, address: tuple[str, int] | tuple[str, int, int, int]) -> bool:
         """Under load: only messages whose mac2 proves the source address pass."""
