@@ -28,7 +28,7 @@ from conftest import load_fastpath
 from tunrelay.wireguard import noise
 from tunrelay.wireguard.device import WireGuardDevice
 from tunrelay.wireguard.ratelimit import SourceBuckets
-from tunrelay.wireguard.timers import Action, PeerClock, Timers, due
+from tunrelay.wireguard.timers import Action, PeerClock, Timers, due, unanswered_since
 
 WAIT = 20.0          # any one condition, generously
 #: Short enough for a test to see every timer, long enough for a slow,
@@ -301,6 +301,41 @@ def test_restarted_peer_handshakes_again() -> None:
                 a.send(back)
                 assert await b2.recv() == back
                 assert a.refused("replayed_timestamp") == 0
+            finally:
+                await b2.close()
+    run(main)
+
+
+def test_restarted_peer_is_found_by_steady_sending() -> None:
+    """b restarts (a's session gone on its side, b has nothing to send) and
+    a keeps sending, more often than KEEPALIVE + REKEY_TIMEOUT: nothing
+    comes back, and a must handshake again, from its first unanswered send."""
+    async def main() -> None:
+        async with pair() as (a, b):
+            await exchange(a, b, 2)
+            port, private = b.port, b.private
+            await b.close()
+            b2 = End("b", B_NETS, private_key=private, port=port)
+            try:
+                await b2.device.start()
+                b2.device.add_peer(a.public, "a")
+                b2.device.set_peer(a.public, allowed_ips=a.nets, endpoint=("127.0.0.1", a.port))
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + WAIT
+                got: list[bytes] = []
+                seq = 100
+                while not got:
+                    if loop.time() > deadline:
+                        pytest.fail(f"a never handshook again while sending steadily: "
+                                    f"{a.device.stats()['handshakes']}", pytrace=False)
+                    a.send(packet(a.v4, b2.v4, 120, seq))
+                    seq += 1
+                    await asyncio.sleep(FAST.new_handshake_after / 6)
+                    got = b2.pending_packets()
+                assert a.handshakes("initiations_sent") >= 2
+                back = packet(b2.v4, a.v4, 130, 1)
+                b2.send(back)
+                assert await a.recv() == back
             finally:
                 await b2.close()
     run(main)
@@ -592,10 +627,17 @@ def test_due_decisions() -> None:
     t = Timers()
     base = dict(has_endpoint=True, has_sessions=True, current_created=0.0, newest_session=0.0,
                 current_initiator=True, last_handshake_completed=0.0)
-    # sent without reply for 15 s: a new handshake, once per send
+    # sent without reply for 15 s: a new handshake; once it fired, only
+    # data sent after that starts the timer again
     c = PeerClock(now=20.0, last_data_sent=4.0, last_seen=3.0, **base)
     assert Action.INITIATE in due(c, t)
-    c.new_handshake_for = 4.0
+    c.new_handshake_fired = 20.0
+    assert Action.INITIATE not in due(c, t)
+    # the first unanswered send counts, not the last
+    c = PeerClock(now=20.0, last_data_sent=19.5, last_seen=3.0, unanswered_since=4.0, **base)
+    assert Action.INITIATE in due(c, t)
+    # not while an initiation is in flight
+    c.attempt_started, c.retransmit_at = 18.0, 23.0
     assert Action.INITIATE not in due(c, t)
     # received data, sent nothing for 10 s: passive keepalive
     c = PeerClock(now=12.0, last_data_received=1.5, last_seen=1.5, last_data_sent=1.0, **base)
@@ -626,6 +668,65 @@ def test_due_decisions() -> None:
     # nothing to do without an endpoint
     c = PeerClock(now=30.0, persistent_keepalive=25)
     assert due(c, t) == []
+
+
+def steady_sender(timers: Timers, *, until: float, every: float = 0.5,
+                  received: tuple[float, ...] = ()) -> list[float]:
+    """Simulated times (no clock, no sockets) at which the timers start a
+    new handshake for a peer we send data to every ``every`` s from 0 on and
+    that answers only at the ``received`` times (keepalives: last_seen only),
+    with the new-handshake timer carried from tick to tick the way the
+    device does it (moved on each tick, stopped when it fires)."""
+    clock = PeerClock(now=0.0, last_seen=-1.0, last_data_received=-1.0, has_endpoint=True,
+                      has_sessions=True, current_created=-2.0, newest_session=-2.0,
+                      current_initiator=True, last_handshake_completed=-2.0)
+    fired = []
+    step = 0
+    while step * timers.tick <= until:
+        now = clock.now = step * timers.tick
+        clock.last_data_sent = (now // every) * every        # the table's newest send
+        clock.last_seen = max([-1.0] + [r for r in received if r <= now])
+        clock.unanswered_since = unanswered_since(clock)
+        if Action.INITIATE in due(clock, timers):
+            fired.append(now)
+            clock.unanswered_since, clock.new_handshake_fired = None, now
+        step += 1
+    return fired
+
+
+def test_new_handshake_counts_from_the_first_unanswered_send() -> None:
+    # KEEPALIVE + REKEY_TIMEOUT shortened to 2 s, a send every 0.5 s, a peer
+    # that never answers (restarted, our session gone): the timer runs from
+    # the first send, however often we keep sending, and fires after 2 s
+    # (plus at most one tick, the table showing only the newest send).
+    t = dataclasses.replace(Timers(), keepalive_timeout=1.0, rekey_timeout=1.0, tick=0.25)
+    assert t.new_handshake_after == 2.0
+    fired = steady_sender(t, until=10.0)
+    assert fired and t.new_handshake_after <= fired[0] <= t.new_handshake_after + t.tick
+    # once fired it starts again from the next send: one per period, not per tick
+    assert all(b - a >= t.new_handshake_after for a, b in zip(fired, fired[1:]))
+    assert len(fired) >= 3
+    # a keepalive received stops it: it runs again from the next send after it
+    fired = steady_sender(t, until=10.0, received=(1.5, 3.0))
+    assert fired and fired[0] >= 3.5 + t.new_handshake_after
+    # a peer that answers within the period: never
+    assert steady_sender(t, until=10.0, received=tuple(x * 1.5 for x in range(8))) == []
+
+
+def test_new_handshake_timer_state() -> None:
+    c = PeerClock(now=10.0, last_seen=1.0, last_data_sent=2.0)
+    assert unanswered_since(c) == 2.0                # the first unanswered send seen
+    c.unanswered_since, c.last_data_sent = 2.0, 9.0
+    assert unanswered_since(c) == 2.0                # later sends do not move it
+    c.last_seen = 5.0
+    assert unanswered_since(c) == 9.0                # received: the next send restarts it
+    c.last_seen = 9.5
+    assert unanswered_since(c) is None               # answered, nothing sent since
+    c = PeerClock(now=10.0, last_seen=1.0, last_data_sent=2.0, new_handshake_fired=3.0)
+    assert unanswered_since(c) is None               # fired after that send
+    c.last_initiation_received, c.last_seen = 2.5, None
+    c.new_handshake_fired, c.unanswered_since = None, 2.0
+    assert unanswered_since(c) is None               # a handshake message received counts
 
 
 def test_source_buckets() -> None:

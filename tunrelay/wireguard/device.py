@@ -65,7 +65,7 @@ from .cookie import MacVerifier, parse_cookie_reply
 from .noise import HandshakeError, Identity, UnknownPeer, key_to_base64
 from .peer import Network, Pending, SessionInfo, WgPeer
 from .ratelimit import SourceBuckets
-from .timers import Action, PeerClock, Timers, due
+from .timers import Action, PeerClock, Timers, due, new_handshake_due, unanswered_since
 
 if TYPE_CHECKING:
     from .._fastpath import Event, PeerTable, Pump
@@ -1049,7 +1049,12 @@ class WireGuardDevice:
                 newest_session=max((s.created for s in peer.sessions.values()), default=None),
                 has_sessions=bool(peer.sessions), has_endpoint=peer.has_endpoint,
                 persistent_keepalive=peer.persistent_keepalive,
-                new_handshake_for=peer.new_handshake_for)
+                last_initiation_received=peer.last_initiation_consumed,
+                unanswered_since=peer.unanswered_since,
+                new_handshake_fired=peer.new_handshake_fired)
+            # The new-handshake timer moves on every tick (the table only
+            # records the newest send: its first unanswered one is seen here).
+            peer.unanswered_since = unanswered_since(clock)
             for action in due(clock, self.timers):
                 self._act(peer, action, clock)
             if peer.rekey_wanted is not None and peer.rekey_wanted != peer.current_index:
@@ -1079,14 +1084,24 @@ class WireGuardDevice:
                      self._label(peer), self.timers.rekey_attempt_time)
             self._drop_pending(peer)
             self._drop_staged(peer, "staged_dropped_gave_up")
+            self._stop_new_handshake(peer, clock.now)   # the next data sent starts it
             self._counts["given_up"] += 1
         elif action is Action.RETRANSMIT:
             self._initiate(peer, "retransmit", retry=True)
         elif action is Action.INITIATE:
-            peer.new_handshake_for = clock.last_data_sent
-            self._initiate(peer, "timer")
+            why = "timer"
+            if new_handshake_due(clock, self.timers):
+                # Fired: it runs again from the next data packet sent.
+                self._stop_new_handshake(peer, clock.now)
+                why = "data sent, nothing received"
+            self._initiate(peer, why)
         elif action is Action.KEEPALIVE:
             self._keepalive_now(peer)
+
+    @staticmethod
+    def _stop_new_handshake(peer: WgPeer, now: float) -> None:
+        peer.unanswered_since = None
+        peer.new_handshake_fired = now
 
     def _label(self, peer: WgPeer) -> str:
         return peer.name or key_to_base64(peer.public_key)[:8] + "..."

@@ -58,7 +58,10 @@ class WgPeer:
     retransmit_at: float | None = None
     last_handshake_sent: float | None = None
     last_timestamp_sent: bytes | None = None
-    new_handshake_for: float | None = None
+    #: The new-handshake timer (timers.unanswered_since): the first data
+    #: packet sent since anything was received, and when it last fired.
+    unanswered_since: float | None = None
+    new_handshake_fired: float | None = None
     #: The session whose renewal the data path asked for (it asks once per
     #: session): retried on the tick until a newer session is current.
     rekey_wanted: int | None = None

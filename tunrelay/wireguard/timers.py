@@ -21,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Timers", "Action", "PeerClock", "due"]
+__all__ = ["Timers", "Action", "PeerClock", "due", "last_received", "new_handshake_due",
+           "unanswered_since"]
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,55 @@ class PeerClock:
     has_sessions: bool = False
     has_endpoint: bool = False
     persistent_keepalive: int = 0
-    #: The data-sent time for which a new handshake was already started.
-    new_handshake_for: float | None = None
+    #: Ours: the newest handshake initiation consumed from the peer (its
+    #: response shows as last_handshake_completed).
+    last_initiation_received: float | None = None
+    #: The new-handshake timer (data sent, nothing received) as the device
+    #: tracked it up to the previous tick: when the first data packet sent
+    #: since anything was last received went out (None: not running), and
+    #: when the timer last fired or was stopped by giving up (data sent up
+    #: to then does not start it again).  ``unanswered_since()`` moves it on.
+    unanswered_since: float | None = None
+    new_handshake_fired: float | None = None
 
 
 def _latest(*times: float | None) -> float | None:
     known = [t for t in times if t is not None]
     return max(known) if known else None
+
+
+def last_received(clock: PeerClock) -> float | None:
+    """The newest authenticated message from the peer: any datagram of its
+    sessions (keepalives too), or a handshake message."""
+    return _latest(clock.last_seen, clock.last_handshake_completed,
+                   clock.last_initiation_received)
+
+
+def unanswered_since(clock: PeerClock) -> float | None:
+    """The new-handshake timer's start, moved on to ``clock``: as in
+    wireguard-go, it starts at the first data packet (not a keepalive) sent
+    after the last message received, further sends do not move it, and
+    anything received stops it.  The table records only the newest send,
+    so a start first seen on this tick is that send (at most one tick
+    later than the true first one: the timer fires at most a tick late).
+    The device keeps the result for the next tick."""
+    start = clock.unanswered_since
+    received = last_received(clock)
+    if start is not None and received is not None and received >= start:
+        start = None                                # answered: stopped
+    sent = clock.last_data_sent
+    if (start is None and sent is not None
+            and (received is None or sent > received)
+            and (clock.new_handshake_fired is None or sent > clock.new_handshake_fired)):
+        start = sent
+    return start
+
+
+def new_handshake_due(clock: PeerClock, timers: Timers) -> bool:
+    """Data sent and nothing received for KEEPALIVE + REKEY_TIMEOUT since
+    the first unanswered send: the peer may have lost our session."""
+    start = unanswered_since(clock)
+    return start is not None and clock.now - start >= timers.new_handshake_after
 
 
 def due(clock: PeerClock, timers: Timers) -> list[Action]:
@@ -159,15 +202,13 @@ def due(clock: PeerClock, timers: Timers) -> list[Action]:
             pending = False
         elif clock.retransmit_at is not None and now >= clock.retransmit_at:
             actions.append(Action.RETRANSMIT)
-    received = _latest(clock.last_seen, clock.last_handshake_completed)
     sent_any = _latest(clock.last_data_sent, clock.last_keepalive_sent)
     live = clock.current_created is not None and Action.EXPIRE not in actions
-    if not pending and clock.has_endpoint:
-        # Data sent and nothing heard since, for KEEPALIVE + REKEY_TIMEOUT.
-        sent = clock.last_data_sent
-        if (sent is not None and (received is None or received < sent)
-                and now - sent >= timers.new_handshake_after
-                and clock.new_handshake_for != sent):
+    if clock.attempt_started is None and clock.has_endpoint:
+        # Data sent and nothing heard since the first unanswered send, for
+        # KEEPALIVE + REKEY_TIMEOUT (not while an initiation is in flight,
+        # nor right after giving up on one: its retries did this job).
+        if new_handshake_due(clock, timers):
             actions.append(Action.INITIATE)
         # The initiator of an old session that still receives under it.
         elif (live and clock.current_initiator and clock.current_created is not None
