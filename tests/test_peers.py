@@ -796,3 +796,23 @@ def test_the_handshake_gate_keeps_room_for_proven_senders_under_a_flood(rig):
     table.set_handshake_gate(None)
     with pytest.raises(fp.PumpArgumentError, match="32 bytes"):
         table.set_handshake_gate(b"short")
+
+
+def test_the_handshake_gate_gives_one_address_a_share_of_the_unproven_room(rig):
+    mac1_key = bytes(range(32))
+    tun, pump, table, pid, sock, other = one_session(rig, control_slots=1024)
+    table.set_handshake_gate(mac1_key, None)
+    pump.start()
+    body = bytes([1, 0, 0, 0]) + bytes(112)
+    message = body + _mac(mac1_key, body) + bytes(16)
+    for _ in range(200):         # load from 128 queued on; one address's share is 16
+        other.sendto(message, sock.getsockname())
+    wait_for(lambda: table.counts()["control_queued"] + table.counts()["control_dropped"] == 200,
+             "every message decided", lambda: table.counts())
+    counts = table.counts()
+    assert counts["gate_source_capped"] >= 1 and counts["control_queued"] < 200
+    # Another address still gets its share while the first is capped.
+    stranger = rig.udp(host="127.0.0.2")
+    stranger.sendto(message, sock.getsockname())
+    wait_for(lambda: table.counts()["control_queued"] == counts["control_queued"] + 1,
+             "the other address queued")

@@ -756,13 +756,15 @@ FLOOD_SOURCE = {"t": "198.18.0.9", "g": "198.18.0.10"}
 
 
 def start_flood(bed: WgBed, side: str, dst: str, public_key: str,
-                seconds: float) -> subprocess.Popen:
+                seconds: float, every: float = FLOOD_EVERY_S) -> subprocess.Popen:
     """Bursts of valid-mac1 initiations (FLOOD) from ``side``'s namespace
-    (from FLOOD_SOURCE, added to its veth) to ``dst``:PORT for ``seconds``."""
+    (from FLOOD_SOURCE, added to its veth) to ``dst``:PORT for ``seconds``,
+    one burst every ``every`` s (0: without a pause, as fast as one
+    process sends)."""
     src = FLOOD_SOURCE[side]
     bed.sh(bed.ns(side), ["ip", "addr", "add", f"{src}/24", "dev", bed.veth(side)])
     return bed.popen(bed.ns(side), [sys.executable, "-c", FLOOD, src, dst, str(PORT), public_key,
-                                    str(seconds), str(FLOOD_BURST), str(FLOOD_EVERY_S)],
+                                    str(seconds), str(FLOOD_BURST), str(every)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

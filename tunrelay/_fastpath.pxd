@@ -235,6 +235,15 @@ cdef struct ReaderEpoch:
     uint8_t pad[56]
 
 
+# The handshake gate's share per source address (of unproven messages):
+# one entry per hash bucket, taken over by another address once its
+# window is over.
+cdef struct GateSource:
+    uint32_t hash
+    uint32_t count
+    double window             # when its window began (monotonic)
+
+
 cdef struct PeerShared:
     Snapshot *current         # atomic pointer
     uint64_t gen              # bumped after every publication or retirement
@@ -266,6 +275,8 @@ cdef struct PeerShared:
     uint64_t gate_bad_mac1
     uint64_t gate_mac2_ok
     uint64_t gate_shed
+    uint64_t gate_source_capped
+    GateSource gate_sources[256]   # GATE_SOURCES, under control_lock
     EVP_MAC *blake2s          # fetched once per table
     uint8_t control_types[256]
     int event_fd

@@ -153,6 +153,8 @@ cdef enum:
     GATE_INITIATION_LEN = 148
     GATE_RESPONSE_LEN = 92
     GATE_MAC = 16
+    GATE_SOURCES = 256        # PeerShared.gate_sources
+    GATE_SOURCE_BURST = 16    # unproven messages one address may queue per window
 
 
 cdef bint keyed_blake2s(EVP_MAC_CTX *ctx, const uint8_t *key, size_t key_len,
@@ -237,8 +239,40 @@ cdef int gate_handshake(PumpState *st, const uint8_t *datagram, size_t length,
     if proven:
         tr_add64(&sh.gate_mac2_ok, 1)
         return control_push(sh, datagram, length, sender, sender_len, 0)
+    if not gate_source_share(sh, source, cookie_source(sender, source) - 2, now):
+        return DROP_CONTROL_FULL
     return control_push(sh, datagram, length, sender, sender_len,
                         sh.control_slots // 4 if sh.control_slots >= 4 else 1)
+
+
+cdef bint gate_source_share(PeerShared *sh, const uint8_t *ip, size_t ip_len,
+                            double now) noexcept nogil:
+    """Under load, one address may queue at most GATE_SOURCE_BURST unproven
+    handshake messages per tenth of a second, so a flood from one host
+    cannot take the whole unproven quarter and leave a real peer (which
+    needs one message through to be sent a cookie) to a lottery it loses.
+    A flood from many spoofed addresses still competes as WireGuard's own
+    queue does.  False (counted gate_source_capped) when over the share."""
+    cdef uint32_t h = 2166136261u
+    cdef size_t i
+    cdef GateSource *e
+    cdef bint ok
+    for i in range(ip_len):
+        h = (h ^ ip[i]) * 16777619u
+    pthread_mutex_lock(&sh.control_lock)
+    e = &sh.gate_sources[h % GATE_SOURCES]
+    if e.hash != h or now - e.window >= 0.1:
+        e.hash = h
+        e.window = now
+        e.count = 0
+    ok = e.count < GATE_SOURCE_BURST
+    if ok:
+        e.count += 1
+    else:
+        sh.gate_source_capped += 1
+        sh.control_dropped += 1
+    pthread_mutex_unlock(&sh.control_lock)
+    return ok
 
 
 # ---------------------------------------------------------------- endpoints
@@ -1228,7 +1262,8 @@ cdef class PeerTable:
                 "staged_dropped": self.sh.staged_dropped,
                 "gate_bad_mac1": self.sh.gate_bad_mac1,
                 "gate_mac2_ok": self.sh.gate_mac2_ok,
-                "gate_shed": self.sh.gate_shed}
+                "gate_shed": self.sh.gate_shed,
+                "gate_source_capped": self.sh.gate_source_capped}
 
     def set_handshake_gate(self, mac1_key=None, cookie_secret=None, double valid_for=0):
         """Let the loops sort WireGuard handshake messages (types 1 and 2)

@@ -404,8 +404,18 @@ class WireGuardDevice:
             return
         self._identity = Identity.from_bytes(key) if key is not None else None
         self._public = self._identity.public if self._identity is not None else None
-        self._verifier = (MacVerifier(self._public, refresh=self.timers.cookie_refresh_time)
-                          if self._public is not None else None)
+        self._verifier = None
+        self.table.set_handshake_gate(None)
+        if self._public is not None:
+            # The loops sort handshake messages under load with the same
+            # mac1 key and cookie secret (PeerTable.set_handshake_gate), so a
+            # flood cannot keep a peer that carries our cookie out.
+            def share(secret: bytes, valid_for: float) -> None:
+                self.table.set_handshake_gate(verifier.mac1_key, secret, valid_for)
+            verifier = MacVerifier(self._public, refresh=self.timers.cookie_refresh_time,
+                                   on_rotate=share)
+            self._verifier = verifier
+            verifier.current_secret()
         with self.table.batch():
             if self._public is not None and self._public in self._peers:
                 log.warning("wireguard: peer %s has this device's public key: removed",
