@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/daemon/*.py tunrelay/testrig/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
+SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/daemon/*.py tunrelay/wireguard/*.py tunrelay/testrig/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
 
 .PHONY: demo test soak bench sysdeps testdeps venv clean
 
