@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from benchmarks.report import POINT_TO_POINT
 from tunrelay.errors import TunrelayError
@@ -253,7 +254,70 @@ class StarBed(Star):
         return self.spokes[0].ns
 
 
-class HubTunnel(Tunnel):
+class ConfiguredRelays(Tunnel):
+    """Several ``tunrelay run --config`` processes, one per relay that
+    ``configs()`` names, each with its config, log and control socket in
+    one short-lived work directory (its prefix: ``WORKDIR``)."""
+
+    WORKDIR = "trb-"
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def _path(self, name: str, suffix: str) -> str:
+        assert self._workdir is not None, "start() makes the work directory"
+        return os.path.join(self._workdir.name, f"{name}.{suffix}")
+
+    def configs(self, bed: Any) -> dict[str, tuple[str, str]]:
+        """name -> (namespace, relay.toml text) of every relay."""
+        raise NotImplementedError
+
+    def start(self, bed: Any) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix=self.WORKDIR)  # short: sun_path
+        for name, (ns, text) in self.configs(bed).items():
+            with open(self._path(name, "toml"), "w") as f:
+                f.write(text)
+            with open(self._path(name, "log"), "ab") as log:
+                self.procs[name] = bed.popen(
+                    ns, [sys.executable, "-m", "tunrelay", "run", "--config", self._path(name, "toml")],
+                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15.0
+        for name, proc in self.procs.items():
+            try:
+                wait_running(name, proc, self._path(name, "sock"), lambda n=name: self.log(n),
+                             deadline, 15.0)
+            except TunrelayError:
+                self.refused(name, proc)
+                raise
+
+    def refused(self, name: str, proc: subprocess.Popen) -> None:
+        """A relay did not come up: raise Unsupported if this build cannot
+        run the row at all (else the caller re-raises the failure)."""
+
+    def log(self, name: str) -> str:
+        try:
+            with open(self._path(name, "log"), errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError, AttributeError, AssertionError):
+            return ""
+
+    def roles(self) -> dict[str, int]:
+        """Relay name -> pid, for CPU time per relay."""
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def pids(self) -> list[int]:
+        return list(self.roles().values())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _terminate(proc, timeout=10.0)
+        if self._workdir is not None:
+            self._workdir.cleanup()
+
+
+class HubTunnel(ConfiguredRelays):
     """Three tunrelay processes: a hub in the star's hub namespace with one
     ``[[peer]]`` table per spoke (its allowed IPs the spoke's /32 and
     /128), and in each spoke a point-to-point relay whose peer is the hub,
@@ -265,19 +329,15 @@ class HubTunnel(Tunnel):
     with; the CPU time counted is that of all three."""
 
     kind = "tunrelay-hub"
+    WORKDIR = "trbh-"
     HUB_ADDR, HUB_ADDR6 = "10.99.0.254", "fd00:99::fe"
 
     def __init__(self, label: str, overrides: dict) -> None:
         super().__init__(label)
         self.overrides = overrides
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._workdir: tempfile.TemporaryDirectory | None = None
 
     def testbed(self) -> StarBed:
         return StarBed()
-
-    def _path(self, name: str, suffix: str) -> str:
-        return os.path.join(self._workdir.name, f"{name}.{suffix}")
 
     def configs(self, star: Star) -> dict[str, tuple[str, str]]:
         """name -> (namespace, relay.toml text) of the three relays."""
@@ -313,40 +373,6 @@ class HubTunnel(Tunnel):
             tables[table] += lines
         return "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
                        for t, lines in tables.items())
-
-    def start(self, bed: Star) -> None:
-        self._workdir = tempfile.TemporaryDirectory(prefix="trbh-")  # short: sun_path
-        for name, (ns, text) in self.configs(bed).items():
-            with open(self._path(name, "toml"), "w") as f:
-                f.write(text)
-            with open(self._path(name, "log"), "ab") as log:
-                self.procs[name] = bed.popen(
-                    ns, [sys.executable, "-m", "tunrelay", "run", "--config", self._path(name, "toml")],
-                    stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15.0
-        for name, proc in self.procs.items():
-            wait_running(name, proc, self._path(name, "sock"), lambda n=name: self.log(n),
-                         deadline, 15.0)
-
-    def log(self, name: str) -> str:
-        try:
-            with open(self._path(name, "log"), errors="replace") as f:
-                return f.read()
-        except (OSError, TypeError, AttributeError):
-            return ""
-
-    def roles(self) -> dict[str, int]:
-        """Relay name -> pid, for CPU time per relay."""
-        return {name: proc.pid for name, proc in self.procs.items()}
-
-    def pids(self) -> list[int]:
-        return list(self.roles().values())
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            _terminate(proc, timeout=10.0)
-        if self._workdir is not None:
-            self._workdir.cleanup()
 
 
 class OpenVPN(Tunnel):
@@ -391,7 +417,7 @@ class OpenVPN(Tunnel):
             log.close()
 
 
-class TunrelayWireguard(Tunnel):
+class TunrelayWireguard(ConfiguredRelays):
     """Two ``tunrelay run --config`` with ``framing = "wireguard"``, each
     the other's one ``[[peer]]`` (endpoint, the other side's /32 and /128
     as allowed IPs), MTU 1400 like every row, offloads and queues as the
@@ -400,12 +426,8 @@ class TunrelayWireguard(Tunnel):
     helpers, so the row needs no wireguard-tools."""
 
     kind = "tunrelay-wg"
+    WORKDIR = "trbw-"
     PORT = 51820
-
-    def __init__(self, label: str) -> None:
-        super().__init__(label)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._workdir: tempfile.TemporaryDirectory | None = None
 
     def missing(self) -> str | None:
         try:
@@ -413,10 +435,6 @@ class TunrelayWireguard(Tunnel):
         except ImportError as exc:
             return f"this build cannot speak WireGuard: {exc}"
         return None
-
-    def _path(self, name: str, suffix: str) -> str:
-        assert self._workdir is not None, "start() makes the work directory"
-        return os.path.join(self._workdir.name, f"{name}.{suffix}")
 
     def configs(self, bed: Testbed) -> dict[str, tuple[str, str]]:
         """name -> (namespace, relay.toml text) of the two relays; writes
@@ -451,42 +469,10 @@ class TunrelayWireguard(Tunnel):
             out[name] = (ns, text)
         return out
 
-    def start(self, bed: Testbed) -> None:
-        self._workdir = tempfile.TemporaryDirectory(prefix="trbw-")  # short: sun_path
-        for name, (ns, text) in self.configs(bed).items():
-            with open(self._path(name, "toml"), "w") as f:
-                f.write(text)
-            with open(self._path(name, "log"), "ab") as log:
-                self.procs[name] = bed.popen(
-                    ns, [sys.executable, "-m", "tunrelay", "run", "--config", self._path(name, "toml")],
-                    stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15.0
-        for name, proc in self.procs.items():
-            try:
-                wait_running(name, proc, self._path(name, "sock"), lambda n=name: self.log(n),
-                             deadline, 15.0)
-            except TunrelayError:
-                # Exit 2 naming the framing: a build from before WireGuard.
-                if proc.poll() == 2 and "wireguard" in self.log(name):
-                    raise Unsupported(f"rejected by this build: {self.log(name).strip()[-200:]}"
-                                      ) from None
-                raise
-
-    def log(self, name: str) -> str:
-        try:
-            with open(self._path(name, "log"), errors="replace") as f:
-                return f.read()
-        except (OSError, TypeError, AttributeError):
-            return ""
-
-    def pids(self) -> list[int]:
-        return [proc.pid for proc in self.procs.values()]
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            _terminate(proc, timeout=10.0)
-        if self._workdir is not None:
-            self._workdir.cleanup()
+    def refused(self, name: str, proc: subprocess.Popen) -> None:
+        # Exit 2 naming the framing: a build from before WireGuard.
+        if proc.poll() == 2 and "wireguard" in self.log(name):
+            raise Unsupported(f"rejected by this build: {self.log(name).strip()[-200:]}") from None
 
 
 def wireguard_go_label() -> str:

@@ -282,18 +282,28 @@ def test_rekey_after_messages_both_ways_loses_nothing() -> None:
     run(main)
 
 
+async def restart(b: End, a: End) -> End:
+    """b stopped and started again with the same keys on the same port (a's
+    session is gone on its side), a as its one peer again."""
+    port, private = b.port, b.private
+    await b.close()
+    b2 = End("b", B_NETS, private_key=private, port=port)
+    try:
+        await b2.device.start()
+        b2.device.add_peer(a.public, "a")
+        b2.device.set_peer(a.public, allowed_ips=a.nets, endpoint=("127.0.0.1", a.port))
+    except BaseException:
+        await b2.close()
+        raise
+    return b2
+
+
 def test_restarted_peer_handshakes_again() -> None:
     async def main() -> None:
         async with pair() as (a, b):
             await exchange(a, b, 2)
-            port, private = b.port, b.private
-            await b.close()
-            # The same keys on the same port: a's session is gone on b's side.
-            b2 = End("b", B_NETS, private_key=private, port=port)
+            b2 = await restart(b, a)
             try:
-                await b2.device.start()
-                b2.device.add_peer(a.public, "a")
-                b2.device.set_peer(a.public, allowed_ips=a.nets, endpoint=("127.0.0.1", a.port))
                 data = packet(b2.v4, a.v4, 150, 9)
                 b2.send(data)                     # b2 initiates; its TAI64N is newer
                 assert await a.recv() == data
@@ -313,13 +323,8 @@ def test_restarted_peer_is_found_by_steady_sending() -> None:
     async def main() -> None:
         async with pair() as (a, b):
             await exchange(a, b, 2)
-            port, private = b.port, b.private
-            await b.close()
-            b2 = End("b", B_NETS, private_key=private, port=port)
+            b2 = await restart(b, a)
             try:
-                await b2.device.start()
-                b2.device.add_peer(a.public, "a")
-                b2.device.set_peer(a.public, allowed_ips=a.nets, endpoint=("127.0.0.1", a.port))
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + WAIT
                 got: list[bytes] = []
