@@ -92,6 +92,17 @@ cdef inline uint8_t *egress_packet(PumpState *st, unsigned int i) noexcept nogil
 
 # ---------------------------------------------------------------- egress
 
+cdef inline int hold_for_handshake(PumpState *st, unsigned int slot, const uint8_t *packet,
+                                   size_t length) noexcept nogil:
+    """A packet for egress slot `slot`'s peer, which has no session yet:
+    staged for the control plane (DROP_NONE), or DROP_NO_SESSION, counted
+    against the peer, when it cannot be held."""
+    if stage_packet(st.peers, st.eg.peer[slot], packet, length) == DROP_NONE:
+        return DROP_NONE
+    tr_add64(&st.eg.peer[slot].egress.drops, 1)
+    return DROP_NO_SESSION
+
+
 cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     """Drain up to `batch` packets from the TUN fd (non-blocking) into the
     egress slots, recording each length in its iovec.  Returns ST_GO_ON
@@ -131,9 +142,9 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
         if st.peers != NULL:
             reason = egress_route(st, packet, <size_t>r, n)
             if reason == DROP_NO_SESSION:
-                if stage_packet(st.peers, st.eg.peer[n], packet, <size_t>r) == DROP_NONE:
+                reason = hold_for_handshake(st, n, packet, <size_t>r)
+                if reason == DROP_NONE:
                     continue
-                tr_add64(&st.eg.peer[n].egress.drops, 1)
             elif reason == DROP_NONE and st.session:
                 pad = session_pad(<size_t>r, st.max_frame)
                 reason = session_seal(st, st.eg.keys[n], packet - SESSION_HEADER_LEN,
@@ -521,11 +532,13 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
                 # a ping), checksummed first: Python sends it as it is.
                 if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
                         (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
-                            slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0) and \
-                        stage_packet(st.peers, st.eg.peer[n - 1], slot + VNET_HDR_LEN,
-                                     <size_t>r - VNET_HDR_LEN) == DROP_NONE:
-                    continue
-                tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
+                            slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0):
+                    reason = hold_for_handshake(st, n - 1, slot + VNET_HDR_LEN,
+                                                <size_t>r - VNET_HDR_LEN)
+                    if reason == DROP_NONE:
+                        continue
+                else:
+                    tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
             if reason != DROP_NONE:
                 c.drops[reason] += 1
                 continue

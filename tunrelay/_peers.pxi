@@ -211,10 +211,9 @@ cdef int gate_handshake(PumpState *st, const uint8_t *datagram, size_t length,
     cdef uint8_t mac[GATE_MAC]
     cdef double now = st.ing.now
     cdef bint loaded, secret_valid, proven
-    cdef unsigned int waiting
+    cdef size_t source_len
     pthread_mutex_lock(&sh.control_lock)
-    waiting = sh.control_count
-    if waiting * 8 >= sh.control_slots:
+    if sh.control_count * 8 >= sh.control_slots:
         sh.gate_load_until = now + 1.0
     loaded = now < sh.gate_load_until
     if loaded:
@@ -231,15 +230,15 @@ cdef int gate_handshake(PumpState *st, const uint8_t *datagram, size_t length,
             CRYPTO_memcmp(mac, datagram + length - 32, GATE_MAC) != 0:
         tr_add64(&sh.gate_bad_mac1, 1)
         return DROP_BAD_TAG
+    source_len = cookie_source(sender, source)
     proven = (secret_valid
-              and keyed_blake2s(st.ing.gate_mac, secret, 32, source,
-                                cookie_source(sender, source), cookie)
+              and keyed_blake2s(st.ing.gate_mac, secret, 32, source, source_len, cookie)
               and keyed_blake2s(st.ing.gate_mac, cookie, GATE_MAC, datagram, length - GATE_MAC, mac)
               and CRYPTO_memcmp(mac, datagram + length - GATE_MAC, GATE_MAC) == 0)
     if proven:
         tr_add64(&sh.gate_mac2_ok, 1)
         return control_push(sh, datagram, length, sender, sender_len, 0)
-    if not gate_source_share(sh, source, cookie_source(sender, source) - 2, now):
+    if not gate_source_share(sh, source, source_len - 2, now):   # the address, not the port
         return DROP_CONTROL_FULL
     return control_push(sh, datagram, length, sender, sender_len,
                         sh.control_slots // 4 if sh.control_slots >= 4 else 1)
