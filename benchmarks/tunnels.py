@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.report import POINT_TO_POINT
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
-from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.netns import Testbed, stop_process
 from tunrelay.testrig.pair import (PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair,
                                    wait_running)
 
@@ -581,10 +581,4 @@ def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def _terminate(proc: subprocess.Popen, timeout: float = 3.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, timeout=timeout)

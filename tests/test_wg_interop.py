@@ -346,6 +346,18 @@ def test_every_padding_remainder_up_to_the_mtu(bed, parties):
                 assert done.returncode == 0, f"{size}-byte echo {side} -> {dst}: {done.stdout}"
 
 
+def _kill_and_restart(bed, tr, go, victim: str) -> None:
+    """SIGKILL one side ("t" tunrelay, "g" wireguard-go) and start it again
+    with the same keys (wireguard-go configured anew with wg)."""
+    if victim == "t":
+        tr.stop(signal.SIGKILL)
+        tr.start()
+    else:
+        go.stop(signal.SIGKILL)
+        go.start()
+        go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+
+
 # ---------------------------------------------------------------- restart
 
 @pytest.mark.parametrize("victim", ["t", "g"], ids=["tunrelay-restarts", "wireguard-go-restarts"])
@@ -359,13 +371,7 @@ def test_peer_restart(bed, parties, victim):
     ping(bed, "g", INNER["t"][0])
     before = handshake_seen(go, tr)
     time.sleep(1.1)  # `wg show` counts handshakes in whole seconds
-    if victim == "t":
-        tr.stop(signal.SIGKILL)
-        tr.start()
-    else:
-        go.stop(signal.SIGKILL)
-        go.start()
-        go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    _kill_and_restart(bed, tr, go, victim)
     ping(bed, victim, INNER[other(victim)][0])
     ping(bed, other(victim), INNER[victim][1])
     assert handshake_seen(go, tr) > before
@@ -408,13 +414,7 @@ def test_peer_restart_stable_side_talks_first(bed, parties, victim):
     handshakes again by itself."""
     tr, go = tunnel(bed, parties, 4)
     ping(bed, "t", INNER["g"][0])
-    if victim == "t":
-        tr.stop(signal.SIGKILL)
-        tr.start()
-    else:
-        go.stop(signal.SIGKILL)
-        go.start()
-        go.configure(tr.keys, peer_endpoint=endpoint(bed.underlay("t", 4)))
+    _kill_and_restart(bed, tr, go, victim)
     ping(bed, other(victim), INNER[victim][0], timeout=45)
     ping(bed, victim, INNER[other(victim)][0])
 

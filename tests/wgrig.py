@@ -36,7 +36,7 @@ from typing import Any
 
 from tunrelay.daemon.stats import query
 from tunrelay.errors import TunrelayError
-from tunrelay.testrig.netns import Testbed, set_sysctl
+from tunrelay.testrig.netns import Testbed, set_sysctl, stop_process
 from tunrelay.testrig.pair import wait_running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,13 +246,7 @@ def _wait_uapi(path: str, proc: subprocess.Popen, log: str, what: str,
 def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
     if proc is None:
         return None
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, sig, timeout)
     return proc.returncode
 
 

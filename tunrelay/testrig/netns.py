@@ -247,14 +247,23 @@ class Testbed(Namespaces):
         return f"<Testbed {self.ns_a} <-> {self.ns_b}{' closed' if self._closed else ''}>"
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM,
+                 timeout: float = _TERMINATE_TIMEOUT) -> bool:
+    """Send ``sig`` to a process that still runs and wait ``timeout`` s for
+    it; kill it if it does not exit.  False when it had to be killed."""
     if proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(sig)
         try:
-            proc.wait(_TERMINATE_TIMEOUT)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            return False
+    return True
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    stop_process(proc)
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..daemon.stats import query
 from ..errors import TunrelayError
-from .netns import Testbed
+from .netns import Testbed, stop_process
 
 #: Tunnel (overlay) addresses: inside the two namespaces only.
 TUNNEL_A, TUNNEL_B = "10.99.0.1", "10.99.0.2"
@@ -129,14 +129,8 @@ class RelayPair:
         proc = self.sides[name].proc
         if proc is None:
             return 0
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise TunrelayError(f"relay {name} did not exit within {timeout} s of {sig!r}")
+        if not stop_process(proc, sig, timeout):
+            raise TunrelayError(f"relay {name} did not exit within {timeout} s of {sig!r}")
         return proc.returncode
 
     def log(self, name: str) -> str:
