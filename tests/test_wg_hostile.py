@@ -3,6 +3,8 @@ loopback: each refusal is counted under its reason, and the expensive
 work (the DH) is not done for what mac1 or the load defence turns away.
 
 * a forged mac1 is dropped before any DH;
+* a replayed, a forged and a reflected data message on the wire between
+  two devices never reach either, each counted;
 * a replayed initiation (same TAI64N) is refused, and a second one within
   the per-peer interval;
 * an initiation flood is answered with cookie replies while the real peer
@@ -462,4 +464,75 @@ def test_response_that_does_not_open_is_refused_and_the_handshake_retried() -> N
         finally:
             await a.close()
             liar.close()
+    run(main)
+
+
+# ---------------------------------------------------------------- the data path on the wire
+
+def test_replayed_forged_and_reflected_data_never_reach_the_device() -> None:
+    """An attacker on the path (a wire between a and b that records every
+    datagram, so its address is the one both devices know) sends a
+    recorded data message again, one with its counter changed, and each side's
+    own messages back to it.  None reaches a device; each is counted:
+    replay, bad_tag, and for a reflection no_session (the receiver index
+    in a's datagram is b's, which a does not hold)."""
+    async def main() -> None:
+        load_fastpath()
+        a, b = End("a", A_NETS), End("b", B_NETS)
+        wire = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        wire.bind(("127.0.0.1", 0))
+        wire.setblocking(False)
+        seen: dict[int, list[bytes]] = {}
+        loop = asyncio.get_running_loop()
+
+        async def forward() -> None:
+            while True:
+                data, (_, port) = await loop.sock_recvfrom(wire, 65536)
+                to = b.port if port == a.port else a.port
+                if data[0] == 4 and len(data) > 32:
+                    seen.setdefault(port, []).append(data)
+                await loop.sock_sendto(wire, data, ("127.0.0.1", to))
+
+        forwarding = asyncio.ensure_future(forward())
+        try:
+            await start(a, b)
+            for me, other in ((a, b), (b, a)):
+                me.device.add_peer(other.public, other.name)
+                me.device.set_peer(other.public, allowed_ips=other.nets,
+                                   endpoint=wire.getsockname())
+            for seq in range(3):
+                data = packet(a.v4, b.v4, 200, seq)
+                a.send(data)
+                assert await b.recv() == data
+                back = packet(b.v4, a.v4, 200, seq)
+                b.send(back)
+                assert await a.recv() == back
+            from_a, from_b = seen[a.port][-1], seen[b.port][-1]
+            before_a, before_b = a.drops(), b.drops()
+
+            def grew(end: End, before: dict[str, int], reason: str) -> bool:
+                return end.drops().get(reason, 0) == before.get(reason, 0) + 1
+
+            wire.sendto(from_a, ("127.0.0.1", b.port))               # replayed to b
+            await until(lambda: grew(b, before_b, "replay"), "b to count the replay")
+            # Forged: a counter a has not seen (else it is a replay, refused
+            # before any decryption), and the tag no longer fits.
+            forged = bytearray(from_b)
+            counter = int.from_bytes(forged[8:16], "little") + 1000
+            forged[8:16] = counter.to_bytes(8, "little")
+            wire.sendto(bytes(forged), ("127.0.0.1", a.port))        # forged to a
+            await until(lambda: grew(a, before_a, "bad_tag"), "a to count the forgery")
+            wire.sendto(from_a, ("127.0.0.1", a.port))               # a's own, back to a
+            await until(lambda: grew(a, before_a, "no_session"), "a to count its reflection")
+            wire.sendto(from_b, ("127.0.0.1", b.port))               # b's own, back to b
+            await until(lambda: grew(b, before_b, "no_session"), "b to count its reflection")
+            assert a.pending_packets() == [] and b.pending_packets() == []
+            data = packet(a.v4, b.v4, 200, 9)                        # the tunnel goes on
+            a.send(data)
+            assert await b.recv() == data
+        finally:
+            forwarding.cancel()
+            await a.close()
+            await b.close()
+            wire.close()
     run(main)
