@@ -401,6 +401,8 @@ cdef struct PumpState:
     bint offload          # the TUN fd carries a virtio_net_hdr (IFF_VNET_HDR)
     bint gso              # UDP_SEGMENT sends (the kernel has UDP GSO, and gso=True)
     bint gro              # UDP_GRO receives: a slot may hold many datagrams
+    bint quickack         # TCP: TCP_QUICKACK re-armed after every read (a Nagle peer's
+                          # held segment waits for our ACK, never for a delayed one)
     size_t cmsg_space     # CMSG_SPACE of one int-sized option
     PeerShared *peers     # many peers (framing raw/len16/session with a PeerTable); NULL without
     bint session          # framing "session"

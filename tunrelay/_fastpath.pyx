@@ -36,7 +36,7 @@ from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, SOCK_STREAM,
     SO_DOMAIN, SO_TYPE, SOL_SOCKET, SOL_UDP, UDP_GRO, UDP_SEGMENT, eventfd, eventfd_read,
     eventfd_t, eventfd_write, getpeername, getsockopt, htons, ntohs, tr_load_acquire,
-    setsockopt, sockaddr, sockaddr_in, sockaddr_in6, socklen_t, tr_monotonic)
+    setsockopt, IPPROTO_TCP, TCP_QUICKACK, sockaddr, sockaddr_in, sockaddr_in6, socklen_t, tr_monotonic)
 
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
@@ -400,7 +400,12 @@ cdef class Pump:
         cdef unsigned int i
         self.st.gso = False
         self.st.gro = False
+        self.st.quickack = False
         if self.st.stream:
+            # A TCP socket takes TCP_QUICKACK; a Unix stream (the tests'
+            # stand-in) refuses it, and then the loop never asks again.
+            self.st.quickack = setsockopt(self.st.sock_fd, IPPROTO_TCP, TCP_QUICKACK,
+                                          &one, sizeof(one)) == 0
             return
         if self._gso and _sockopt(self.st.sock_fd, SO_DOMAIN) in (AF_INET, AF_INET6):
             # getsockopt(UDP_SEGMENT) answers where the kernel has UDP GSO.

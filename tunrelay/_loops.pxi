@@ -15,7 +15,8 @@ from tunrelay.includes.system cimport (
     recv, recvmmsg, sendmmsg, sendmsg, sockaddr_in, sockaddr_in6,
     sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, SOL_UDP, UDP_GRO,
-    UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, writev)
+    UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, writev,
+    IPPROTO_TCP, TCP_QUICKACK, setsockopt)
 
 cdef enum:  # loop results
     ST_GO_ON = -1     # (between the parts of a loop) nothing ended: carry on
@@ -765,6 +766,7 @@ cdef int ingress_stream(PumpState *st) noexcept nogil:
     cdef Counters *c = &st.ing.c
     cdef ssize_t r
     cdef int err, ready, status
+    cdef int one = 1
     st.ing.npkts = 0
     while True:
         ready = wait_ready(st, c, st.sock_fd, POLLIN)
@@ -790,6 +792,14 @@ cdef int ingress_stream(PumpState *st) noexcept nogil:
             return ST_FATAL if device_gone(err) else ST_CLOSED
         c.batches += 1
         st.ing.stream_have += <size_t>r
+        if st.quickack:
+            # The kernel drops back to delayed ACKs on its own; re-armed
+            # after every read, the ACK for what was just read leaves now.
+            # A peer that runs Nagle (simpletun writes the length and the
+            # packet in two calls; OpenVPN without --tcp-nodelay) holds its
+            # next small segment until that ACK: 40 ms, not microseconds.
+            setsockopt(st.sock_fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one))
+            c.syscalls += 1
         status = len16_consume(st.ing.stream_buf, &st.ing.stream_have,
                                st.max_frame + st.overhead - LEN16_HEADER, stream_sink, st)
         if status == PARSE_BAD_LENGTH:

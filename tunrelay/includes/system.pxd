@@ -191,6 +191,7 @@ cdef extern from "tr_offload.h" nogil:
     enum:
         UDP_SEGMENT
         UDP_GRO
+        TCP_QUICKACK
         VIRTIO_NET_HDR_F_NEEDS_CSUM
         VIRTIO_NET_HDR_GSO_NONE
         VIRTIO_NET_HDR_GSO_TCPV4

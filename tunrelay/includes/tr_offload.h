@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 #include <linux/virtio_net.h>
+#include <netinet/tcp.h>
 
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
@@ -14,6 +15,9 @@
 #endif
 #ifndef VIRTIO_NET_HDR_GSO_UDP_L4
 #define VIRTIO_NET_HDR_GSO_UDP_L4 5
+#endif
+#ifndef TCP_QUICKACK
+#define TCP_QUICKACK 12
 #endif
 #ifndef SOL_UDP
 #define SOL_UDP 17
