@@ -24,20 +24,43 @@ def load_fastpath():
                     pytrace=False)
 
 
-PUMP_KINDS = ("c", "python")
+PUMP_KINDS = ("c", "c-duplex", "python")
+
+#: The busy-polling budget of the "c-duplex" kind: every test of it runs
+#: the spinning code too.
+DUPLEX_SPIN_US = 50
+
+_duplex_class = None
 
 
 def load_pump_class(kind: str):
-    """The pump of a kind: "c" the compiled Pump, "python" the PyPump."""
+    """The pump of a kind: "c" the compiled Pump (a thread per direction),
+    "c-duplex" the compiled Pump with duplex=True and busy polling (both
+    directions in one thread) unless the test says otherwise, "python"
+    the PyPump."""
+    global _duplex_class
     if kind == "c":
         return load_fastpath().Pump
+    if kind == "c-duplex":
+        if _duplex_class is None:
+            base = load_fastpath().Pump
+
+            class DuplexPump(base):
+                def __new__(cls, *args, **kwargs):
+                    kwargs.setdefault("duplex", True)
+                    kwargs.setdefault("busy_poll_us", DUPLEX_SPIN_US)
+                    return base.__new__(cls, *args, **kwargs)
+
+            _duplex_class = DuplexPump
+        return _duplex_class
     from tunrelay.pypump import PyPump
     return PyPump
 
 
 @pytest.fixture(params=PUMP_KINDS)
 def pump_class(request):
-    """The compiled ``Pump`` ("c") or the pure-Python ``PyPump`` ("python")."""
+    """The compiled ``Pump`` ("c"), the same in one thread ("c-duplex"),
+    or the pure-Python ``PyPump`` ("python")."""
     return load_pump_class(request.param)
 
 

@@ -404,6 +404,12 @@ cdef struct PumpState:
     bint quickack         # TCP: TCP_QUICKACK re-armed after every read (a Nagle peer's
                           # held segment waits for our ACK, never for a delayed one)
     size_t cmsg_space     # CMSG_SPACE of one int-sized option
+    bint duplex           # one thread drives both directions (duplex_loop)
+    double spin_s         # busy polling: poll without sleeping up to this long after work (0: never)
+    double spin_eg        # the egress (or duplex) loop's budget now: adapts within
+    double spin_ing       # spin_s/16..spin_s (poll_fds); the ingress loop's
+    int duplex_end        # duplex: 0 egress ended the loop, 1 ingress did
+    int nested_status     # duplex: how an ingress step run inside an egress wait ended
     PeerShared *peers     # many peers (framing raw/len16/session with a PeerTable); NULL without
     bint session          # framing "session"
     uint8_t pad_egress[64]
@@ -451,6 +457,8 @@ cdef class Pump:
     cdef readonly int mtu
     cdef readonly int batch
     cdef readonly bint offload
+    cdef readonly bint duplex
+    cdef readonly int busy_poll_us
     cdef bint _gso
     cdef readonly str cipher
     cdef readonly object keyring

@@ -50,7 +50,8 @@ class Pump:
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: bytes | bytearray | Keyring | None = None,
                  cipher: Cipher = "chacha20-poly1305", role: Role = "a",
-                 gso: bool = True, peers: PeerTable | None = None) -> None: ...
+                 gso: bool = True, peers: PeerTable | None = None, duplex: bool = False,
+                 busy_poll_us: int = 0) -> None: ...
     @property
     def framing(self) -> Framing | PeerFraming: ...
     @property
@@ -61,6 +62,14 @@ class Pump:
     def batch(self) -> int: ...
     @property
     def offload(self) -> bool: ...
+    @property
+    def duplex(self) -> bool:
+        """One thread drives both directions (else one thread each)."""
+        ...
+    @property
+    def busy_poll_us(self) -> int:
+        """How long a loop polls without sleeping after work (0: never)."""
+        ...
     @property
     def cipher(self) -> Cipher | None:
         """The aead cipher; None without aead."""

@@ -42,7 +42,8 @@ from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
                               LoopRunner, Outcome)
 from tunrelay.errors import PumpArgumentError, PumpStateError
-from tunrelay.framing import (FRAMINGS, MAX_MTU, MIN_MTU, MODES, PEER_FRAMINGS,
+from tunrelay.framing import (FRAMINGS, MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, MODES,
+                              PEER_FRAMINGS,
                               max_frame as _max_frame)
 
 include "_validate.pxi"
@@ -96,7 +97,7 @@ cdef class Pump:
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
                   key=None, cipher="chacha20-poly1305", role="a", bint gso=True,
-                  PeerTable peers=None):
+                  PeerTable peers=None, bint duplex=False, int busy_poll_us=0):
         cdef void *mem = NULL
         # 64-byte aligned: each direction's counters sit on lines of their own.
         if posix_memalign(&mem, 64, sizeof(PumpState)) != 0:
@@ -111,9 +112,15 @@ cdef class Pump:
             raise PumpArgumentError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
         if not 1 <= batch <= MAX_BATCH:
             raise PumpArgumentError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+        if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
+            raise PumpArgumentError(f"busy_poll_us must be 0..{MAX_BUSY_POLL_US}, got {busy_poll_us}")
         self.mode = mode
         self.mtu = mtu
         self.batch = batch
+        self.duplex = duplex
+        self.busy_poll_us = busy_poll_us
+        self.st.duplex = duplex
+        self.st.spin_s = busy_poll_us * 1e-6
         if offload and mode != "tun":
             raise PumpArgumentError("offload needs mode 'tun': TAP frames are not segmented here")
         if peers is not None:
@@ -154,7 +161,8 @@ cdef class Pump:
         if flags < 0 or fcntl(self.st.tun_fd, F_SETFL, flags | O_NONBLOCK) < 0:
             raise OSError(errno, os.strerror(errno), "tun fd")
         self._runner = LoopRunner(self._run_direction, self._signal_stop,
-                                  self._reset_stop, name="pump")
+                                  self._reset_stop, name="pump",
+                                  directions=("duplex",) if duplex else ("egress", "ingress"))
         if framing == "aead":
             self._setup_aead(key, cipher, role)
         elif key is not None:
@@ -468,6 +476,17 @@ cdef class Pump:
     def _run_direction(self, str direction):
         cdef int status
         cdef PumpState *st = self.st
+        if direction == "duplex":
+            with nogil:
+                status = duplex_loop(st)
+                if st.peers != NULL:
+                    reader_idle(st.peers, st.eg.reader)
+                    reader_idle(st.peers, st.ing.reader)
+            if status == ST_STOPPED:
+                return Outcome(STOPPED)
+            if st.duplex_end:
+                return Outcome(_STATUS_REASONS[status], "ingress", st.ing.exit_errno)
+            return Outcome(_STATUS_REASONS[status], "egress", st.eg.exit_errno)
         if direction == "egress":
             with nogil:
                 status = egress_loop(st)
@@ -483,7 +502,7 @@ cdef class Pump:
         return Outcome(_STATUS_REASONS[status], direction, err)
 
     def start(self):
-        """Start both loops, each in its own thread."""
+        """Start both loops: each in its own thread, or (duplex) both in one."""
         self._runner.start()
 
     def request_stop(self):

@@ -8,6 +8,7 @@ from libc.errno cimport errno, EAGAIN, EBADF, EBADFD, EINTR, EINVAL, EIO
 from libc.stdint cimport uint8_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 from posix.unistd cimport read, write
+from tunrelay.includes.system cimport sched_yield
 
 from tunrelay.includes.system cimport (
     AF_INET, AF_INET6, IOV_MAX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
@@ -15,7 +16,7 @@ from tunrelay.includes.system cimport (
     recv, recvmmsg, sendmmsg, sendmsg, sockaddr_in, sockaddr_in6,
     sockaddr_storage, tr_load_acquire, tr_set_errno, tr_store_release,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, SOL_UDP, UDP_GRO,
-    UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, writev,
+    UDP_SEGMENT, cmsghdr, send, socklen_t, tr_monotonic, tr_monotonic_fine, writev,
     IPPROTO_TCP, TCP_QUICKACK, setsockopt)
 
 cdef enum:  # loop results
@@ -34,31 +35,101 @@ cdef enum:
     GSO_RETRY_S = 1
 
 
-cdef int wait_ready(PumpState *st, Counters *c, int fd, short events) noexcept nogil:
-    """Block until fd has `events` or stop fires: 1 ready, 0 stop, -1 error."""
-    cdef pollfd fds[2]
-    cdef int rc
-    fds[0].fd = fd
-    fds[0].events = events
-    fds[1].fd = st.stop_fd
-    fds[1].events = POLLIN
+cdef int poll_fds(PumpState *st, Counters *c, pollfd *fds, int nfds) noexcept nogil:
+    """poll() until one of fds is ready: > 0, or -1 on an error (errno).
+
+    Busy polling (st.spin_s): first poll without sleeping, yielding the
+    CPU between polls, for the loop's budget; a packet that comes in that
+    time is picked up without the scheduler's wake-up, and an idle loop
+    still sleeps once the budget is spent.  The budget adapts: halved each
+    time it ran out with nothing (down to spin_s / 16: traffic that never
+    answers soon, such as a lone keepalive, costs little), doubled each
+    time it caught a packet (up to spin_s: request and response).
+    c.wakeups counts the sleeping polls, so wakeups per packet show what
+    spinning saved."""
+    cdef int rc, i
+    cdef double *budget = &st.spin_ing if c == &st.ing.c else &st.spin_eg
+    cdef double deadline = 0
+    if st.spin_s > 0:
+        if budget[0] <= 0:
+            budget[0] = st.spin_s
+        deadline = tr_monotonic_fine() + budget[0]
     while True:
-        fds[0].revents = 0
-        fds[1].revents = 0
-        rc = poll(fds, 2, -1)
+        for i in range(nfds):
+            fds[i].revents = 0
+        rc = poll(fds, nfds, 0 if deadline else -1)
         c.syscalls += 1
+        if rc > 0:
+            if deadline:
+                budget[0] = budget[0] * 2 if budget[0] * 2 < st.spin_s else st.spin_s
+            else:
+                c.wakeups += 1
+            return rc
         if rc < 0:
             if errno == EINTR:
                 continue
             return -1
-        c.wakeups += 1
+        if tr_monotonic_fine() >= deadline:
+            deadline = 0   # the budget is spent: sleep
+            budget[0] = budget[0] / 2 if budget[0] / 2 > st.spin_s / 16 else st.spin_s / 16
+        else:
+            # Spinning must not hold the CPU from a task that was woken onto
+            # it: the other relay, the application the packet is for.  On
+            # two cores a spinner that kept its time slice made each hop
+            # wait for its budget to run out (1 ms spin, 0.9 ms ping).
+            sched_yield()
+            c.syscalls += 1
+
+
+cdef int wait_ready(PumpState *st, Counters *c, int fd, short events) noexcept nogil:
+    """Block until fd has `events` or stop fires: 1 ready, 0 stop, -1 error."""
+    cdef pollfd fds[2]
+    if st.duplex and fd == st.sock_fd and events == POLLOUT:
+        return wait_writable_duplex(st, c)
+    fds[0].fd = fd
+    fds[0].events = events
+    fds[1].fd = st.stop_fd
+    fds[1].events = POLLIN
+    if poll_fds(st, c, fds, 2) < 0:
+        return -1
+    if fds[1].revents:
+        return 0
+    if fds[0].revents & POLLNVAL:
+        tr_set_errno(EBADF)
+        return -1
+    # POLLERR/POLLHUP included: the I/O call that follows says what it is.
+    return 1
+
+
+cdef int wait_writable_duplex(PumpState *st, Counters *c) noexcept nogil:
+    """The duplex loop's egress waits for room in the socket.  It goes on
+    receiving meanwhile: over TCP two relays that both only wrote would
+    each wait for the other to read, for ever.  (Ingress never waits on
+    the socket, so this nests one level at most.)  1 writable, 0 stop or
+    the ingress ended the loop (st.nested_status), -1 error."""
+    cdef pollfd fds[2]
+    cdef int status
+    fds[0].fd = st.sock_fd
+    fds[0].events = POLLOUT | POLLIN
+    fds[1].fd = st.stop_fd
+    fds[1].events = POLLIN
+    while True:
+        if poll_fds(st, c, fds, 2) < 0:
+            return -1
         if fds[1].revents:
             return 0
         if fds[0].revents & POLLNVAL:
             tr_set_errno(EBADF)
             return -1
-        # POLLERR/POLLHUP included: the I/O call that follows says what it is.
-        return 1
+        if fds[0].revents & ~POLLIN:
+            return 1   # writable, or POLLERR/POLLHUP for the send to report
+        status = ingress_step(st)
+        if st.peers != NULL:
+            reader_idle(st.peers, st.ing.reader)
+        if status != ST_GO_ON:
+            st.nested_status = status
+            st.duplex_end = 1
+            return 0
 
 
 cdef inline bint device_gone(int err) noexcept nogil:
@@ -640,10 +711,34 @@ cdef int send_segments(PumpState *st) noexcept nogil:
     return send_packets(st, st.eg.seg_iov, n, 3, st.eg.seg_msgs, st.eg.msg_segs, st.eg.seg_cmsg)
 
 
-cdef int egress_loop(PumpState *st) noexcept nogil:
+cdef int egress_step(PumpState *st) noexcept nogil:
+    """One wake-up's egress work, the TUN fd being readable: read a batch,
+    frame it, send it.  ST_GO_ON, or how the loop ends."""
     cdef unsigned int n
-    cdef int status, ready, sent
-    cdef size_t framing = st.overhead
+    cdef int status, sent
+    if st.peers != NULL:
+        st.eg.snap = reader_enter(st.peers, st.eg.reader)
+        st.eg.now = tr_monotonic()
+    if st.offload:
+        status = read_offload_batch(st)
+        sent = send_segments(st) if st.eg.nseg else ST_GO_ON
+    else:
+        status = read_batch(st, &n)
+        sent = ST_GO_ON
+        if n and st.stream:
+            sent = write_stream(st, st.eg.iov, n, 1, st.overhead)
+        elif n:
+            sent = send_datagrams(st, n)
+    # The device gone or the connection lost say more than a stop.
+    if sent == ST_CLOSED or sent == ST_FATAL:
+        return sent
+    if status != ST_GO_ON:
+        return status
+    return sent
+
+
+cdef int egress_loop(PumpState *st) noexcept nogil:
+    cdef int status, ready
     if st.eg.tail_len:
         status = send_tail(st)
         if status != ST_GO_ON:
@@ -657,26 +752,9 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
         if ready < 0:
             st.eg.exit_errno = errno
             return ST_FATAL
-        if st.peers != NULL:
-            st.eg.snap = reader_enter(st.peers, st.eg.reader)
-            st.eg.now = tr_monotonic()
-        if st.offload:
-            status = read_offload_batch(st)
-            sent = send_segments(st) if st.eg.nseg else ST_GO_ON
-        else:
-            status = read_batch(st, &n)
-            sent = ST_GO_ON
-            if n and st.stream:
-                sent = write_stream(st, st.eg.iov, n, 1, framing)
-            elif n:
-                sent = send_datagrams(st, n)
-        # The device gone or the connection lost say more than a stop.
-        if sent == ST_CLOSED or sent == ST_FATAL:
-            return sent
+        status = egress_step(st)
         if status != ST_GO_ON:
             return status
-        if sent != ST_GO_ON:
-            return sent
 
 
 # ---------------------------------------------------------------- ingress
@@ -762,55 +840,50 @@ cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept no
     return deliver(st, <uint8_t *>frame, length)
 
 
-cdef int ingress_stream(PumpState *st) noexcept nogil:
+cdef int ingress_stream_step(PumpState *st) noexcept nogil:
+    """One read of the TCP stream, its complete records delivered.
+    ST_GO_ON, or how the loop ends."""
     cdef Counters *c = &st.ing.c
     cdef ssize_t r
-    cdef int err, ready, status
+    cdef int err, status
     cdef int one = 1
-    st.ing.npkts = 0
-    while True:
-        ready = wait_ready(st, c, st.sock_fd, POLLIN)
-        if ready == 0:
-            return ST_STOPPED
-        if ready < 0:
-            st.ing.exit_errno = errno
-            return ST_FATAL
-        r = recv(st.sock_fd, st.ing.stream_buf + st.ing.stream_have,
-                 st.ing.stream_cap - st.ing.stream_have, MSG_DONTWAIT)
+    r = recv(st.sock_fd, st.ing.stream_buf + st.ing.stream_have,
+             st.ing.stream_cap - st.ing.stream_have, MSG_DONTWAIT)
+    c.syscalls += 1
+    if r == 0:
+        c.errors[ERR_DISCONNECT] += 1
+        st.ing.exit_errno = 0
+        return ST_CLOSED
+    if r < 0:
+        err = errno
+        if err == EINTR or err == EAGAIN:
+            return ST_GO_ON
+        c.errors[ERR_DISCONNECT] += 1
+        c.last_errno = err
+        st.ing.exit_errno = err
+        return ST_FATAL if device_gone(err) else ST_CLOSED
+    c.batches += 1
+    st.ing.stream_have += <size_t>r
+    if st.quickack:
+        # The kernel drops back to delayed ACKs on its own; re-armed
+        # after every read, the ACK for what was just read leaves now.
+        # A peer that runs Nagle (simpletun writes the length and the
+        # packet in two calls; OpenVPN without --tcp-nodelay) holds its
+        # next small segment until that ACK: 40 ms, not microseconds.
+        setsockopt(st.sock_fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one))
         c.syscalls += 1
-        if r == 0:
-            c.errors[ERR_DISCONNECT] += 1
-            st.ing.exit_errno = 0
-            return ST_CLOSED
-        if r < 0:
-            err = errno
-            if err == EINTR or err == EAGAIN:
-                continue
-            c.errors[ERR_DISCONNECT] += 1
-            c.last_errno = err
-            st.ing.exit_errno = err
-            return ST_FATAL if device_gone(err) else ST_CLOSED
-        c.batches += 1
-        st.ing.stream_have += <size_t>r
-        if st.quickack:
-            # The kernel drops back to delayed ACKs on its own; re-armed
-            # after every read, the ACK for what was just read leaves now.
-            # A peer that runs Nagle (simpletun writes the length and the
-            # packet in two calls; OpenVPN without --tcp-nodelay) holds its
-            # next small segment until that ACK: 40 ms, not microseconds.
-            setsockopt(st.sock_fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one))
-            c.syscalls += 1
-        status = len16_consume(st.ing.stream_buf, &st.ing.stream_have,
-                               st.max_frame + st.overhead - LEN16_HEADER, stream_sink, st)
-        if status == PARSE_BAD_LENGTH:
-            # The stream is out of sync or hostile: nothing after this
-            # point can be trusted, so the connection is closed.
-            c.drops[DROP_BAD_FRAME] += 1
-            c.errors[ERR_DISCONNECT] += 1
-            st.ing.exit_errno = 0
-            return ST_PROTOCOL
-        if status == PARSE_SINK_STOP:
-            return ST_FATAL if st.ing.exit_errno else ST_STOPPED
+    status = len16_consume(st.ing.stream_buf, &st.ing.stream_have,
+                           st.max_frame + st.overhead - LEN16_HEADER, stream_sink, st)
+    if status == PARSE_BAD_LENGTH:
+        # The stream is out of sync or hostile: nothing after this
+        # point can be trusted, so the connection is closed.
+        c.drops[DROP_BAD_FRAME] += 1
+        c.errors[ERR_DISCONNECT] += 1
+        st.ing.exit_errno = 0
+        return ST_PROTOCOL
+    if status == PARSE_SINK_STOP:
+        return ST_FATAL if st.ing.exit_errno else ST_STOPPED
+    return ST_GO_ON
 
 
 cdef inline uint32_t gro_segment_size(msghdr *hdr, uint32_t length) noexcept nogil:
@@ -905,60 +978,132 @@ cdef int ingress_message(PumpState *st, uint8_t *buf, size_t length, size_t segm
     return 0
 
 
-cdef int ingress_datagrams(PumpState *st) noexcept nogil:
+cdef int ingress_datagram_step(PumpState *st) noexcept nogil:
+    """One recvmmsg batch, each message checked and delivered.  ST_GO_ON,
+    or how the loop ends."""
     cdef Counters *c = &st.ing.c
-    cdef int r, i, err, ready
+    cdef int r, i, err
     cdef size_t length, segment
     cdef mmsghdr *m
     cdef bint known
+    if st.peers != NULL:
+        st.ing.snap = reader_enter(st.peers, st.ing.reader)
+        st.ing.now = tr_monotonic()
+    for i in range(<int>st.batch):
+        st.ing.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        st.ing.msgs[i].msg_hdr.msg_flags = 0
+        if st.gro:
+            st.ing.msgs[i].msg_hdr.msg_controllen = st.cmsg_space
+    r = recvmmsg(st.sock_fd, st.ing.msgs, st.batch, MSG_DONTWAIT, NULL)
+    c.syscalls += 1
+    if r < 0:
+        err = errno
+        if err == EINTR or err == EAGAIN:
+            return ST_GO_ON
+        # ECONNREFUSED and friends: an ICMP error queued on the socket.
+        c.errors[ERR_READ] += 1
+        c.last_errno = err
+        if device_gone(err):
+            st.ing.exit_errno = err
+            return ST_FATAL
+        return ST_GO_ON
+    if r == 0:
+        return ST_GO_ON
+    c.batches += 1
+    known = tr_load_acquire(&st.peer_known)
+    for i in range(r):
+        m = &st.ing.msgs[i]
+        length = m.msg_len
+        segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
+        if ingress_message(st, st.ing.slab + <size_t>i * st.ingress_slot, length,
+                           segment, m.msg_hdr.msg_flags & MSG_TRUNC,
+                           &st.ing.names[i], m.msg_hdr.msg_namelen, &known) != 0:
+            return ST_FATAL if st.ing.exit_errno else ST_STOPPED
+    if flush_packets(st) != 0:
+        return ST_FATAL if st.ing.exit_errno else ST_STOPPED
+    return ST_GO_ON
+
+
+cdef inline int ingress_step(PumpState *st) noexcept nogil:
+    """One wake-up's ingress work, the socket being readable."""
+    if st.stream:
+        return ingress_stream_step(st)
+    return ingress_datagram_step(st)
+
+
+cdef int ingress_loop(PumpState *st) noexcept nogil:
+    cdef int ready, status
     st.ing.npkts = 0
     while True:
         if st.peers != NULL:
             reader_idle(st.peers, st.ing.reader)
-        ready = wait_ready(st, c, st.sock_fd, POLLIN)
+        ready = wait_ready(st, &st.ing.c, st.sock_fd, POLLIN)
         if ready == 0:
             return ST_STOPPED
         if ready < 0:
             st.ing.exit_errno = errno
             return ST_FATAL
+        status = ingress_step(st)
+        if status != ST_GO_ON:
+            return status
+
+
+# ---------------------------------------------------------------- both
+
+cdef int duplex_loop(PumpState *st) noexcept nogil:
+    """Both directions in one thread: one poll() on the TUN fd, the socket
+    and the stop eventfd, then a batch for each side that is ready.  A
+    packet through the relay wakes one thread instead of two, and a reply
+    the kernel queues while we write to the TUN is read without sleeping.
+    st.duplex_end says which side ended the loop."""
+    cdef pollfd fds[3]
+    cdef int status
+    st.duplex_end = 0
+    st.nested_status = ST_GO_ON
+    st.ing.npkts = 0
+    if st.eg.tail_len:
+        status = send_tail(st)
+        if status != ST_GO_ON:
+            return duplex_status(st, status)
+    fds[0].fd = st.sock_fd
+    fds[0].events = POLLIN
+    fds[1].fd = st.tun_fd
+    fds[1].events = POLLIN
+    fds[2].fd = st.stop_fd
+    fds[2].events = POLLIN
+    while True:
         if st.peers != NULL:
-            st.ing.snap = reader_enter(st.peers, st.ing.reader)
-            st.ing.now = tr_monotonic()
-        for i in range(<int>st.batch):
-            st.ing.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-            st.ing.msgs[i].msg_hdr.msg_flags = 0
-            if st.gro:
-                st.ing.msgs[i].msg_hdr.msg_controllen = st.cmsg_space
-        r = recvmmsg(st.sock_fd, st.ing.msgs, st.batch, MSG_DONTWAIT, NULL)
-        c.syscalls += 1
-        if r < 0:
-            err = errno
-            if err == EINTR or err == EAGAIN:
-                continue
-            # ECONNREFUSED and friends: an ICMP error queued on the socket.
-            c.errors[ERR_READ] += 1
-            c.last_errno = err
-            if device_gone(err):
-                st.ing.exit_errno = err
-                return ST_FATAL
-            continue
-        if r == 0:
-            continue
-        c.batches += 1
-        known = tr_load_acquire(&st.peer_known)
-        for i in range(r):
-            m = &st.ing.msgs[i]
-            length = m.msg_len
-            segment = gro_segment_size(&m.msg_hdr, <uint32_t>length) if st.gro else length
-            if ingress_message(st, st.ing.slab + <size_t>i * st.ingress_slot, length,
-                               segment, m.msg_hdr.msg_flags & MSG_TRUNC,
-                               &st.ing.names[i], m.msg_hdr.msg_namelen, &known) != 0:
-                return ST_FATAL if st.ing.exit_errno else ST_STOPPED
-        if flush_packets(st) != 0:
-            return ST_FATAL if st.ing.exit_errno else ST_STOPPED
+            reader_idle(st.peers, st.eg.reader)
+            reader_idle(st.peers, st.ing.reader)
+        if poll_fds(st, &st.eg.c, fds, 3) < 0:
+            st.eg.exit_errno = errno
+            return ST_FATAL
+        if fds[2].revents:
+            return ST_STOPPED
+        if (fds[0].revents | fds[1].revents) & POLLNVAL:
+            st.duplex_end = 1 if fds[0].revents & POLLNVAL else 0
+            if st.duplex_end:
+                st.ing.exit_errno = EBADF
+            else:
+                st.eg.exit_errno = EBADF
+            return ST_FATAL
+        # Ingress first: what it writes to the TUN may be answered by the
+        # kernel at once, and the next poll() finds that reply waiting.
+        if fds[0].revents:
+            status = ingress_step(st)
+            if status != ST_GO_ON:
+                st.duplex_end = 1
+                return status
+        if fds[1].revents:
+            status = egress_step(st)
+            if status != ST_GO_ON:
+                return duplex_status(st, status)
 
 
-cdef int ingress_loop(PumpState *st) noexcept nogil:
-    if st.stream:
-        return ingress_stream(st)
-    return ingress_datagrams(st)
+cdef inline int duplex_status(PumpState *st, int status) noexcept nogil:
+    """An egress step ended the duplex loop: or did the ingress step that
+    ran inside its wait for the socket (wait_writable_duplex)?"""
+    if st.duplex_end == 1 and st.nested_status != ST_GO_ON:
+        return st.nested_status
+    st.duplex_end = 0
+    return status

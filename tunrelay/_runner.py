@@ -67,13 +67,16 @@ class Outcome:
 
 
 class LoopRunner:
-    """Runs ``run_direction("egress")`` and ``run_direction("ingress")`` in two
-    threads.  ``signal_stop()`` must make both return promptly;
-    ``reset_stop()`` re-arms the signal before a restart."""
+    """Runs ``run_direction(d)`` for each of ``directions`` in a thread of its
+    own: "egress" and "ingress", or "duplex" alone (one loop for both).
+    ``signal_stop()`` must make every loop return promptly; ``reset_stop()``
+    re-arms the signal before a restart."""
 
     def __init__(self, run_direction: Callable[[str], Outcome],
                  signal_stop: Callable[[], None],
-                 reset_stop: Callable[[], None], name: str = "pump") -> None:
+                 reset_stop: Callable[[], None], name: str = "pump",
+                 directions: tuple[str, ...] = ("egress", "ingress")) -> None:
+        self._directions = directions
         self._run_direction = run_direction
         self._signal_stop = signal_stop
         self._reset_stop = reset_stop
@@ -97,7 +100,7 @@ class LoopRunner:
         self._threads = [
             threading.Thread(target=self._body, args=(direction,),
                              name=f"{self._name}-{direction}", daemon=True)
-            for direction in ("egress", "ingress")
+            for direction in self._directions
         ]
         for thread in self._threads:
             thread.start()

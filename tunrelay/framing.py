@@ -31,6 +31,10 @@ MAX_MTU = 65535
 DEFAULT_MTU = 1400
 #: The most packets one system call of a pump moves (``batch=``).
 MAX_BATCH = 1024
+#: The longest busy-polling budget a pump takes (``busy_poll_us``): one
+#: second.  Spinning is for the microseconds between a packet and its
+#: answer; a budget this long already spins through a slow ping's interval.
+MAX_BUSY_POLL_US = 1_000_000
 
 ETHERNET_HEADER = 14
 VLAN_TAG = 4

@@ -79,7 +79,8 @@ class PyPump:
                  framing: Framing | None = None, mode: Mode = "tun", mtu: int = DEFAULT_MTU,
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: object = None, cipher: Cipher = CIPHERS[0], role: Role = ROLES[0],
-                 gso: bool = True, peers: object = None) -> None:
+                 gso: bool = True, peers: object = None, duplex: bool = False,
+                 busy_poll_us: int = 0) -> None:
         # Same signature as the compiled Pump, so either is made by one call;
         # this pump sends one datagram per call (gso has no effect), and has
         # no TUN offloads, no aead framing (key, cipher and role) and no
@@ -88,6 +89,9 @@ class PyPump:
             raise PumpArgumentError("the Python pump serves one peer: peers= needs the compiled Pump")
         if offload:
             raise PumpArgumentError("the Python pump has no TUN offloads: use the compiled Pump")
+        if duplex or busy_poll_us:
+            raise PumpArgumentError("the Python pump runs a sleeping thread per direction: "
+                                    "duplex= and busy_poll_us= need the compiled Pump")
         if mode not in MODES:
             raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -97,6 +101,7 @@ class PyPump:
         if key is not None and framing != "aead":
             raise PumpArgumentError(f"key is for framing 'aead', got framing {framing!r}")
         self.mode, self.mtu, self.batch = mode, mtu, batch
+        self.duplex, self.busy_poll_us = False, 0
         self._limit = max_frame(mode, mtu)
         self._tun_ref = tun_fd
         self._tun = _fileno(tun_fd)

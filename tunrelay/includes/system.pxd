@@ -138,6 +138,7 @@ cdef extern from "tr_inline.h" nogil:
     void tr_seq_write_begin(unsigned int *seq)
     void tr_seq_write_end(unsigned int *seq)
     double tr_monotonic()
+    double tr_monotonic_fine()
     void *tr_load_ptr(void *const *p)
     void tr_store_ptr(void **p, void *v)
     uint64_t tr_load64(const uint64_t *p)
@@ -213,3 +214,7 @@ cdef extern from "tr_offload.h" nogil:
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()

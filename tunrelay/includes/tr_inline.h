@@ -55,6 +55,16 @@ static inline double tr_monotonic(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Monotonic seconds at full resolution (vDSO: tens of nanoseconds), for
+ * busy polling's microsecond budgets: the coarse clock above moves in
+ * jiffies (4 ms), which would turn a 50 us spin into milliseconds. */
+static inline double tr_monotonic_fine(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* Cython treats an assignment to errno as a new local variable. */
 static inline void tr_set_errno(int e)
 {
