@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import tunrelay.daemon.config
 from tunrelay import aead
 from tunrelay.daemon.config import (
+    DEFAULT_BUSY_POLL_US,
     Config,
     DeviceConfig,
     Endpoint,
@@ -93,6 +94,18 @@ def test_empty_file_is_a_udp_relay_that_learns_its_peer(tmp_path):
     assert cfg.relay == RelayConfig(batch=64, engine="fast")
     assert cfg.stats == StatsConfig(interval=0.0, socket="")
     assert cfg.control_socket == "/run/tunrelay/tunrelay.sock"
+
+
+def test_loop_defaults_follow_the_engine(tmp_path):
+    fast = load_text(tmp_path, "").relay
+    assert (fast.duplex, fast.busy_poll_us) == ("auto", None)
+    assert fast.duplex_for() and fast.busy_poll_for() == DEFAULT_BUSY_POLL_US
+    python = load_text(tmp_path, '[relay]\nengine = "python"\n').relay
+    assert not python.duplex_for() and python.busy_poll_for() == 0
+    chosen = load_text(tmp_path, "[relay]\nduplex = false\nbusy_poll_us = 0\n").relay
+    assert not chosen.duplex_for() and chosen.busy_poll_for() == 0
+    chosen = load_text(tmp_path, "[relay]\nduplex = true\nbusy_poll_us = 250\n").relay
+    assert chosen.duplex_for() and chosen.busy_poll_for() == 250
 
 
 def test_empty_tables_are_allowed(tmp_path):
@@ -555,6 +568,15 @@ BAD = [
     ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
     ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
     ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
+    ('[relay]\nduplex = 1\n', "relay.duplex", ['expected true, false or "auto"', "got an integer 1"]),
+    ("[relay]\nbusy_poll_us = -1\n", "relay.busy_poll_us",
+     ["expected an integer from 0 to 1000000", "got -1"]),
+    ('[relay]\nbusy_poll_us = "50"\n', "relay.busy_poll_us",
+     ["expected an integer from 0 to 1000000", 'got a string "50"']),
+    ('[relay]\nengine = "python"\nduplex = true\n', "relay.duplex",
+     ['true needs engine = "fast"']),
+    ('[relay]\nengine = "python"\nbusy_poll_us = 50\n', "relay.busy_poll_us",
+     ['50 needs engine = "fast"']),
     ("[stats]\ninterval = true\n", "stats.interval", ["expected a number of seconds", "got a boolean true"]),
     ('[stats]\ninterval = "10"\n', "stats.interval", ["expected a number of seconds", 'got a string "10"']),
     ("[stats]\nsocket = 1\n", "stats.socket", ["expected a string", "got an integer 1"]),

@@ -31,8 +31,8 @@ from ..aead import CIPHERS, ROLES
 from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from ..aead import OVERHEAD as AEAD_OVERHEAD
 from ..errors import ConfigError
-from ..framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
-                      max_frame)
+from ..framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_BUSY_POLL_US,
+                       MAX_MTU, MIN_MTU, max_frame)
 from ..framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
@@ -336,6 +336,26 @@ class RelayConfig:
     # where they apply (mode tun, compiled engine) and the kernel has them;
     # True insists (an error where they cannot apply); False never.
     offload: str | bool = "auto"
+    # Both directions of a queue in one thread (True), one thread each
+    # (False), or "auto": one for the compiled engine, two for the Python one.
+    duplex: str | bool = "auto"
+    # Busy polling: after work, a loop polls without sleeping this long
+    # (microseconds) before it sleeps; None: the engine's default
+    # (DEFAULT_BUSY_POLL_US compiled, 0 for the Python pump, which cannot).
+    busy_poll_us: int | None = None
+
+    def duplex_for(self) -> bool:
+        return self.engine == "fast" if self.duplex == "auto" else bool(self.duplex)
+
+    def busy_poll_for(self) -> int:
+        if self.busy_poll_us is not None:
+            return self.busy_poll_us
+        return DEFAULT_BUSY_POLL_US if self.engine == "fast" else 0
+
+
+#: The compiled pump's busy-polling budget when [relay] busy_poll_us is not
+#: given (benchmarks/RESULTS.md, issue 10, has the measurements behind it).
+DEFAULT_BUSY_POLL_US = 0
 
 
 @dataclass(frozen=True)
@@ -671,6 +691,15 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
             raise tables["device"].error(
                 "queues", f"{cfg.device.queues} queues need [transport] peer (or [[peer]] "
                 "tables): a peer learned by one queue is unknown to the others")
+    if cfg.relay.engine != "fast":
+        if cfg.relay.duplex is True:
+            raise tables["relay"].error(
+                "duplex", 'true needs engine = "fast" (the Python pump runs a thread per '
+                'direction); use "auto" or false')
+        if cfg.relay.busy_poll_us:
+            raise tables["relay"].error(
+                "busy_poll_us", f'{cfg.relay.busy_poll_us} needs engine = "fast" (the Python '
+                'pump sleeps in select()); use 0 or leave it out')
     if cfg.relay.offload is True:
         if cfg.device.mode != "tun":
             raise tables["relay"].error(
@@ -690,7 +719,7 @@ _PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing", "learn", "allow"),
-    "relay": ("batch", "engine", "offload"),
+    "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us"),
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket"),
     WIREGUARD: ("private_key_file", "fwmark"),
@@ -1208,7 +1237,17 @@ def _read_relay(table: _Table) -> RelayConfig:
         batch=_integer(table, "batch", 1, MAX_BATCH, RelayConfig.batch),
         engine=_choice(table, "engine", ENGINES, RelayConfig.engine),
         offload=_offload(table),
+        duplex=_auto_or_boolean(table, "duplex"),
+        busy_poll_us=(_integer(table, "busy_poll_us", 0, MAX_BUSY_POLL_US, 0)
+                      if "busy_poll_us" in table.data else None),
     )
+
+
+def _auto_or_boolean(table: _Table, key: str) -> str | bool:
+    value = table.data.get(key, "auto")
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise table.error(key, f'expected true, false or "auto", got {_found(value)}')
 
 
 def _offload(table: _Table) -> str | bool:
@@ -1262,7 +1301,8 @@ def to_toml(cfg: Config) -> str:
                       "learn": (t.learn if t.protocol == "udp" and t.framing != "aead"
                                 and not cfg.peers else None),
                       "allow": t.allow or None},
-        "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
+        "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload,
+                  "duplex": r.duplex, "busy_poll_us": r.busy_poll_us},
         "stats": {"interval": s.interval, "socket": s.socket},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
                      "role": cfg.security.role or None,

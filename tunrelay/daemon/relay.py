@@ -132,6 +132,8 @@ class Relay:
             "transport": tcfg.protocol,
             "framing": tcfg.framing,
             "engine": self.cfg.relay.engine,
+            "loop": ({"duplex": self.pumps[0].duplex, "busy_poll_us": self.pumps[0].busy_poll_us}
+                     if self.pumps else None),
             "queues": len(self.device.fds) or self.cfg.device.queues,
             "offload": ({k: v for k, v in self.pumps[0].offloads.items()}
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
@@ -364,6 +366,9 @@ class Relay:
         options = {"offload": True} if self.device.vnet_hdr else {}
         if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
             options["gso"] = False  # offload = false: no UDP GSO either
+        if self.cfg.relay.engine == "fast":
+            options.update(duplex=self.cfg.relay.duplex_for(),
+                           busy_poll_us=self.cfg.relay.busy_poll_for())
         if self.keyring is not None:
             options.update(key=self.keyring)
         if self.peers is not None:

@@ -31,7 +31,7 @@ def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction (and
     for a WireGuard device, its counters and one line per peer)."""
     lines = []
-    for key in ("device", "mode", "queues", "transport", "framing", "engine", "offload",
+    for key in ("device", "mode", "queues", "transport", "framing", "engine", "loop", "offload",
                 "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
                 "refused", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
@@ -40,6 +40,11 @@ def format_table(snapshot: dict) -> str:
                 value = f"{value:.0f} s"
             elif key == "offload":
                 value = ", ".join(k for k, on in value.items() if on) or "off"
+            elif key == "loop":
+                spin = value["busy_poll_us"]
+                value = (("one thread per queue, both directions" if value["duplex"]
+                          else "a thread per direction")
+                         + (f", busy polling {spin} µs" if spin else ", no busy polling"))
             elif key == "aead":
                 value = (f"{value['cipher']}, role {value['role']}, session "
                          f"{' '.join(value['sessions'])}, {value['peer_sessions']} peer "

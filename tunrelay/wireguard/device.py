@@ -168,7 +168,8 @@ class WireGuardDevice:
 
     def __init__(self, tun_fds: Sequence[int], *, private_key: bytes | None = None,
                  listen_port: int = 0, fwmark: int = 0, mtu: int = 1420, bind: str = "::",
-                 timers: Timers | None = None, offload: bool | str = "auto") -> None:
+                 timers: Timers | None = None, offload: bool | str = "auto",
+                 duplex: bool = False, busy_poll_us: int = 0) -> None:
         from .._fastpath import PeerTable   # the compiled core, loaded only for a device
         self._tun_fds = list(tun_fds)
         if not self._tun_fds:
@@ -184,6 +185,8 @@ class WireGuardDevice:
         self._mtu = mtu
         self._bind = bind
         self._offload = offload
+        # How each pump's loops run (tunrelay.Pump duplex= and busy_poll_us=).
+        self._loop = {"duplex": duplex, "busy_poll_us": busy_poll_us}
         t = self.timers
         self.table: PeerTable = PeerTable(
             control_slots=CONTROL_SLOTS, rekey_after_messages=t.rekey_after_messages,
@@ -217,12 +220,13 @@ class WireGuardDevice:
 
     @classmethod
     def from_config(cls, config: WgConfig, tun_fds: Sequence[int], *, mtu: int = 1420,
-                    timers: Timers | None = None, bind: str = "::") -> WireGuardDevice:
+                    timers: Timers | None = None, bind: str = "::", duplex: bool = False,
+                    busy_poll_us: int = 0) -> WireGuardDevice:
         """A device as ``config`` describes it (its MTU, when it names one,
         over ``mtu``)."""
         device = cls(tun_fds, private_key=config.private_key, listen_port=config.listen_port,
                      fwmark=config.fwmark, mtu=config.mtu if config.mtu else mtu,
-                     timers=timers, bind=bind)
+                     timers=timers, bind=bind, duplex=duplex, busy_poll_us=busy_poll_us)
         with device.batch():
             for pc in config.peers:
                 device.add_peer(pc.public_key, pc.name)
@@ -289,7 +293,7 @@ class WireGuardDevice:
             offload = (all(_has_vnet_hdr(fd) for fd in self._tun_fds)
                        if self._offload == "auto" else bool(self._offload))
             self._pumps = [Pump(fd, sock, framing="session", peers=self.table, mtu=self._mtu,
-                                offload=offload)
+                                offload=offload, **self._loop)
                            for fd, sock in zip(self._tun_fds, socks)]
         else:
             for pump, sock in zip(self._pumps, socks):

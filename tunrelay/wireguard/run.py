@@ -71,6 +71,8 @@ class Settings:
     bind: str = "::"
     stats_interval: float = 0.0
     offload: str | bool = "auto"
+    duplex: bool = False
+    busy_poll_us: int = 0
     user: int | None = None
     group: int | None = None
     kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
@@ -104,6 +106,7 @@ def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings
         source=cfg.path, wg=wg, device=cfg.device,
         control_socket=cfg.control_socket, bind=listen.host,
         stats_interval=cfg.stats.interval, offload=cfg.relay.offload,
+        duplex=cfg.relay.duplex_for(), busy_poll_us=cfg.relay.busy_poll_for(),
         user=cfg.security.user, group=cfg.security.group, kind="toml")
 
 
@@ -199,7 +202,8 @@ class WgRunner:
         assert self.device is not None
         try:
             self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
-                                                  timers=self.timers, bind=s.bind)
+                                                  timers=self.timers, bind=s.bind,
+                                                  duplex=s.duplex, busy_poll_us=s.busy_poll_us)
             try:
                 await self.wg.start()
             except OSError as exc:  # the port in use, a bad bind address
