@@ -349,7 +349,7 @@ def generated_markdown(results: Results, chart: bool) -> str:
                   "CPU s/GB: user + system time of the relay processes of both "
                   "sides (from /proc/PID/stat) over the TCP 1-stream test, per GB received; "
                   "kernel tunnels have none to count. "
-                  "4-ping burst: four echo requests sent at once (`ping -l 4`), ten times, "
+                  "4-ping burst: four echo requests sent at once (`ping -l 4`), twenty times, "
                   "the slowest reply of each, mean; taken on the Nagle peer rows (issue 10) "
                   "only, where it is what shows a relay's delayed ACK (OpenVPN holds the "
                   "replies after the first of a burst until it comes).  Those rows measure "
