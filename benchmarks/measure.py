@@ -3,8 +3,8 @@
 The iperf3 server and the ping target are in ``ns_a`` at the tunnel's
 ``server_ip``; the client is in ``ns_b``, so data flows b -> a and every
 figure is the receiver's.  Each function runs one measurement and returns
-numbers; ``measure_tunnel`` runs them all ``runs`` times and keeps the
-medians.  All traffic goes to addresses inside the test bed's namespaces.
+numbers; ``measure_tunnel`` runs a tunnel's measures (all but "ping
+burst" unless it names its own) ``runs`` times and keeps the medians.  All traffic goes to addresses inside the test bed's namespaces.
 """
 
 from __future__ import annotations
@@ -22,13 +22,24 @@ from tunrelay.testrig.netns import Testbed
 IPERF_PORT = 5201
 PING_COUNT = 20
 PING_INTERVAL_S = 0.05      # root may go below ping's 0.2 s floor for users
+PING_BURST = 4              # echo requests sent at once (ping -l: above 3 needs root)
+PING_BURSTS = 20            # bursts per measure, one ping process each (~0.5 s)
 UDP_PAYLOAD = 64            # bytes of UDP payload: a 92-byte IPv4 packet
 SANITY_TIMEOUT_S = 15.0     # OpenVPN needs ~2 s, WireGuard a handshake
 _SLACK_S = 30.0             # on top of the test length before iperf3 is killed
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: The medians reported per tunnel, in table order.
-METRICS = ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "udp64_loss_pct", "ping_rtt_us", "cpu_s_per_gb")
+METRICS = ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "udp64_loss_pct", "ping_rtt_us",
+           "ping_burst_us", "cpu_s_per_gb")
+
+#: The measures ``measure_once`` can take, in the order it takes them (the
+#: idle tunnel first), and those a tunnel gets unless it names its own
+#: (``Tunnel.measures``).  "ping burst" is for the Nagle peers (issue 10):
+#: a peer that holds a small segment until the relay's ACK delays the
+#: replies after the first of a burst, not a lone echo's.
+MEASURES = ("ping", "ping burst", "tcp 1 stream", "tcp 4 streams", "udp 64 B")
+DEFAULT_MEASURES = ("ping", "tcp 1 stream", "tcp 4 streams", "udp 64 B")
 
 
 class MeasureError(Exception):
@@ -65,15 +76,16 @@ def udp_result(end: dict) -> tuple[float, float]:
     return delivered / received["seconds"], float(received["lost_percent"])
 
 
-_RTT = re.compile(r"= [\d.]+/([\d.]+)/[\d.]+/[\d.]+ ms")
+_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/[\d.]+ ms")
 
 
-def parse_ping_avg_us(text: str) -> float:
-    """The avg of ping's 'rtt min/avg/max/mdev = ...' line, in microseconds."""
+def parse_ping_us(text: str, which: str = "avg") -> float:
+    """``which`` ("min", "avg" or "max") of ping's 'rtt min/avg/max/mdev =
+    ...' line, in microseconds."""
     match = _RTT.search(text)
     if match is None:
         raise MeasureError(f"ping printed no rtt summary: {text.strip()[-200:]!r}")
-    return float(match.group(1)) * 1000
+    return float(match.group(("min", "avg", "max").index(which) + 1)) * 1000
 
 
 def cpu_times(pids: list[int]) -> tuple[float, float]:
@@ -111,7 +123,21 @@ def ping_rtt_us(bed: Testbed, ip: str) -> float:
     done = bed.run(bed.ns_b, ["ping", "-q", "-c", str(PING_COUNT), "-i", str(PING_INTERVAL_S),
                               "-W", "1", ip], capture_output=True, text=True,
                    timeout=PING_COUNT * (PING_INTERVAL_S + 1) + 5)
-    return parse_ping_avg_us(done.stdout)
+    return parse_ping_us(done.stdout, "avg")
+
+
+def ping_burst_us(bed: Testbed, ip: str) -> float:
+    """PING_BURSTS times, PING_BURST echo requests sent at once (``ping
+    -l``); the rtt of the slowest reply of each burst, their mean.  The
+    mean, like ping's own avg: whether a relay's ACK is delayed depends
+    on the kernel's delayed-ACK state, which changes from burst to burst,
+    so a stall may hit some bursts only (a median would hide it)."""
+    slowest = []
+    for _ in range(PING_BURSTS):
+        done = bed.run(bed.ns_b, ["ping", "-q", "-c", str(PING_BURST), "-l", str(PING_BURST),
+                                  "-W", "1", ip], capture_output=True, text=True, timeout=10)
+        slowest.append(parse_ping_us(done.stdout, "max"))
+    return statistics.mean(slowest)
 
 
 def iperf3(bed: Testbed, ip: str, seconds: float, *client_args: str) -> dict:
@@ -163,9 +189,14 @@ class TunnelFigures:
     errors: list = field(default_factory=list)
 
 
-def measure_once(bed: Testbed, ip: str, pids: list[int], seconds: float) -> tuple[dict, list]:
-    """Every measure once, idle tunnel first (ping), then TCP, then the UDP
-    flood; a failed measure is recorded and the others still run."""
+def measure_once(bed: Testbed, ip: str, pids: list[int], seconds: float,
+                 measures: tuple[str, ...] = DEFAULT_MEASURES) -> tuple[dict, list]:
+    """Each of ``measures`` once, in MEASURES order: idle tunnel first
+    (ping), then TCP, then the UDP flood; a failed measure is recorded and
+    the others still run."""
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise ValueError(f"unknown measures {sorted(unknown)}: expected some of {MEASURES}")
     figures: dict = {}
     errors: list = []
 
@@ -177,6 +208,9 @@ def measure_once(bed: Testbed, ip: str, pids: list[int], seconds: float) -> tupl
 
     def ping() -> None:
         figures["ping_rtt_us"] = ping_rtt_us(bed, ip)
+
+    def burst() -> None:
+        figures["ping_burst_us"] = ping_burst_us(bed, ip)
 
     def tcp1() -> None:
         before = cpu_seconds(pids) if pids else 0.0
@@ -192,16 +226,19 @@ def measure_once(bed: Testbed, ip: str, pids: list[int], seconds: float) -> tupl
         pps, loss = udp_result(iperf3(bed, ip, seconds, "-u", "-l", str(UDP_PAYLOAD), "-b", "0"))
         figures["udp64_kpps"], figures["udp64_loss_pct"] = pps / 1e3, loss
 
-    for name, fn in (("ping", ping), ("tcp 1 stream", tcp1), ("tcp 4 streams", tcp4),
-                     ("udp 64 B", udp64)):
-        attempt(name, fn)
+    steps = {"ping": ping, "ping burst": burst, "tcp 1 stream": tcp1, "tcp 4 streams": tcp4,
+             "udp 64 B": udp64}
+    for name in MEASURES:
+        if name in measures:
+            attempt(name, steps[name])
     return figures, errors
 
 
-def measure_tunnel(bed: Testbed, ip: str, pids: list[int], seconds: float, runs: int) -> TunnelFigures:
+def measure_tunnel(bed: Testbed, ip: str, pids: list[int], seconds: float, runs: int,
+                   measures: tuple[str, ...] = DEFAULT_MEASURES) -> TunnelFigures:
     result = TunnelFigures()
     for run in range(runs):
-        figures, errors = measure_once(bed, ip, pids, seconds)
+        figures, errors = measure_once(bed, ip, pids, seconds, measures)
         result.runs.append(figures)
         result.errors += [f"run {run + 1}: {e}" for e in errors]
     for metric in METRICS:

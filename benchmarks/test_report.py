@@ -36,9 +36,11 @@ def test_iperf3_error_is_reported() -> None:
 
 
 def test_ping_parsing() -> None:
-    assert measure.parse_ping_avg_us(PING) == pytest.approx(48.0)
+    assert measure.parse_ping_us(PING) == pytest.approx(48.0)
+    assert measure.parse_ping_us(PING, "max") == pytest.approx(87.0)
+    assert measure.parse_ping_us(PING, "min") == pytest.approx(34.0)
     with pytest.raises(measure.MeasureError):
-        measure.parse_ping_avg_us("20 packets transmitted, 0 received, 100% packet loss")
+        measure.parse_ping_us("20 packets transmitted, 0 received, 100% packet loss")
 
 
 def _results() -> Results:
@@ -116,3 +118,35 @@ def test_summary_text_lists_every_row() -> None:
     text = report.summary_text(_results())
     for label in ("vxlan", "openvpn", "tunrelay q=2", "egress"):
         assert label in text
+
+
+def test_issue_10_nagle_rows_are_held_to_1_ms() -> None:
+    results = _results()
+    results.tunnels += [
+        TunnelRow(report.NAGLE_LEN16, "tunrelay-nagle",
+                  medians={"ping_rtt_us": 310.0, "ping_burst_us": 450.0}),
+        TunnelRow(report.NAGLE_OPENVPN, "tunrelay-nagle",
+                  medians={"ping_rtt_us": 240.0, "ping_burst_us": 42_600.0})]
+    found = {r.name: r for r in report.ratios(results)}
+    lone = found[f"ping rtt, ms: {report.NAGLE_LEN16}"]
+    assert lone.value == pytest.approx(0.31) and lone.met and "issue 10" in lone.target
+    stalled = found[f"slowest reply of a 4-ping burst, ms: {report.NAGLE_OPENVPN}"]
+    assert stalled.value == pytest.approx(42.6) and stalled.met is False
+    # The Nagle rows are no tunrelay row of the other targets.
+    assert found["ping rtt: tunrelay best / kernel vxlan"].value == pytest.approx(1.5)
+    # Without the rows (a filtered run, no openvpn): no figure, no verdict.
+    nagle = [r for r in report.ratios(_results()) if "issue 10" in r.target]
+    assert len(nagle) == 4 and all(r.value is None and r.met is None for r in nagle)
+
+
+def test_a_tunnel_is_measured_only_for_its_measures(monkeypatch) -> None:
+    taken = []
+    monkeypatch.setattr(measure, "ping_rtt_us", lambda bed, ip: taken.append("ping") or 300.0)
+    monkeypatch.setattr(measure, "ping_burst_us", lambda bed, ip: taken.append("burst") or 400.0)
+    monkeypatch.setattr(measure, "iperf3", lambda *a: pytest.fail("iperf3 was run"))
+    # Asked in another order: taken in MEASURES order, idle tunnel first.
+    figures = measure.measure_tunnel(None, "10.99.0.1", [], 1.0, 2, ("ping burst", "ping"))
+    assert taken == ["ping", "burst"] * 2 and not figures.errors
+    assert figures.medians["ping_burst_us"] == 400.0 and figures.medians["tcp1_gbps"] is None
+    with pytest.raises(ValueError, match="unknown measures"):
+        measure.measure_once(None, "10.99.0.1", [], 1.0, ("ping", "pnig"))

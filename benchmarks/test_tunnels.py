@@ -57,7 +57,8 @@ def test_tunnel(tunnel, benchmark, bench_results) -> None:
                 wait_for_ping(bed, tunnel.server_ip)
                 figures = benchmark.pedantic(
                     measure_tunnel, args=(bed, tunnel.server_ip, tunnel.pids(),
-                                          bench_results.seconds, bench_results.runs),
+                                          bench_results.seconds, bench_results.runs,
+                                          tunnel.measures),
                     rounds=1, iterations=1)
             finally:
                 tunnel.stop()

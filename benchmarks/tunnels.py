@@ -26,9 +26,11 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.report import POINT_TO_POINT
+from benchmarks.measure import DEFAULT_MEASURES
+from benchmarks.report import NAGLE_LEN16, NAGLE_OPENVPN, POINT_TO_POINT
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
+from tunrelay.testrig.nagle import NagleTunnel, missing_peer, openvpn_argv
 from tunrelay.testrig.netns import Testbed, stop_process
 from tunrelay.testrig.pair import (PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair,
                                    wait_running)
@@ -95,10 +97,11 @@ class Tunnel:
     """The interface; also the no-op parts."""
 
     # "veth", "vxlan", "tunrelay", "tunrelay-aead", "tunrelay-peers", "tunrelay-hub",
-    # "tunrelay-wg", "python", "openvpn", "wireguard-go"
+    # "tunrelay-wg", "tunrelay-nagle", "python", "openvpn", "wireguard-go"
     kind = ""
     binaries: tuple = ()   # commands that must be installed
     server_ip = TUNNEL_A   # side a's address, reached from side b
+    measures: tuple = DEFAULT_MEASURES   # what measure_tunnel takes (measure.MEASURES)
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -394,12 +397,10 @@ class OpenVPN(Tunnel):
                                                (bed.ns_b, bed.addr_b, bed.addr_a, TUNNEL_B, TUNNEL_A)):
             log = tempfile.TemporaryFile()
             self._logs.append(log)
-            self.procs.append(bed.popen(ns, [
-                "openvpn", "--dev", "ovpn0", "--dev-type", "tun", "--tun-mtu", str(MTU),
-                "--proto", "udp", "--local", here, "--remote", there, "--port", str(self.PORT),
-                "--ifconfig", local, remote, "--cipher", "none", "--auth", "none",
-                "--disable-dco", "--verb", "1",
-            ], stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(bed.popen(ns, openvpn_argv(
+                "ovpn0", MTU, "udp", local, remote,
+                "--local", here, "--remote", there, "--port", str(self.PORT),
+            ), stdout=log, stderr=subprocess.STDOUT))
         time.sleep(0.2)
         for proc, log in zip(self.procs, self._logs):
             if proc.poll() is not None:
@@ -415,6 +416,39 @@ class OpenVPN(Tunnel):
             _terminate(proc)
         for log in self._logs:
             log.close()
+
+
+class NaglePeer(Tunnel):
+    """A tunrelay TCP client (side b) against a len16 peer that leaves
+    Nagle on (side a): ``NagleTunnel`` of the test rig.  Ping only (a lone
+    echo and bursts, from the relay's side): TCP through a Python peer
+    measures the peer, and the row is here for the delayed-ACK stall."""
+
+    kind = "tunrelay-nagle"
+    measures = ("ping", "ping burst")
+
+    def __init__(self, label: str, peer: str) -> None:
+        super().__init__(label)
+        self.peer = peer
+        self.tunnel: NagleTunnel | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def missing(self) -> str | None:
+        return missing_peer(self.peer)
+
+    def start(self, bed: Testbed) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="trbn-")  # short: sun_path
+        self.tunnel = NagleTunnel(bed, self.peer, self._workdir.name, mtu=MTU)
+        self.tunnel.start()
+
+    def pids(self) -> list[int]:
+        return self.tunnel.pids() if self.tunnel is not None else []
+
+    def stop(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
 
 
 class TunrelayWireguard(ConfiguredRelays):
@@ -550,6 +584,8 @@ def all_tunnels() -> list[Tunnel]:
     # The WireGuard protocol both ways, next to each other (issue 9's targets).
     tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo(wireguard_go_label()),
                 TunrelayWireguard(TUNRELAY_WG)]
+    # Issue 10: tunrelay's TCP mode against peers that leave Nagle on.
+    tunnels += [NaglePeer(NAGLE_LEN16, "len16"), NaglePeer(NAGLE_OPENVPN, "openvpn")]
     return tunnels
 
 
