@@ -220,10 +220,40 @@ def received(bed, ns_from: str, dest: str, proc: subprocess.Popen) -> list[str]:
     return lines[:-1]
 
 
-def take_away(pair, away: str, stays: str) -> None:
-    assert pair.stop(away) == 0, pair.log(away)
-    wait_for(lambda: pair.stats(stays)["state"] in ("connecting", "listening"), WAIT,
-             f"relay {stays} to notice its peer gone")
+class Away:
+    """A TCP pair with ``away_hold_ms = hold`` whose side ``away`` is
+    stopped: ``stays`` is the other side, ``dest`` the tunnel address of
+    the one away, ``sent_in`` sends datagrams into the device that stays;
+    ``back()`` starts the one away (``listen()`` first: the receiver waits
+    in its namespace) and returns what arrived before the end marker."""
+
+    def __init__(self, bed, make_pair, away: str, hold: int) -> None:
+        self.bed, self.away = bed, away
+        self.pair = make_pair(protocol="tcp", overrides={"transport": [f"away_hold_ms = {hold}"]})
+        self.pair.start()
+        self.stays = "b" if away == "a" else "a"
+        self.dest = TUNNEL_A if away == "a" else TUNNEL_B
+        assert self.pair.stop(away) == 0, self.pair.log(away)
+        wait_for(lambda: self.state() in ("connecting", "listening"), WAIT,
+                 f"relay {self.stays} to notice its peer gone")
+        self.listener = None
+
+    def state(self) -> str:
+        return self.pair.stats(self.stays)["state"]
+
+    def peer_away(self) -> int:
+        return self.pair.stats(self.stays)["egress"]["drops"][PEER_AWAY]
+
+    def send_in(self, payloads: list[str]) -> None:
+        send(self.bed, self.pair.sides[self.stays].ns, self.dest, payloads)
+
+    def listen(self) -> None:
+        self.listener = receiver(self.bed, self.pair.sides[self.away].ns, 60)
+
+    def back(self) -> list[str]:
+        self.pair.start_side(self.away, wait=False)
+        self.pair.wait_ready("a", "b")
+        return received(self.bed, self.pair.sides[self.stays].ns, self.dest, self.listener)
 
 
 @pytest.mark.root
@@ -232,28 +262,19 @@ def test_packets_queued_while_the_peer_is_away_never_reach_the_next_one(bed, mak
     """Hold 0.2 s; packets sent into the device while the peer is away,
     then 2 s of waiting: all dropped and counted peer_away (logged on
     reconnect), none delivered to the peer when it comes back."""
-    pair = make_pair(protocol="tcp", overrides={"transport": ["away_hold_ms = 200"]})
-    pair.start()
-    stays = "b" if away == "a" else "a"
-    ns_away, ns_stays = pair.sides[away].ns, pair.sides[stays].ns
-    dest = TUNNEL_A if away == "a" else TUNNEL_B
-    take_away(pair, away, stays)
+    gap = Away(bed, make_pair, away, hold=200)
     stale = [f"stale{n}" for n in range(20)]
-    send(bed, ns_stays, dest, stale)
-    wait_for(lambda: pair.stats(stays)["egress"]["drops"][PEER_AWAY] >= len(stale), WAIT,
-             "the queued packets dropped")
+    gap.send_in(stale)
+    wait_for(lambda: gap.peer_away() >= len(stale), WAIT, "the queued packets dropped")
     time.sleep(2.0)
-    listener = receiver(bed, ns_away, 60)
-    pair.start_side(away, wait=False)
-    pair.wait_ready("a", "b")
-    got = received(bed, ns_stays, dest, listener)
+    gap.listen()
+    got = gap.back()
     assert not [p for p in got if p.startswith("stale")], got
-    snapshot = pair.stats(stays)
-    assert snapshot["egress"]["drops"][PEER_AWAY] >= len(stale)
+    assert gap.peer_away() >= len(stale)
     assert "drop peer_away" in subprocess.run(
-        [sys.executable, "-m", "tunrelay", "stats", "--config", pair.sides[stays].config_path],
+        [sys.executable, "-m", "tunrelay", "stats", "--config", gap.pair.sides[gap.stays].config_path],
         capture_output=True, text=True, timeout=30).stdout
-    assert "dropped while no peer was connected" in pair.log(stays)
+    assert "dropped while no peer was connected" in gap.pair.log(gap.stays)
 
 
 @pytest.mark.root
@@ -261,17 +282,9 @@ def test_packets_queued_while_the_peer_is_away_never_reach_the_next_one(bed, mak
 def test_a_quick_reconnect_loses_nothing(bed, make_pair, away):
     """Hold a minute; packets sent while the peer is away are all delivered
     when it is back seconds later, none counted peer_away."""
-    pair = make_pair(protocol="tcp", overrides={"transport": ["away_hold_ms = 60000"]})
-    pair.start()
-    stays = "b" if away == "a" else "a"
-    ns_away, ns_stays = pair.sides[away].ns, pair.sides[stays].ns
-    dest = TUNNEL_A if away == "a" else TUNNEL_B
-    take_away(pair, away, stays)
-    listener = receiver(bed, ns_away, 60)
+    gap = Away(bed, make_pair, away, hold=60000)
+    gap.listen()
     held = [f"held{n}" for n in range(20)]
-    send(bed, ns_stays, dest, held)
-    pair.start_side(away, wait=False)
-    pair.wait_ready("a", "b")
-    got = received(bed, ns_stays, dest, listener)
-    assert got == held
-    assert pair.stats(stays)["egress"]["drops"][PEER_AWAY] == 0
+    gap.send_in(held)
+    assert gap.back() == held
+    assert gap.peer_away() == 0
