@@ -1273,7 +1273,8 @@ def to_toml(cfg: Config) -> str:
     == c``; a key whose value is None (no owner, no TCP bind address) is left
     out, which reads back as None.  So are the keys the loader refuses where
     they do not apply (learn but over UDP without aead, allow but on a TCP
-    server, role but with aead): their defaults read back the same."""
+    server, away_hold_ms but over TCP, role but with aead): their defaults
+    read back the same."""
     d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
     tables: dict[str, dict[str, Any]] = {
         "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
