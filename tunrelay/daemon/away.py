@@ -163,7 +163,8 @@ class AwayDrain:
                     if heads.get(fd, 0) is None and event & select.POLLIN:
                         heads[fd] = now
         except OSError as exc:
-            self.log.debug("away drain ended: %s", exc)
+            self.log.warning("device: no longer dropping what waits while no peer is connected "
+                             "(%s): the next peer gets it however old", exc)
 
     def _drain(self, fd: int) -> bool:
         """Read and drop what waits in one queue (stopping at the limit).
