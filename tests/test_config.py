@@ -230,6 +230,18 @@ def test_allow_on_a_tcp_server(tmp_path):
     assert load_text(tmp_path, '[transport]\nprotocol = "tcp"\n').transport.allow == ()
 
 
+def test_away_hold_ms_on_tcp_client_and_server(tmp_path):
+    """TCP: how long a packet may wait in the device while no peer is
+    connected; 1000 ms unless given, 0 (drop at once) allowed."""
+    assert load_text(tmp_path, '[transport]\nprotocol = "tcp"\n').transport.away_hold_ms == 1000
+    assert TransportConfig(protocol="tcp").away_hold_ms == 1000
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\naway_hold_ms = 0\n')
+    assert cfg.transport.away_hold_ms == 0
+    cfg = load_text(tmp_path, '[transport]\nprotocol = "tcp"\npeer = "192.0.2.7:1"\n'
+                              'away_hold_ms = 600000\n')
+    assert cfg.transport.away_hold_ms == 600000
+
+
 def test_allow_on_an_aead_tcp_server(tmp_path):
     key_file(tmp_path)
     cfg = load_text(tmp_path, AEAD_TCP_SERVER.replace('framing = "aead"\n',
@@ -565,6 +577,19 @@ BAD = [
      ["expected at least one network", "empty array", "leave allow out"]),
     ('[transport]\nprotocol = "tcp"\nallow = ["::/0", "::/0"]\n', "transport.allow",
      ["expected each entry once", "'::/0' twice"]),
+    # [transport] away_hold_ms
+    ('[transport]\naway_hold_ms = 500\n', "transport.away_hold_ms",
+     ['applies to protocol = "tcp" only', 'got protocol = "udp"', "remove away_hold_ms"]),
+    ('[transport]\nprotocol = "tcp"\naway_hold_ms = -1\n', "transport.away_hold_ms",
+     ["expected an integer from 0 to 600000", "got -1"]),
+    ('[transport]\nprotocol = "tcp"\naway_hold_ms = 600001\n', "transport.away_hold_ms",
+     ["expected an integer from 0 to 600000", "got 600001"]),
+    ('[transport]\nprotocol = "tcp"\naway_hold_ms = 1.5\n', "transport.away_hold_ms",
+     ["expected an integer from 0 to 600000", "got a float 1.5"]),
+    ('[transport]\nprotocol = "tcp"\naway_hold_ms = "1s"\n', "transport.away_hold_ms",
+     ["expected an integer from 0 to 600000", 'got a string "1s"']),
+    ('[transport]\nprotocol = "tcp"\naway_hold = 5\n', "transport.away_hold",
+     ["unknown key", "did you mean 'away_hold_ms'?"]),
     ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
     ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
     ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
@@ -768,6 +793,7 @@ GOOD = [
     '[device]\nname = "tun%d"\naddress = "10.10.0.1/24"\nowner = 0\n[stats]\ninterval = 10\n',
     '[transport]\npeer = "192.0.2.7:1"\nlearn = "never"\n',
     '[transport]\nprotocol = "tcp"\nallow = ["192.0.2.0/24", "2001:db8::/32"]\n',
+    '[transport]\nprotocol = "tcp"\naway_hold_ms = 250\n',
     '[transport]\nlisten = "[fe80::2%eth0]:0"\npeer = "[fe80::1%eth0]:55555"\n',
     AEAD_TCP_CLIENT,
     AEAD_TCP_SERVER + 'role = "b"\n',

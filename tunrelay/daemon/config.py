@@ -39,6 +39,14 @@ DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
 IFNAMSIZ = 16  # linux/if.h, counting the NUL
 IPV6_MIN_MTU = 1280  # RFC 8200 section 5
 MAX_QUEUES = 16  # one pump (two threads) per queue; more than cores is waste
+# TCP: how long a packet may wait in the device while no peer is connected
+# before it is dropped (daemon/away.py).  1 s: a peer restarting or a
+# client's first reconnect attempts (0.1 + 0.2 + 0.4 s) lose nothing, and
+# nothing older than TCP's initial retransmission timeout (RFC 6298: 1 s)
+# reaches the next peer; by then a ping is counted lost, a real-time packet
+# is useless and a TCP segment has been sent again.
+DEFAULT_AWAY_HOLD_MS = 1000
+MAX_AWAY_HOLD_MS = 600_000  # 10 min; the kernel holds at most txqueuelen packets anyway
 MAX_ID = 2**32 - 2  # uid/gid (uid_t)-1 means "no owner" to TUNSETOWNER
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
 
@@ -302,7 +310,9 @@ class TransportConfig:
 
     ``learn`` matters to a UDP relay with framing raw or len16 and no peer
     (aead follows its authenticated peer instead); ``allow`` only to a TCP
-    server, which refuses (RST) connections from anywhere else.
+    server, which refuses (RST) connections from anywhere else;
+    ``away_hold_ms`` only to TCP: how long a packet may wait in the device
+    while no peer is connected (older ones are dropped, ``peer_away``).
     """
 
     protocol: str = "udp"
@@ -311,6 +321,7 @@ class TransportConfig:
     framing: str = ""
     learn: str = "once"
     allow: tuple = ()  # of ipaddress.IPv4Network / IPv6Network; () = any address
+    away_hold_ms: int = DEFAULT_AWAY_HOLD_MS
 
     def __post_init__(self) -> None:
         if not self.framing:
@@ -718,7 +729,7 @@ _PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 # The keys each table accepts, as written in the file.
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
-    "transport": ("protocol", "listen", "peer", "framing", "learn", "allow"),
+    "transport": ("protocol", "listen", "peer", "framing", "learn", "allow", "away_hold_ms"),
     "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us"),
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket"),
@@ -1029,7 +1040,18 @@ def _read_transport(table: _Table, many_peers: bool = False) -> TransportConfig:
                                    "endpoint is learned when it has roaming = true; remove learn")
     return TransportConfig(protocol=protocol, listen=listen, peer=peer, framing=framing,
                            learn=_learn(table, protocol, peer, framing),
-                           allow=_allow(table, protocol, peer))
+                           allow=_allow(table, protocol, peer),
+                           away_hold_ms=_away_hold(table, protocol))
+
+
+def _away_hold(table: _Table, protocol: str) -> int:
+    """TCP: milliseconds a packet may wait in the device while no peer is
+    connected; the packets the kernel queues there are dropped after it."""
+    if "away_hold_ms" in table.data and protocol != "tcp":
+        raise table.error("away_hold_ms", f'applies to protocol = "tcp" only (a UDP relay sends '
+                                          f'or counts each packet at once), got protocol = '
+                                          f'"{protocol}"; remove away_hold_ms')
+    return _integer(table, "away_hold_ms", 0, MAX_AWAY_HOLD_MS, DEFAULT_AWAY_HOLD_MS)
 
 
 def _learn(table: _Table, protocol: str, peer: Endpoint | None, framing: str) -> str:
@@ -1290,7 +1312,8 @@ def to_toml(cfg: Config) -> str:
     == c``; a key whose value is None (no owner, no TCP bind address) is left
     out, which reads back as None.  So are the keys the loader refuses where
     they do not apply (learn but over UDP without aead, allow but on a TCP
-    server, role but with aead): their defaults read back the same."""
+    server, away_hold_ms but over TCP, role but with aead): their defaults
+    read back the same."""
     d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
     tables: dict[str, dict[str, Any]] = {
         "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
@@ -1300,7 +1323,8 @@ def to_toml(cfg: Config) -> str:
                       "framing": t.framing,
                       "learn": (t.learn if t.protocol == "udp" and t.framing != "aead"
                                 and not cfg.peers else None),
-                      "allow": t.allow or None},
+                      "allow": t.allow or None,
+                      "away_hold_ms": t.away_hold_ms if t.protocol == "tcp" else None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload,
                   "duplex": r.duplex, "busy_poll_us": r.busy_poll_us},
         "stats": {"interval": s.interval, "socket": s.socket},

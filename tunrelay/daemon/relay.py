@@ -11,6 +11,10 @@ Supervision (``run()``, in the caller's thread):
   IPs); its endpoint events are drained here and logged.
 - TCP client: connect (with capped exponential backoff), pump until the
   connection ends, reconnect.  The device stays up throughout.
+- TCP, between connections (and before the first): no pump reads the
+  device, and an AwayDrain (away.py) drops what waits there longer than
+  ``[transport] away_hold_ms``, counted ``peer_away``; it is stopped before
+  the next pump starts on the device.
 - TCP server: accept one peer, pump until it goes, accept the next.
   Further connections while a peer is live are refused and counted.  With
   aead, connections are accepted side by side and the one whose hello
@@ -33,6 +37,7 @@ from ..counters import DIRECTIONS, empty_direction
 from ..errors import PumpError
 from . import device
 from . import transport as _transport
+from .away import PEER_AWAY, AwayDrain
 from .config import Config
 from .device import Device
 from .stats import ControlServer, format_line
@@ -102,6 +107,8 @@ class Relay:
         # the last proven connection; a newcomer must be newer to take over.
         self._live_order: tuple[int, int] | None = None
         self._proven_order: tuple[int, int] | None = None
+        #: TCP: drops what waits in the device while no peer is connected.
+        self._away: AwayDrain | None = None
 
     # ------------------------------------------------------------ control
 
@@ -112,8 +119,12 @@ class Relay:
             pump.request_stop()
 
     def stats(self) -> dict:
-        """Counters of all pumps, summed per direction."""
-        return sum_counters([pump.stats() for pump in self.pumps])
+        """Counters of all pumps, summed per direction (TCP: with the
+        packets dropped while no peer was connected, ``peer_away``)."""
+        total = sum_counters([pump.stats() for pump in self.pumps])
+        if self.cfg.transport.protocol == "tcp":
+            total["egress"]["drops"][PEER_AWAY] = self._away.dropped if self._away else 0
+        return total
 
     def snapshot(self) -> dict:
         """Everything ``tunrelay stats`` shows."""
@@ -226,6 +237,10 @@ class Relay:
             else:
                 self._client = _transport.TcpClient(
                     tcfg, log=logging.getLogger("tunrelay.daemon.transport"))
+            if tcfg.protocol == "tcp":
+                self._away = AwayDrain(self.device.fds, tcfg.away_hold_ms / 1000,
+                                       vnet_hdr=self.device.vnet_hdr,
+                                       log=logging.getLogger("tunrelay.daemon.away"))
             self._control = ControlServer(self.cfg.control_socket, self.snapshot)
             self._control.open()
         except BaseException:
@@ -272,6 +287,8 @@ class Relay:
             watcher.start()
         try:
             while not self._stop.is_set():
+                if self._away is not None:
+                    self._away.start()  # no pump reads the device until the next connection
                 socks = self._next_sockets()
                 if socks is None:
                     break
@@ -389,6 +406,7 @@ class Relay:
                                if v and k != "vnet_hdr") or "none")
 
     def _pump_until_end(self, socks: list[socket.socket]):
+        self._end_away()
         if not self.pumps:
             self._make_pumps(socks)
         else:
@@ -408,6 +426,8 @@ class Relay:
                 # that ended on its own.
                 ended = [pump.stop() for pump in self.pumps]
                 return next((o for o in [outcome, *ended] if o and o.reason != STOPPED), ended[0])
+            if self._away is not None:
+                self._away.note(self.pumps[0].stats()["egress"]["tun_io"])
             if self._housekeeping():
                 for pump in self.pumps:
                     pump.stop()
@@ -415,6 +435,17 @@ class Relay:
             if next_log is not None and time.monotonic() >= next_log:
                 log.info("stats: %s", format_line(self.stats()))
                 next_log += interval
+
+    def _end_away(self) -> None:
+        """A peer is connected: stop dropping what waits in the device (the
+        pump reads it from now on) and say what the gap dropped."""
+        if self._away is None or not self._away.running:
+            return
+        dropped = self._away.stop()
+        if dropped:
+            log.info("tcp: %d packet(s) dropped while no peer was connected (waited longer "
+                     "than away_hold_ms = %d; counted peer_away)", dropped,
+                     self.cfg.transport.away_hold_ms)
 
     def _housekeeping(self) -> bool:
         """Between waits: refuse or prove TCP newcomers, log what changed.
@@ -492,6 +523,8 @@ class Relay:
 
     def close(self) -> None:
         """Stop and join the loops, then close sockets, then the device."""
+        if self._away is not None:
+            self._away.close()  # joined before the device's fds close; its count stays
         for pump in self.pumps:
             if pump.running:
                 pump.stop()
