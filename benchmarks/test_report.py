@@ -63,12 +63,33 @@ def test_ratios() -> None:
     found: dict = {}
     for r in report.ratios(_results()):  # the first of each kind: tunrelay (raw) against others
         found.setdefault(r.name.split(":")[0], r)
-    assert found["TCP 1 stream"].value == pytest.approx(0.6) and found["TCP 1 stream"].met
-    assert found["UDP 64 B pps"].value == pytest.approx(4.0)
+    by_name = {r.name: r for r in report.ratios(_results())}
+    assert found["TCP 1 stream"].value == pytest.approx(0.6) and found["TCP 1 stream"].met is False
+    assert found["UDP 64 B pps"].value == pytest.approx(2.0) and found["UDP 64 B pps"].met
+    assert by_name["UDP 64 B pps: tunrelay best / naive Python relay"].value == pytest.approx(4.0)
     assert found["ping rtt"].value == pytest.approx(1.5) and found["ping rtt"].met
+    assert by_name["ping rtt: tunrelay best / OpenVPN"].value == pytest.approx(0.5)
+    assert by_name["ping rtt: tunrelay best / OpenVPN"].met
     assert found["CPU per GB"].value == pytest.approx(2.0 / 13.5)
     assert found["pump over socketpairs, 64 B egress"].value == pytest.approx(5.0)
     assert found["pump over socketpairs, 64 B egress"].met is False
+
+
+def test_loop_levers_are_held_to_the_row_without_them() -> None:
+    results = _results()
+    row = lambda label, rtt, kpps: TunnelRow(label, "tunrelay-loop", medians={  # noqa: E731
+        "ping_rtt_us": rtt, "udp64_kpps": kpps})
+    results.tunnels += [TunnelRow(report.POINT_TO_POINT, "tunrelay", medians={
+        "ping_rtt_us": 150.0, "udp64_kpps": 100.0}),
+        row(report.SPLIT_LOOPS, 300.0, 80.0), row(report.BUSY_POLL, 120.0, 90.0)]
+    by_name = {r.name: r for r in report.ratios(results)}
+    split = by_name["ping rtt: one thread per queue / a thread per direction"]
+    assert split.value == pytest.approx(0.5) and split.met is None
+    assert by_name["UDP 64 B pps: one thread per queue / a thread per direction"].value == \
+        pytest.approx(1.25)
+    assert by_name[f"ping rtt: busy polling {report.BUSY_POLL_US} µs / none"].value == \
+        pytest.approx(0.8)
+    assert by_name["TCP 1 stream: one thread per queue / a thread per direction"].value is None
 
 
 def test_issue_8_ratios_hold_rows_to_the_point_to_point_row() -> None:
