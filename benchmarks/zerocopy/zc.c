@@ -42,12 +42,8 @@
 #ifndef SO_EE_CODE_ZEROCOPY_COPIED
 #define SO_EE_CODE_ZEROCOPY_COPIED 1
 #endif
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
+/* UDP_SEGMENT and UDP_GRO, where older headers lack them: the relay's own. */
+#include "../../tunrelay/includes/tr_offload.h"
 
 #define SEG 1400
 #define MAXBUF 65536
