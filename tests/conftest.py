@@ -1,7 +1,8 @@
 """Shared test fixtures: both pumps, and packets to feed them.
 
-Every pump test runs against the compiled pump (the product) and its
-pure-Python twin (the reference).  The compiled module must be built: if it
+Every pump test runs against the compiled pump (the product), with each of
+its TUN I/O engines (io "syscalls" and "uring"), and its pure-Python twin
+(the reference).  The compiled module must be built: if it
 is missing the pump tests fail, they are never skipped.
 """
 
@@ -24,20 +25,40 @@ def load_fastpath():
                     pytrace=False)
 
 
-PUMP_KINDS = ("c", "python")
+PUMP_KINDS = ("c", "c-uring", "python")
+#: The compiled pump's TUN I/O engine per kind ("c" names the syscall one).
+IO_OF_KIND = {"c": "syscalls", "c-uring": "uring"}
+
+
+def compiled_with_io(io: str):
+    """A constructor of the compiled Pump with ``io=`` given unless the
+    caller gives it (the test's engine); it passes for the class itself
+    where a test asks which pump it has (``__module__``, ``io``)."""
+    pump = load_fastpath().Pump
+
+    def make(*args, **kwargs):
+        return pump(*args, **{"io": io, **kwargs})
+
+    make.__module__ = pump.__module__
+    make.__qualname__ = make.__name__ = f"Pump[io={io}]"
+    make.io = io
+    return make
 
 
 def load_pump_class(kind: str):
-    """The pump of a kind: "c" the compiled Pump, "python" the PyPump."""
-    if kind == "c":
-        return load_fastpath().Pump
+    """The pump of a kind: "c" the compiled Pump with io="syscalls",
+    "c-uring" with io="uring", "python" the PyPump.  (The class itself:
+    load_fastpath().Pump.)"""
+    if kind in IO_OF_KIND:
+        return compiled_with_io(IO_OF_KIND[kind])
     from tunrelay.pypump import PyPump
     return PyPump
 
 
 @pytest.fixture(params=PUMP_KINDS)
 def pump_class(request):
-    """The compiled ``Pump`` ("c") or the pure-Python ``PyPump`` ("python")."""
+    """The compiled ``Pump`` with io "syscalls" ("c") or "uring"
+    ("c-uring"), or the pure-Python ``PyPump`` ("python")."""
     return load_pump_class(request.param)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple, Self
 from tunrelay._runner import Outcome
 from tunrelay.aead import Cipher, Role
 from tunrelay.framing import Framing, Mode, PeerFraming
-from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
+from tunrelay.pumps import Address, FileDescriptorLike, IoEngine, PumpStats
 
 _Bytes = bytes | bytearray | memoryview
 
@@ -50,7 +50,8 @@ class Pump:
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: bytes | bytearray | Keyring | None = None,
                  cipher: Cipher = "chacha20-poly1305", role: Role = "a",
-                 gso: bool = True, peers: PeerTable | None = None) -> None: ...
+                 gso: bool = True, peers: PeerTable | None = None,
+                 io: IoEngine = "auto") -> None: ...
     @property
     def framing(self) -> Framing | PeerFraming: ...
     @property
@@ -85,6 +86,12 @@ class Pump:
     @property
     def offloads(self) -> dict[str, bool]:
         """{"vnet_hdr", "gso", "gro"}: what the offload path uses now."""
+    @property
+    def io(self) -> Literal["uring", "syscalls"]:
+        """The TUN I/O engine running (what io="auto" chose)."""
+    @property
+    def io_fallback(self) -> str | None:
+        """io "auto" running syscalls: why io_uring could not be set up."""
     def attach(self, sock_fd: FileDescriptorLike, *, peer: Address | None = None) -> None:
         """Swap in a new socket (a TCP reconnect) while stopped."""
     def send_control(self, address: Address, data: _Bytes) -> None:
@@ -175,6 +182,9 @@ class PrefixTable:
         """The peer of the longest prefix containing ``address``, or None."""
     def lookup_packet(self, packet: _Bytes, source: bool = False) -> int | None:
         """The peer for an IP packet's destination (or source), or None."""
+
+#: What io="auto" runs where io_uring can be set up.
+AUTO_IO: Literal["uring", "syscalls"]
 
 def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
     """The C ingress check on one packet: None, or the drop reason."""

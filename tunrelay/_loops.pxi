@@ -104,19 +104,75 @@ cdef inline int hold_for_handshake(PumpState *st, unsigned int slot, const uint8
     return DROP_NO_SESSION
 
 
+cdef void take_packet(PumpState *st, uint8_t *packet, ssize_t r,
+                      unsigned int *n) noexcept nogil:
+    """One TUN read of r > 0 bytes at `packet` (in an egress slot): counted,
+    then routed, sealed and framed into st.eg.iov[n] (n advanced), or
+    dropped and counted."""
+    cdef Counters *c = &st.eg.c
+    cdef int reason
+    cdef size_t header = st.front, pad
+    cdef unsigned int i = n[0]
+    c.tun_io += 1
+    if <size_t>r > st.max_frame:
+        c.drops[DROP_OVERSIZE] += 1
+        return
+    if st.peers != NULL:
+        reason = egress_route(st, packet, <size_t>r, i)
+        if reason == DROP_NO_SESSION:
+            reason = hold_for_handshake(st, i, packet, <size_t>r)
+            if reason == DROP_NONE:
+                return
+        elif reason == DROP_NONE and st.session:
+            pad = session_pad(<size_t>r, st.max_frame)
+            reason = session_seal(st, st.eg.keys[i], packet - SESSION_HEADER_LEN,
+                                  packet, <size_t>r, NULL, 0, packet + r, 0, pad)
+            if reason != DROP_NONE:
+                tr_add64(&st.eg.peer[i].egress.drops, 1)
+            r += <ssize_t>pad
+        if reason != DROP_NONE:
+            c.drops[reason] += 1
+            return
+        st.eg.dg_name[i] = &st.eg.dest[i]
+        st.eg.dg_peer[i] = st.eg.peer[i]
+    if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
+                                packet - AEAD_HEADER_LEN, packet, <size_t>r,
+                                NULL, 0, packet + r) != 0:
+        c.errors[ERR_WRITE] += 1
+        c.drops[DROP_SEND_ERROR] += 1
+        return
+    if st.len16:
+        put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
+    st.eg.iov[i].iov_base = packet - header
+    st.eg.iov[i].iov_len = <size_t>r + st.overhead
+    n[0] = i + 1
+
+
 cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     """Drain up to `batch` packets from the TUN fd (non-blocking) into the
-    egress slots, recording each length in its iovec.  Returns ST_GO_ON
-    to go on, ST_FATAL when the device is gone."""
+    egress slots, recording each length in its iovec (io "uring": the
+    reads of uring_read_tun, in one io_uring_enter).  Returns ST_GO_ON to
+    go on, ST_FATAL when the device is gone."""
     cdef Counters *c = &st.eg.c
-    cdef unsigned int n = 0
+    cdef unsigned int n = 0, k, i
     cdef ssize_t r
-    cdef int err, reason
-    cdef size_t header = st.front, pad
-    cdef uint8_t *packet
+    cdef int err
+    cdef bint gone = False
+    if st.eg.ur.ring != NULL:
+        k = uring_read_tun(st, st.max_frame + 1, &gone)
+        for i in range(k):
+            r = st.eg.ur.res[i]
+            if r == 0:
+                # A TUN never returns 0; a stand-in socket does at end of file.
+                st.eg.exit_errno = 0
+                count[0] = n
+                return ST_FATAL
+            if r > 0:
+                take_packet(st, egress_packet(st, i), r, &n)
+        count[0] = n
+        return ST_FATAL if gone else ST_GO_ON
     while n < st.batch:
-        packet = egress_packet(st, n)
-        r = read(st.tun_fd, packet, st.max_frame + 1)
+        r = read(st.tun_fd, egress_packet(st, n), st.max_frame + 1)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -136,39 +192,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             st.eg.exit_errno = 0
             count[0] = n
             return ST_FATAL
-        c.tun_io += 1
-        if <size_t>r > st.max_frame:
-            c.drops[DROP_OVERSIZE] += 1
-            continue
-        if st.peers != NULL:
-            reason = egress_route(st, packet, <size_t>r, n)
-            if reason == DROP_NO_SESSION:
-                reason = hold_for_handshake(st, n, packet, <size_t>r)
-                if reason == DROP_NONE:
-                    continue
-            elif reason == DROP_NONE and st.session:
-                pad = session_pad(<size_t>r, st.max_frame)
-                reason = session_seal(st, st.eg.keys[n], packet - SESSION_HEADER_LEN,
-                                      packet, <size_t>r, NULL, 0, packet + r, 0, pad)
-                if reason != DROP_NONE:
-                    tr_add64(&st.eg.peer[n].egress.drops, 1)
-                r += <ssize_t>pad
-            if reason != DROP_NONE:
-                c.drops[reason] += 1
-                continue
-            st.eg.dg_name[n] = &st.eg.dest[n]
-            st.eg.dg_peer[n] = st.eg.peer[n]
-        if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
-                                    packet - AEAD_HEADER_LEN, packet, <size_t>r,
-                                    NULL, 0, packet + r) != 0:
-            c.errors[ERR_WRITE] += 1
-            c.drops[DROP_SEND_ERROR] += 1
-            continue
-        if st.len16:
-            put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
-        st.eg.iov[n].iov_base = packet - header
-        st.eg.iov[n].iov_len = <size_t>r + st.overhead
-        n += 1
+        take_packet(st, egress_packet(st, n), r, &n)
     count[0] = n
     return ST_GO_ON
 
@@ -479,21 +503,89 @@ cdef int send_tail(PumpState *st) noexcept nogil:
     return ST_GO_ON
 
 
-cdef int read_offload_batch(PumpState *st) noexcept nogil:
-    """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
-    a packet or super-packet), segment them into st.eg.segs, sending whenever
-    the segment pool fills.  ST_GO_ON to go on, else why the loop ends."""
+cdef int take_offload_read(PumpState *st, uint8_t *slot, ssize_t r,
+                           unsigned int n) noexcept nogil:
+    """The n-th TUN read of a batch (1-based), r > 0 bytes at `slot`: a
+    virtio_net_hdr and a packet or super-packet, segmented into st.eg.segs
+    (sending them when the pool fills), or dropped and counted.  ST_GO_ON
+    to go on, else why the loop ends."""
     cdef Counters *c = &st.eg.c
-    cdef unsigned int n = 0
-    cdef ssize_t r
-    cdef int err, status, reason
-    cdef uint8_t *slot
+    cdef int status, reason
     cdef virtio_net_hdr h
     cdef size_t framing = st.front
+    c.tun_io += 1
+    if r <= VNET_HDR_LEN:
+        c.drops[DROP_BAD_OFFLOAD] += 1
+        return ST_GO_ON
+    if <size_t>r > VNET_HDR_LEN + IP_LENGTH_MAX:
+        # Longer than any IP packet: never trust the kernel (or a
+        # stand-in fd) to have kept to the read size we meant.
+        c.drops[DROP_OVERSIZE] += 1
+        return ST_GO_ON
+    # Copied out: the framing header is written over its tail.
+    memcpy(&h, slot, VNET_HDR_LEN)
+    if <size_t>r - VNET_HDR_LEN > st.max_frame and \
+            (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
+        c.drops[DROP_OVERSIZE] += 1
+        return ST_GO_ON
+    if st.peers != NULL:
+        reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
+        if reason == DROP_NO_SESSION:
+            # Only a plain packet can wait for the handshake (a TCP SYN,
+            # a ping), checksummed first: Python sends it as it is.
+            if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
+                    (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
+                        slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0):
+                reason = hold_for_handshake(st, n - 1, slot + VNET_HDR_LEN,
+                                            <size_t>r - VNET_HDR_LEN)
+                if reason == DROP_NONE:
+                    return ST_GO_ON
+            else:
+                tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
+        if reason != DROP_NONE:
+            c.drops[reason] += 1
+            return ST_GO_ON
+    status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                            &h, framing, n)
+    if status == SEGMENT_POOL_FULL:
+        status = send_segments(st)
+        if status != ST_GO_ON:
+            return status
+        status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                                &h, framing, n)
+    if status == SEGMENT_OVERSIZE:
+        c.drops[DROP_OVERSIZE] += 1
+    elif status != SEGMENT_OK:
+        c.drops[DROP_BAD_OFFLOAD] += 1
+    return ST_GO_ON
+
+
+cdef int read_offload_batch(PumpState *st) noexcept nogil:
+    """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
+    a packet or super-packet; io "uring": the reads of uring_read_tun),
+    segment them into st.eg.segs, sending whenever the segment pool fills.
+    ST_GO_ON to go on, else why the loop ends."""
+    cdef Counters *c = &st.eg.c
+    cdef unsigned int n = 0, k, i
+    cdef ssize_t r
+    cdef int err, status
+    cdef bint gone = False
     st.eg.nseg = 0
+    if st.eg.ur.ring != NULL:
+        k = uring_read_tun(st, VNET_HDR_LEN + IP_LENGTH_MAX + 1, &gone)
+        for i in range(k):
+            r = st.eg.ur.res[i]
+            if r == 0:
+                st.eg.exit_errno = 0
+                return ST_FATAL
+            if r > 0:
+                n += 1
+                status = take_offload_read(st, egress_packet(st, i), r, n)
+                if status != ST_GO_ON:
+                    return status
+        return ST_FATAL if gone else ST_GO_ON
     while n < st.batch:
-        slot = egress_packet(st, n)
-        r = read(st.tun_fd, slot, VNET_HDR_LEN + IP_LENGTH_MAX + 1)
+        r = read(st.tun_fd, egress_packet(st, n), VNET_HDR_LEN + IP_LENGTH_MAX + 1)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -511,50 +603,9 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             st.eg.exit_errno = 0
             return ST_FATAL
         n += 1
-        c.tun_io += 1
-        if r <= VNET_HDR_LEN:
-            c.drops[DROP_BAD_OFFLOAD] += 1
-            continue
-        if <size_t>r > VNET_HDR_LEN + IP_LENGTH_MAX:
-            # Longer than any IP packet: never trust the kernel (or a
-            # stand-in fd) to have kept to the read size we meant.
-            c.drops[DROP_OVERSIZE] += 1
-            continue
-        # Copied out: the framing header is written over its tail.
-        memcpy(&h, slot, VNET_HDR_LEN)
-        if <size_t>r - VNET_HDR_LEN > st.max_frame and \
-                (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
-            c.drops[DROP_OVERSIZE] += 1
-            continue
-        if st.peers != NULL:
-            reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
-            if reason == DROP_NO_SESSION:
-                # Only a plain packet can wait for the handshake (a TCP SYN,
-                # a ping), checksummed first: Python sends it as it is.
-                if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
-                        (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
-                            slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0):
-                    reason = hold_for_handshake(st, n - 1, slot + VNET_HDR_LEN,
-                                                <size_t>r - VNET_HDR_LEN)
-                    if reason == DROP_NONE:
-                        continue
-                else:
-                    tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
-            if reason != DROP_NONE:
-                c.drops[reason] += 1
-                continue
-        status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
-                                &h, framing, n)
-        if status == SEGMENT_POOL_FULL:
-            status = send_segments(st)
-            if status != ST_GO_ON:
-                return status
-            status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
-                                    &h, framing, n)
-        if status == SEGMENT_OVERSIZE:
-            c.drops[DROP_OVERSIZE] += 1
-        elif status != SEGMENT_OK:
-            c.drops[DROP_BAD_OFFLOAD] += 1
+        status = take_offload_read(st, egress_packet(st, n - 1), r, n)
+        if status != ST_GO_ON:
+            return status
     return ST_GO_ON
 
 
@@ -681,8 +732,8 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
 
 # ---------------------------------------------------------------- ingress
 
-cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
-                    size_t length) noexcept nogil:
+cdef int tun_write_now(PumpState *st, iovec *iov, int count, uint32_t packets,
+                       size_t length) noexcept nogil:
     """One TUN write of `packets` packets (one, or a coalesced super-packet
     behind its virtio_net_hdr).  0, or -1 when the loop must end (stop
     fired: ingress_exit_errno 0; or the device is gone)."""
@@ -718,6 +769,16 @@ cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
         return 0
 
 
+cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
+                    size_t length) noexcept nogil:
+    """Write `packets` packets to the TUN (see tun_write_now); io "uring":
+    queued for flush_packets' one submission.  0, or -1 when the loop
+    must end."""
+    if st.ing.ur.ring != NULL:
+        return uring_queue_write(st, iov, count, packets, length)
+    return tun_write_now(st, iov, count, packets, length)
+
+
 cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
     """Validate one packet from the network; drop and count it, or write it
     (offload: queue it for the coalescer).  0, or -1 when the loop ends."""
@@ -738,9 +799,13 @@ cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
 
 
 cdef int flush_packets(PumpState *st) noexcept nogil:
+    """End of a receive batch: write what the coalescer holds, and (io
+    "uring") submit the queued TUN writes.  0, or -1 when the loop ends."""
     cdef size_t n = st.ing.npkts
     st.ing.npkts = 0
-    return coalesce_and_write(st, st.ing.pkts, n) if n else 0
+    if n and coalesce_and_write(st, st.ing.pkts, n) != 0:
+        return -1
+    return uring_flush_writes(st) if st.ing.ur.queued else 0
 
 
 cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:

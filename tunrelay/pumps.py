@@ -9,10 +9,19 @@ that both classes satisfy it, with the same signatures.
 
 from __future__ import annotations
 
-from typing import Protocol, Self, TypedDict, runtime_checkable
+from typing import Literal, Protocol, Self, TypedDict, runtime_checkable
 
 from ._runner import Outcome
 from .framing import Framing, Mode, PeerFraming
+
+
+#: The TUN I/O engines (``io=``): "uring" batches a wake-up's TUN reads,
+#: and a receive batch's TUN writes, into one io_uring_enter each;
+#: "syscalls" makes a read or a writev per packet; "auto" takes the compiled
+#: pump's preferred one (``tunrelay._fastpath.AUTO_IO``) where io_uring can
+#: be set up, else "syscalls".  The Python pump has "syscalls" only.
+IoEngine = Literal["auto", "uring", "syscalls"]
+IO_ENGINES: tuple[IoEngine, ...] = ("auto", "uring", "syscalls")
 
 
 class HasFileno(Protocol):
@@ -76,6 +85,11 @@ class PumpLike(Protocol):
 
     @property
     def learns_peer(self) -> bool: ...
+
+    @property
+    def io(self) -> Literal["uring", "syscalls"]:
+        """The TUN I/O engine running (what io="auto" chose)."""
+        ...
 
     def start(self) -> None:
         """Start both loops, each in its own thread."""

@@ -1,0 +1,232 @@
+# The io_uring engine of the TUN I/O ([relay] io = "uring"; Pump(io=...)).
+#
+# A TUN has no readv-of-many and no sendmmsg: the syscall engine makes one
+# read() per packet (and one more that says EAGAIN) and one writev() per
+# packet.  Here one io_uring_enter carries them:
+#   - egress: `hint` reads, one per slot, each with RWF_NOWAIT.  A read with
+#     nothing queued completes at once with -EAGAIN (O_NONBLOCK alone is not
+#     enough: io_uring would arm a poll and complete the read later, into a
+#     slot the loop has moved on from).  An -EAGAIN read costs about what a
+#     read() syscall does, so the loop does not submit a whole batch of them
+#     on every wake-up: it submits what the last wake-up found, plus one,
+#     and leaves the rest to the next poll (level-triggered: it returns at
+#     once while packets are queued).
+#   - ingress: the writes of a receive batch (packets, or coalesced
+#     super-packets with their own virtio_net_hdr) are queued by
+#     tun_output() and submitted by flush_packets() in one io_uring_enter,
+#     each with RWF_NOWAIT.  A lone write goes as a plain writev().
+# Every request completes inline, in the loop's thread (a TUN read or write
+# never blocks with RWF_NOWAIT): no io-wq worker runs.  A write refused with
+# -EAGAIN (a TUN sndbuf limit) is retried by the syscall path, which waits
+# for POLLOUT: it may then land after the later writes of its batch.
+# Both structures are allocated once per pump (Pump._setup_io); nothing is
+# allocated per packet.
+
+from libc.errno cimport ENOMEM, EOPNOTSUPP
+from libc.stdlib cimport calloc, free
+
+from tunrelay.includes.uring cimport (
+    TR_RWF_NOWAIT, io_uring_cq_advance, io_uring_get_sqe, io_uring_peek_batch_cqe,
+    io_uring_prep_read, io_uring_prep_writev, io_uring_queue_exit, io_uring_queue_init,
+    io_uring_sqe, io_uring_submit_and_wait)
+
+cdef enum:
+    URING_WRITES = 256          # TUN writes one ingress submission holds at most
+    URING_WRITE_IOVS = 4096     # their iovecs (a super-packet: COALESCE_MAX + 1)
+
+# Test hook (_fastpath._simulate_uring_failure): ring set-up fails with
+# this errno, as it does where io_uring is disabled or filtered.
+cdef int uring_fail_errno = 0
+
+
+cdef void tunring_close(TunRing *t) noexcept nogil:
+    if t.ring != NULL:
+        io_uring_queue_exit(t.ring)
+        free(t.ring)
+        t.ring = NULL
+    free(t.cqes)
+    free(t.res)
+    free(t.iov)
+    free(t.hdrs)
+    free(t.packets)
+    free(t.bytes)
+    free(t.first)
+    free(t.niov)
+    memset(t, 0, sizeof(TunRing))
+
+
+cdef int tunring_open(TunRing *t, unsigned int entries, bint writes) noexcept nogil:
+    """Set up one direction's ring for `entries` requests at a time
+    (writes: with the queue tun_output fills).  0, or -errno (the ring is
+    left closed): ENOSYS (no io_uring), EPERM (kernel.io_uring_disabled,
+    seccomp), ENOMEM..."""
+    cdef int rc
+    cdef io_uring *ring
+    memset(t, 0, sizeof(TunRing))
+    if uring_fail_errno:
+        return -uring_fail_errno
+    t.cqes = <io_uring_cqe **>calloc(entries, sizeof(io_uring_cqe *))
+    t.res = <int *>calloc(entries, sizeof(int))
+    if writes:
+        t.iov = <iovec *>calloc(URING_WRITE_IOVS, sizeof(iovec))
+        t.hdrs = <virtio_net_hdr *>calloc(entries, sizeof(virtio_net_hdr))
+        t.packets = <uint32_t *>calloc(entries, sizeof(uint32_t))
+        t.bytes = <uint32_t *>calloc(entries, sizeof(uint32_t))
+        t.first = <uint32_t *>calloc(entries, sizeof(uint32_t))
+        t.niov = <uint32_t *>calloc(entries, sizeof(uint32_t))
+    ring = <io_uring *>calloc(1, sizeof(io_uring))
+    if (ring == NULL or t.cqes == NULL or t.res == NULL
+            or (writes and (t.iov == NULL or t.hdrs == NULL or t.packets == NULL
+                            or t.bytes == NULL or t.first == NULL or t.niov == NULL))):
+        free(ring)
+        tunring_close(t)
+        return -ENOMEM
+    rc = io_uring_queue_init(entries, ring, 0)
+    if rc < 0:
+        free(ring)
+        tunring_close(t)
+        return rc
+    t.ring = ring
+    t.entries = entries
+    t.iov_cap = URING_WRITE_IOVS if writes else 0
+    t.hint = 1
+    return 0
+
+
+cdef int uring_run(TunRing *t, unsigned int n, Counters *c) noexcept nogil:
+    """Submit the n requests prepared and wait until their n completions
+    are in t.cqes (not yet consumed: io_uring_cq_advance after reading
+    them).  Each io_uring_enter counts as a syscall.  0, or -errno."""
+    cdef int rc
+    while True:
+        rc = io_uring_submit_and_wait(t.ring, n)
+        c.syscalls += 1
+        if rc < 0 and rc != -EINTR:
+            return rc
+        if io_uring_peek_batch_cqe(t.ring, t.cqes, n) >= n:
+            return 0
+
+
+cdef unsigned int uring_read_tun(PumpState *st, size_t size, bint *gone) noexcept nogil:
+    """Read into egress slots 0..k-1 (k: the hint, at most `batch`) with one
+    io_uring_enter.  Sets st.eg.ur.res[i] to slot i's result: the bytes
+    read, or -errno (-EAGAIN: nothing was queued; other errors counted
+    here).  Returns k; `gone` set (and st.eg.exit_errno) when the device
+    is gone or the ring failed."""
+    cdef TunRing *t = &st.eg.ur
+    cdef Counters *c = &st.eg.c
+    cdef unsigned int k = t.hint if t.hint < st.batch else st.batch
+    cdef unsigned int i, ok = 0
+    cdef io_uring_sqe *sqe
+    cdef int rc, res
+    for i in range(k):
+        sqe = io_uring_get_sqe(t.ring)   # never NULL: entries >= batch, all reaped
+        io_uring_prep_read(sqe, st.tun_fd, egress_packet(st, i), <unsigned int>size, 0)
+        sqe.rw_flags = TR_RWF_NOWAIT
+        sqe.user_data = i
+    rc = uring_run(t, k, c)
+    if rc < 0:
+        c.errors[ERR_READ] += 1
+        c.last_errno = -rc
+        st.eg.exit_errno = -rc
+        gone[0] = True
+        return 0
+    for i in range(k):
+        res = t.cqes[i].res
+        t.res[t.cqes[i].user_data] = res
+        if res >= 0:
+            ok += 1
+        elif res != -EAGAIN and res != -EINTR:
+            c.errors[ERR_READ] += 1
+            c.last_errno = -res
+            if device_gone(-res):
+                st.eg.exit_errno = -res
+                gone[0] = True
+    io_uring_cq_advance(t.ring, k)
+    # All read: more may be queued, try one more next time; else what came.
+    t.hint = k + 1 if ok == k else (ok if ok else 1)
+    return k
+
+
+cdef int uring_queue_write(PumpState *st, iovec *iov, int count, uint32_t packets,
+                           size_t length) noexcept nogil:
+    """Queue one TUN write (tun_output's arguments): its iovecs (and, with
+    offload, its virtio_net_hdr) are copied, the caller may reuse them.
+    Submits the queue first when it is full.  0, or -1 when the loop must
+    end."""
+    cdef TunRing *t = &st.ing.ur
+    cdef unsigned int k
+    cdef iovec *dst
+    if t.queued == t.entries or t.iov_used + <size_t>count > t.iov_cap:
+        if uring_flush_writes(st) != 0:
+            return -1
+    k = t.queued
+    dst = t.iov + t.iov_used
+    memcpy(dst, iov, <size_t>count * sizeof(iovec))
+    if st.offload:
+        memcpy(&t.hdrs[k], iov[0].iov_base, VNET_HDR_LEN)
+        dst[0].iov_base = &t.hdrs[k]
+    t.first[k] = <uint32_t>t.iov_used
+    t.niov[k] = <uint32_t>count
+    t.packets[k] = packets
+    t.bytes[k] = <uint32_t>length
+    t.iov_used += <size_t>count
+    t.queued = k + 1
+    return 0
+
+
+cdef int uring_flush_writes(PumpState *st) noexcept nogil:
+    """Write the queued writes, in order, with one io_uring_enter (a lone
+    one with writev).  Counted like tun_output's: packets, bytes, tun_io
+    per write done; a refused write is an error and its packets dropped
+    (tun_write); -EAGAIN retried by the syscall path.  0, or -1 when the
+    loop must end (the device is gone, or stop fired while the TUN was
+    full: the writes not done are then counted as dropped)."""
+    cdef TunRing *t = &st.ing.ur
+    cdef Counters *c = &st.ing.c
+    cdef unsigned int n = t.queued, i
+    cdef io_uring_sqe *sqe
+    cdef int rc, res, status = 0
+    if n == 0:
+        return 0
+    t.queued = 0
+    t.iov_used = 0
+    if n == 1:
+        return tun_write_now(st, t.iov, <int>t.niov[0], t.packets[0], t.bytes[0])
+    for i in range(n):
+        sqe = io_uring_get_sqe(t.ring)
+        io_uring_prep_writev(sqe, st.tun_fd, t.iov + t.first[i], t.niov[i], 0)
+        sqe.rw_flags = TR_RWF_NOWAIT
+        sqe.user_data = i
+    rc = uring_run(t, n, c)
+    if rc < 0:
+        # The ring itself failed (no such thing seen): end the loop, loudly.
+        c.errors[ERR_WRITE] += 1
+        c.last_errno = -rc
+        for i in range(n):
+            c.drops[DROP_TUN_WRITE] += t.packets[i]
+        st.ing.exit_errno = -rc
+        return -1
+    for i in range(n):
+        t.res[t.cqes[i].user_data] = t.cqes[i].res
+    io_uring_cq_advance(t.ring, n)
+    for i in range(n):
+        res = t.res[i]
+        if res >= 0:
+            c.packets += t.packets[i]
+            c.bytes += t.bytes[i]
+            c.tun_io += 1
+        elif (res == -EAGAIN or res == -EINTR or res == -EOPNOTSUPP) and status == 0:
+            status = tun_write_now(st, t.iov + t.first[i], <int>t.niov[i], t.packets[i],
+                                   t.bytes[i])
+        elif res == -EAGAIN or res == -EINTR or res == -EOPNOTSUPP:
+            c.drops[DROP_TUN_WRITE] += t.packets[i]   # after the loop was told to end
+        else:
+            c.errors[ERR_WRITE] += 1
+            c.last_errno = -res
+            if device_gone(-res):
+                st.ing.exit_errno = -res
+                status = -1
+            else:
+                c.drops[DROP_TUN_WRITE] += t.packets[i]
+    return status
