@@ -70,6 +70,7 @@ framing = "len16"
 [relay]
 batch = 128
 engine = "python"
+io = "syscalls"
 
 [stats]
 interval = 2.5
@@ -90,7 +91,7 @@ def test_empty_file_is_a_udp_relay_that_learns_its_peer(tmp_path):
     assert cfg.transport == TransportConfig(
         protocol="udp", listen=Endpoint("0.0.0.0", 55555), peer=None, framing="raw")
     assert not cfg.transport.is_server
-    assert cfg.relay == RelayConfig(batch=64, engine="fast")
+    assert cfg.relay == RelayConfig(batch=64, engine="fast", io="auto")
     assert cfg.stats == StatsConfig(interval=0.0, socket="")
     assert cfg.control_socket == "/run/tunrelay/tunrelay.sock"
 
@@ -117,7 +118,7 @@ def test_full_file(tmp_path):
     assert cfg.transport == TransportConfig(
         protocol="udp", listen=Endpoint("0.0.0.0", 4000), peer=Endpoint("192.0.2.7", 5000),
         framing="len16")
-    assert cfg.relay == RelayConfig(batch=128, engine="python")
+    assert cfg.relay == RelayConfig(batch=128, engine="python", io="syscalls")
     assert cfg.stats == StatsConfig(interval=2.5, socket="/tmp/tunrelay-test.sock")
     assert cfg.control_socket == "/tmp/tunrelay-test.sock"
 
@@ -555,6 +556,11 @@ BAD = [
     ("[relay]\nbatch = 1.5\n", "relay.batch", ["expected an integer from 1 to 1024", "got a float 1.5"]),
     ("[relay]\nbatch = true\n", "relay.batch", ["expected an integer from 1 to 1024", "got a boolean true"]),
     ('[relay]\nengine = "c"\n', "relay.engine", ['expected "fast" or "python"', 'got a string "c"']),
+    ('[relay]\nio = "io_uring"\n', "relay.io",
+     ['expected "auto", "uring" or "syscalls"', 'got a string "io_uring"']),
+    ("[relay]\nio = true\n", "relay.io", ['expected "auto", "uring" or "syscalls"', "got a boolean true"]),
+    ('[relay]\nengine = "python"\nio = "uring"\n', "relay.io",
+     ['expected "auto" or "syscalls" with engine = "python"', "no io_uring engine", 'got "uring"']),
     ("[stats]\ninterval = true\n", "stats.interval", ["expected a number of seconds", "got a boolean true"]),
     ('[stats]\ninterval = "10"\n', "stats.interval", ["expected a number of seconds", 'got a string "10"']),
     ("[stats]\nsocket = 1\n", "stats.socket", ["expected a string", "got an integer 1"]),

@@ -13,7 +13,8 @@ from typing import Any, Literal, NamedTuple, Self
 from tunrelay._runner import Outcome
 from tunrelay.aead import Cipher, Role
 from tunrelay.framing import Framing, Mode, PeerFraming
-from tunrelay.pumps import Address, FileDescriptorLike, IoEngine, PumpStats
+from tunrelay.framing import IoEngine
+from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
 
 _Bytes = bytes | bytearray | memoryview
 
@@ -185,6 +186,9 @@ class PrefixTable:
 
 #: What io="auto" runs where io_uring can be set up.
 AUTO_IO: Literal["uring", "syscalls"]
+
+def uring_unavailable() -> str | None:
+    """None where a pump can set up its io_uring; else why not."""
 
 def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
     """The C ingress check on one packet: None, or the drop reason."""

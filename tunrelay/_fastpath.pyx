@@ -41,9 +41,8 @@ from tunrelay.includes.system cimport (
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
                               LoopRunner, Outcome)
-from tunrelay.pumps import IO_ENGINES
 from tunrelay.errors import EngineUnavailable, PumpArgumentError, PumpStateError
-from tunrelay.framing import (FRAMINGS, MAX_MTU, MIN_MTU, MODES, PEER_FRAMINGS,
+from tunrelay.framing import (FRAMINGS, IO_ENGINES, MAX_MTU, MIN_MTU, MODES, PEER_FRAMINGS,
                               max_frame as _max_frame)
 
 include "_validate.pxi"
@@ -62,7 +61,7 @@ cdef enum:
     STREAM_BUFFER = 256 * 1024
     MAX_BATCH = 1024
 
-#: What io="auto" (tunrelay.pumps.IO_ENGINES) picks where io_uring is available (by measurement:
+#: What io="auto" (tunrelay.framing.IO_ENGINES) picks where io_uring is available (by measurement:
 #: benchmarks/RESULTS.md, issue 10).
 AUTO_IO = "uring"
 
@@ -868,6 +867,17 @@ cdef class PrefixTable:
 
 
 # ---------------------------------------------------------------- test hooks
+
+def uring_unavailable():
+    """None where a pump can set up its io_uring; else why not (the
+    strerror of io_uring_queue_init: io "auto" then runs syscalls)."""
+    cdef TunRing probe
+    cdef int rc = tunring_open(&probe, 1, False)
+    if rc == 0:
+        tunring_close(&probe)
+        return None
+    return os.strerror(-rc)
+
 
 def _simulate_uring_failure(int err):
     """Test hook: from now on, setting up a pump's io_uring fails with errno

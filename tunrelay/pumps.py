@@ -15,15 +15,6 @@ from ._runner import Outcome
 from .framing import Framing, Mode, PeerFraming
 
 
-#: The TUN I/O engines (``io=``): "uring" batches a wake-up's TUN reads,
-#: and a receive batch's TUN writes, into one io_uring_enter each;
-#: "syscalls" makes a read or a writev per packet; "auto" takes the compiled
-#: pump's preferred one (``tunrelay._fastpath.AUTO_IO``) where io_uring can
-#: be set up, else "syscalls".  The Python pump has "syscalls" only.
-IoEngine = Literal["auto", "uring", "syscalls"]
-IO_ENGINES: tuple[IoEngine, ...] = ("auto", "uring", "syscalls")
-
-
 class HasFileno(Protocol):
     def fileno(self) -> int: ...
 

@@ -21,7 +21,8 @@ from .aead import CIPHERS, ROLES, Cipher, Role
 from .errors import PumpArgumentError, PumpStateError
 from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
                       MODES, Framing, Len16Parser, Mode, len16_encode, max_frame, validate)
-from .pumps import IO_ENGINES, Address, FileDescriptorLike, IoEngine, PumpStats
+from .framing import IO_ENGINES, IoEngine
+from .pumps import Address, FileDescriptorLike, PumpStats
 
 _DEVICE_GONE = (errno.EBADFD, errno.EBADF)
 

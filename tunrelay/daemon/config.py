@@ -31,7 +31,7 @@ from ..aead import CIPHERS, ROLES
 from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from ..aead import OVERHEAD as AEAD_OVERHEAD
 from ..errors import ConfigError
-from ..framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
+from ..framing import (DEFAULT_MTU, FRAMINGS, IO_ENGINES, LEN16_LIMIT, MAX_BATCH, MAX_MTU, MIN_MTU,
                       max_frame)
 from ..framing import MODES as DEVICE_MODES
 
@@ -336,6 +336,11 @@ class RelayConfig:
     # where they apply (mode tun, compiled engine) and the kernel has them;
     # True insists (an error where they cannot apply); False never.
     offload: str | bool = "auto"
+    # The compiled pump's TUN I/O engine (tunrelay.framing.IO_ENGINES):
+    # "uring" batches TUN reads and writes through io_uring (an error at
+    # start where io_uring cannot be set up), "syscalls" one per packet,
+    # "auto" the faster where io_uring is available, else syscalls.
+    io: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -578,6 +583,9 @@ def _with_wireguard(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Con
     if "batch" in tables["relay"].data:
         raise tables["relay"].error("batch", f"does not apply to {why}: the WireGuard device "
                                              "sizes its pumps' batches itself; remove batch")
+    if "io" in tables["relay"].data:
+        raise tables["relay"].error("io", f"does not apply to {why}: the WireGuard device "
+                                          'runs io "auto"; remove io')
     security = tables["security"]
     for key, reason in _NOT_WIREGUARD.items():
         if key in security.data:
@@ -671,6 +679,10 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
             raise tables["device"].error(
                 "queues", f"{cfg.device.queues} queues need [transport] peer (or [[peer]] "
                 "tables): a peer learned by one queue is unknown to the others")
+    if cfg.relay.io == "uring" and cfg.relay.engine != "fast":
+        raise tables["relay"].error(
+            "io", 'expected "auto" or "syscalls" with engine = "python" (the Python pump '
+            'has no io_uring engine), got "uring"')
     if cfg.relay.offload is True:
         if cfg.device.mode != "tun":
             raise tables["relay"].error(
@@ -690,7 +702,7 @@ _PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing", "learn", "allow"),
-    "relay": ("batch", "engine", "offload"),
+    "relay": ("batch", "engine", "offload", "io"),
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket"),
     WIREGUARD: ("private_key_file", "fwmark"),
@@ -1208,6 +1220,7 @@ def _read_relay(table: _Table) -> RelayConfig:
         batch=_integer(table, "batch", 1, MAX_BATCH, RelayConfig.batch),
         engine=_choice(table, "engine", ENGINES, RelayConfig.engine),
         offload=_offload(table),
+        io=_choice(table, "io", IO_ENGINES, RelayConfig.io),
     )
 
 
@@ -1262,7 +1275,7 @@ def to_toml(cfg: Config) -> str:
                       "learn": (t.learn if t.protocol == "udp" and t.framing != "aead"
                                 and not cfg.peers else None),
                       "allow": t.allow or None},
-        "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload},
+        "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload, "io": r.io},
         "stats": {"interval": s.interval, "socket": s.socket},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
                      "role": cfg.security.role or None,
@@ -1273,6 +1286,7 @@ def to_toml(cfg: Config) -> str:
         for key in _NOT_WIREGUARD:
             tables["security"][key] = None
         tables["relay"]["batch"] = None
+        tables["relay"]["io"] = None
         tables[WIREGUARD] = {"private_key_file": wg.private_key_file, "fwmark": wg.fwmark}
     lines = []
     for name, values in tables.items():

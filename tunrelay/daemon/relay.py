@@ -132,6 +132,7 @@ class Relay:
             "transport": tcfg.protocol,
             "framing": tcfg.framing,
             "engine": self.cfg.relay.engine,
+            "io": self.pumps[0].io if self.pumps else None,
             "queues": len(self.device.fds) or self.cfg.device.queues,
             "offload": ({k: v for k, v in self.pumps[0].offloads.items()}
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
@@ -361,7 +362,8 @@ class Relay:
         return True
 
     def _make_pumps(self, socks: list[socket.socket]) -> None:
-        options = {"offload": True} if self.device.vnet_hdr else {}
+        options: dict = {"offload": True} if self.device.vnet_hdr else {}
+        options["io"] = self.cfg.relay.io
         if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
             options["gso"] = False  # offload = false: no UDP GSO either
         if self.keyring is not None:
@@ -375,6 +377,11 @@ class Relay:
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch, **options))
+        fallback = getattr(self.pumps[0], "io_fallback", None)
+        log.info("io: %s%s", self.pumps[0].io,
+                 f' (io "auto": io_uring cannot be set up here: {fallback})' if fallback else
+                 " (TUN reads and writes batched through io_uring)"
+                 if self.pumps[0].io == "uring" else "")
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))

@@ -31,7 +31,7 @@ def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction (and
     for a WireGuard device, its counters and one line per peer)."""
     lines = []
-    for key in ("device", "mode", "queues", "transport", "framing", "engine", "offload",
+    for key in ("device", "mode", "queues", "transport", "framing", "engine", "io", "offload",
                 "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
                 "refused", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
