@@ -53,6 +53,15 @@ _AEAD = {"transport": ['framing = "aead"'], "device": ["mtu = 1400"],
 TUNRELAY_VARIANTS: dict[str, tuple[str, dict]] = {
     POINT_TO_POINT: ("udp", {"relay": ["offload = true"], "device": ["queues = 1"]}),
     "tunrelay udp offload=off q=1": ("udp", {"relay": ["offload = false"], "device": ["queues = 1"]}),
+    # Issue 10: the TUN I/O engines side by side (the rows above run io "auto").
+    "tunrelay udp offload=on q=1 io=uring": (
+        "udp", {"relay": ["offload = true", 'io = "uring"'], "device": ["queues = 1"]}),
+    "tunrelay udp offload=on q=1 io=syscalls": (
+        "udp", {"relay": ["offload = true", 'io = "syscalls"'], "device": ["queues = 1"]}),
+    "tunrelay udp offload=off q=1 io=uring": (
+        "udp", {"relay": ["offload = false", 'io = "uring"'], "device": ["queues = 1"]}),
+    "tunrelay udp offload=off q=1 io=syscalls": (
+        "udp", {"relay": ["offload = false", 'io = "syscalls"'], "device": ["queues = 1"]}),
     "tunrelay udp offload=on q=2": ("udp", {"relay": ["offload = true"], "device": ["queues = 2"]}),
     "tunrelay udp offload=off q=2": ("udp", {"relay": ["offload = false"], "device": ["queues = 2"]}),
     "tunrelay tcp offload=on q=1": ("tcp", {"relay": ["offload = true"], "device": ["queues = 1"]}),

@@ -55,6 +55,14 @@ def load_pump_class(kind: str):
     return PyPump
 
 
+@pytest.fixture
+def relay_io():
+    """The [relay] io of the relays a test's make_pair starts: None leaves
+    the key out (io "auto").  tests/test_integration.py parametrizes it
+    with both engines."""
+    return None
+
+
 @pytest.fixture(params=PUMP_KINDS)
 def pump_class(request):
     """The compiled ``Pump`` with io "syscalls" ("c") or "uring"
