@@ -35,7 +35,7 @@ cdef struct TunRing:
     unsigned int entries      # writes (reads) one submission holds at most
     io_uring_cqe **cqes       # entries: what one reap collects
     int *res                  # egress: per slot, its read's result
-    unsigned int hint         # egress: reads to submit next (what the last wake-up found, +1)
+    unsigned int hint         # egress: what the last wake-up read (its first round: one more)
     unsigned int queued       # ingress: writes waiting for the submission
     iovec *iov                # ingress: the queued writes' iovecs, back to back
     size_t iov_used

@@ -165,8 +165,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             if r == 0:
                 # A TUN never returns 0; a stand-in socket does at end of file.
                 st.eg.exit_errno = 0
-                count[0] = n
-                return ST_FATAL
+                break
             if r > 0:
                 take_packet(st, egress_packet(st, i), r, &n)
         count[0] = n
@@ -577,7 +576,7 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             r = st.eg.ur.res[i]
             if r == 0:
                 st.eg.exit_errno = 0
-                return ST_FATAL
+                break
             if r > 0:
                 n += 1
                 status = take_offload_read(st, egress_packet(st, i), r, n)

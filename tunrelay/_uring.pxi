@@ -3,14 +3,15 @@
 # A TUN has no readv-of-many and no sendmmsg: the syscall engine makes one
 # read() per packet (and one more that says EAGAIN) and one writev() per
 # packet.  Here one io_uring_enter carries them:
-#   - egress: `hint` reads, one per slot, each with RWF_NOWAIT.  A read with
+#   - egress: reads, one per slot, each with RWF_NOWAIT.  A read with
 #     nothing queued completes at once with -EAGAIN (O_NONBLOCK alone is not
 #     enough: io_uring would arm a poll and complete the read later, into a
 #     slot the loop has moved on from).  An -EAGAIN read costs about what a
-#     read() syscall does, so the loop does not submit a whole batch of them
-#     on every wake-up: it submits what the last wake-up found, plus one,
-#     and leaves the rest to the next poll (level-triggered: it returns at
-#     once while packets are queued).
+#     read() syscall does, so a wake-up does not submit a whole batch of
+#     them: the first round is what the last wake-up found plus one (steady
+#     traffic: one io_uring_enter, one read in vain), and while a round
+#     comes back full the next one is twice as large, until EAGAIN or a
+#     full batch, as the syscall engine drains.
 #   - ingress: the writes of a receive batch (packets, or coalesced
 #     super-packets with their own virtio_net_hdr) are queued by
 #     tun_output() and submitted by flush_packets() in one io_uring_enter,
@@ -108,44 +109,56 @@ cdef int uring_run(TunRing *t, unsigned int n, Counters *c) noexcept nogil:
 
 
 cdef unsigned int uring_read_tun(PumpState *st, size_t size, bint *gone) noexcept nogil:
-    """Read into egress slots 0..k-1 (k: the hint, at most `batch`) with one
-    io_uring_enter.  Sets st.eg.ur.res[i] to slot i's result: the bytes
+    """Drain the TUN into egress slots 0.. (at most `batch`) in rounds of
+    reads, one io_uring_enter each: the first round is what the last call
+    found plus one, and while a round comes back full the next one is
+    twice as large.  Sets st.eg.ur.res[i] to slot i's result: the bytes
     read, or -errno (-EAGAIN: nothing was queued; other errors counted
-    here).  Returns k; `gone` set (and st.eg.exit_errno) when the device
-    is gone or the ring failed."""
+    here).  Returns the number of slots used; `gone` set (and
+    st.eg.exit_errno) when the device is gone or the ring failed."""
     cdef TunRing *t = &st.eg.ur
     cdef Counters *c = &st.eg.c
-    cdef unsigned int k = t.hint if t.hint < st.batch else st.batch
-    cdef unsigned int i, ok = 0
+    cdef unsigned int used = 0, k, i, ok, found = 0
     cdef io_uring_sqe *sqe
     cdef int rc, res
-    for i in range(k):
-        sqe = io_uring_get_sqe(t.ring)   # never NULL: entries >= batch, all reaped
-        io_uring_prep_read(sqe, st.tun_fd, egress_packet(st, i), <unsigned int>size, 0)
-        sqe.rw_flags = TR_RWF_NOWAIT
-        sqe.user_data = i
-    rc = uring_run(t, k, c)
-    if rc < 0:
-        c.errors[ERR_READ] += 1
-        c.last_errno = -rc
-        st.eg.exit_errno = -rc
-        gone[0] = True
-        return 0
-    for i in range(k):
-        res = t.cqes[i].res
-        t.res[t.cqes[i].user_data] = res
-        if res >= 0:
-            ok += 1
-        elif res != -EAGAIN and res != -EINTR:
+    k = t.hint + 1
+    while True:
+        if k > st.batch - used:
+            k = st.batch - used
+        for i in range(used, used + k):
+            sqe = io_uring_get_sqe(t.ring)   # never NULL: entries >= batch, all reaped
+            io_uring_prep_read(sqe, st.tun_fd, egress_packet(st, i), <unsigned int>size, 0)
+            sqe.rw_flags = TR_RWF_NOWAIT
+            sqe.user_data = i
+        rc = uring_run(t, k, c)
+        if rc < 0:
             c.errors[ERR_READ] += 1
-            c.last_errno = -res
-            if device_gone(-res):
-                st.eg.exit_errno = -res
-                gone[0] = True
-    io_uring_cq_advance(t.ring, k)
-    # All read: more may be queued, try one more next time; else what came.
-    t.hint = k + 1 if ok == k else (ok if ok else 1)
-    return k
+            c.last_errno = -rc
+            st.eg.exit_errno = -rc
+            gone[0] = True
+            break
+        ok = 0
+        for i in range(k):
+            res = t.cqes[i].res
+            t.res[t.cqes[i].user_data] = res
+            if res > 0:
+                ok += 1
+            elif res == 0:
+                gone[0] = True     # end of file (a stand-in socket; never a TUN)
+            elif res != -EAGAIN and res != -EINTR:
+                c.errors[ERR_READ] += 1
+                c.last_errno = -res
+                if device_gone(-res):
+                    st.eg.exit_errno = -res
+                    gone[0] = True
+        io_uring_cq_advance(t.ring, k)
+        used += k
+        found += ok
+        if ok < k or used == st.batch or gone[0]:
+            break
+        k *= 2
+    t.hint = found
+    return used
 
 
 cdef int uring_queue_write(PumpState *st, iovec *iov, int count, uint32_t packets,
