@@ -27,20 +27,20 @@ cdef struct Packet:
     uint32_t length
 
 
-# One direction's io_uring (the io "uring" engine, _uring.pxi); ring NULL:
-# the syscall engine.  Egress: one TUN read per slot in one io_uring_enter.
-# Ingress: the TUN writes of a batch queued, then one io_uring_enter.
+# The ingress loop's io_uring (the io "uring" engine, _uring.pxi); ring
+# NULL: the syscall engine.  The TUN writes of a receive batch are queued,
+# then submitted in one io_uring_enter.  (TUN reads stay read() calls: see
+# _uring.pxi.)
 cdef struct TunRing:
     io_uring *ring
-    unsigned int entries      # writes (reads) one submission holds at most
+    unsigned int entries      # writes one submission holds at most
     io_uring_cqe **cqes       # entries: what one reap collects
-    int *res                  # egress: per slot, its read's result
-    unsigned int hint         # egress: what the last wake-up read (its first round: one more)
-    unsigned int queued       # ingress: writes waiting for the submission
-    iovec *iov                # ingress: the queued writes' iovecs, back to back
+    int *res                  # per queued write: its result
+    unsigned int queued       # writes waiting for the submission
+    iovec *iov                # the queued writes' iovecs, back to back
     size_t iov_used
     size_t iov_cap
-    virtio_net_hdr *hdrs      # ingress offload: each queued write's own header
+    virtio_net_hdr *hdrs      # offload: each queued write's own header
     uint32_t *packets         # per queued write: packets, bytes (for the counters),
     uint32_t *bytes           #   its first iovec and how many
     uint32_t *first
@@ -366,7 +366,6 @@ cdef struct EgressState:
     PeerSlot **dg_peer
     EVP_CIPHER_CTX *seal_ctx  # session framing: keyed for seal_gen
     uint64_t seal_gen
-    TunRing ur                # io "uring": the TUN reads
 
 
 # What only the ingress loop (socket -> TUN) writes.

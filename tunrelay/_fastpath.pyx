@@ -255,20 +255,16 @@ cdef class Pump:
             self.st.ing.msgs[i].msg_hdr.msg_name = &self.st.ing.names[i]
 
     cdef int _setup_io(self, str io) except -1:
-        """The TUN I/O engine: an io_uring per direction (each loop has its
-        own; they never share one, whatever threads run them), or none.
-        io "auto" falls back to syscalls where io_uring cannot be set up
-        (no io_uring: ENOSYS; kernel.io_uring_disabled or seccomp: EPERM);
-        io "uring" then fails."""
+        """The TUN I/O engine: "uring" gives the ingress loop an io_uring for
+        its TUN writes (its own: whatever thread runs it, no other loop
+        touches it); "syscalls" none.  io "auto" falls back to syscalls
+        where io_uring cannot be set up (no io_uring: ENOSYS;
+        kernel.io_uring_disabled or seccomp: EPERM); io "uring" then fails."""
         cdef int rc = 0
         self.io = "syscalls"
         if io == "syscalls" or (io == "auto" and AUTO_IO == "syscalls"):
             return 0
-        rc = tunring_open(&self.st.eg.ur, self.st.batch, False)
-        if rc == 0:
-            rc = tunring_open(&self.st.ing.ur, URING_WRITES, True)
-            if rc != 0:
-                tunring_close(&self.st.eg.ur)
+        rc = tunring_open(&self.st.ing.ur, URING_WRITES, True)
         if rc == 0:
             self.io = "uring"
             return 0
@@ -375,7 +371,6 @@ cdef class Pump:
         free(self.st.eg.seg_cmsg)
         free(self.st.ing.gro_cmsg)
         free(self.st.ing.pkts)
-        tunring_close(&self.st.eg.ur)
         tunring_close(&self.st.ing.ur)
         free(self.st)
         self.st = NULL

@@ -104,74 +104,19 @@ cdef inline int hold_for_handshake(PumpState *st, unsigned int slot, const uint8
     return DROP_NO_SESSION
 
 
-cdef void take_packet(PumpState *st, uint8_t *packet, ssize_t r,
-                      unsigned int *n) noexcept nogil:
-    """One TUN read of r > 0 bytes at `packet` (in an egress slot): counted,
-    then routed, sealed and framed into st.eg.iov[n] (n advanced), or
-    dropped and counted."""
-    cdef Counters *c = &st.eg.c
-    cdef int reason
-    cdef size_t header = st.front, pad
-    cdef unsigned int i = n[0]
-    c.tun_io += 1
-    if <size_t>r > st.max_frame:
-        c.drops[DROP_OVERSIZE] += 1
-        return
-    if st.peers != NULL:
-        reason = egress_route(st, packet, <size_t>r, i)
-        if reason == DROP_NO_SESSION:
-            reason = hold_for_handshake(st, i, packet, <size_t>r)
-            if reason == DROP_NONE:
-                return
-        elif reason == DROP_NONE and st.session:
-            pad = session_pad(<size_t>r, st.max_frame)
-            reason = session_seal(st, st.eg.keys[i], packet - SESSION_HEADER_LEN,
-                                  packet, <size_t>r, NULL, 0, packet + r, 0, pad)
-            if reason != DROP_NONE:
-                tr_add64(&st.eg.peer[i].egress.drops, 1)
-            r += <ssize_t>pad
-        if reason != DROP_NONE:
-            c.drops[reason] += 1
-            return
-        st.eg.dg_name[i] = &st.eg.dest[i]
-        st.eg.dg_peer[i] = st.eg.peer[i]
-    if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
-                                packet - AEAD_HEADER_LEN, packet, <size_t>r,
-                                NULL, 0, packet + r) != 0:
-        c.errors[ERR_WRITE] += 1
-        c.drops[DROP_SEND_ERROR] += 1
-        return
-    if st.len16:
-        put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
-    st.eg.iov[i].iov_base = packet - header
-    st.eg.iov[i].iov_len = <size_t>r + st.overhead
-    n[0] = i + 1
-
-
 cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
     """Drain up to `batch` packets from the TUN fd (non-blocking) into the
-    egress slots, recording each length in its iovec (io "uring": the
-    reads of uring_read_tun, in one io_uring_enter).  Returns ST_GO_ON to
-    go on, ST_FATAL when the device is gone."""
+    egress slots, recording each length in its iovec.  Returns ST_GO_ON
+    to go on, ST_FATAL when the device is gone."""
     cdef Counters *c = &st.eg.c
-    cdef unsigned int n = 0, k, i
+    cdef unsigned int n = 0
     cdef ssize_t r
-    cdef int err
-    cdef bint gone = False
-    if st.eg.ur.ring != NULL:
-        k = uring_read_tun(st, st.max_frame + 1, &gone)
-        for i in range(k):
-            r = st.eg.ur.res[i]
-            if r == 0:
-                # A TUN never returns 0; a stand-in socket does at end of file.
-                st.eg.exit_errno = 0
-                break
-            if r > 0:
-                take_packet(st, egress_packet(st, i), r, &n)
-        count[0] = n
-        return ST_FATAL if gone else ST_GO_ON
+    cdef int err, reason
+    cdef size_t header = st.front, pad
+    cdef uint8_t *packet
     while n < st.batch:
-        r = read(st.tun_fd, egress_packet(st, n), st.max_frame + 1)
+        packet = egress_packet(st, n)
+        r = read(st.tun_fd, packet, st.max_frame + 1)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -191,7 +136,39 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
             st.eg.exit_errno = 0
             count[0] = n
             return ST_FATAL
-        take_packet(st, egress_packet(st, n), r, &n)
+        c.tun_io += 1
+        if <size_t>r > st.max_frame:
+            c.drops[DROP_OVERSIZE] += 1
+            continue
+        if st.peers != NULL:
+            reason = egress_route(st, packet, <size_t>r, n)
+            if reason == DROP_NO_SESSION:
+                reason = hold_for_handshake(st, n, packet, <size_t>r)
+                if reason == DROP_NONE:
+                    continue
+            elif reason == DROP_NONE and st.session:
+                pad = session_pad(<size_t>r, st.max_frame)
+                reason = session_seal(st, st.eg.keys[n], packet - SESSION_HEADER_LEN,
+                                      packet, <size_t>r, NULL, 0, packet + r, 0, pad)
+                if reason != DROP_NONE:
+                    tr_add64(&st.eg.peer[n].egress.drops, 1)
+                r += <ssize_t>pad
+            if reason != DROP_NONE:
+                c.drops[reason] += 1
+                continue
+            st.eg.dg_name[n] = &st.eg.dest[n]
+            st.eg.dg_peer[n] = st.eg.peer[n]
+        if st.aead.on and aead_seal(st.aead.shared, &st.eg.aead, AEAD_TYPE_DATA,
+                                    packet - AEAD_HEADER_LEN, packet, <size_t>r,
+                                    NULL, 0, packet + r) != 0:
+            c.errors[ERR_WRITE] += 1
+            c.drops[DROP_SEND_ERROR] += 1
+            continue
+        if st.len16:
+            put16(packet - header, <uint32_t>(<size_t>r + st.overhead - LEN16_HEADER))
+        st.eg.iov[n].iov_base = packet - header
+        st.eg.iov[n].iov_len = <size_t>r + st.overhead
+        n += 1
     count[0] = n
     return ST_GO_ON
 
@@ -502,89 +479,21 @@ cdef int send_tail(PumpState *st) noexcept nogil:
     return ST_GO_ON
 
 
-cdef int take_offload_read(PumpState *st, uint8_t *slot, ssize_t r,
-                           unsigned int n) noexcept nogil:
-    """The n-th TUN read of a batch (1-based), r > 0 bytes at `slot`: a
-    virtio_net_hdr and a packet or super-packet, segmented into st.eg.segs
-    (sending them when the pool fills), or dropped and counted.  ST_GO_ON
-    to go on, else why the loop ends."""
-    cdef Counters *c = &st.eg.c
-    cdef int status, reason
-    cdef virtio_net_hdr h
-    cdef size_t framing = st.front
-    c.tun_io += 1
-    if r <= VNET_HDR_LEN:
-        c.drops[DROP_BAD_OFFLOAD] += 1
-        return ST_GO_ON
-    if <size_t>r > VNET_HDR_LEN + IP_LENGTH_MAX:
-        # Longer than any IP packet: never trust the kernel (or a
-        # stand-in fd) to have kept to the read size we meant.
-        c.drops[DROP_OVERSIZE] += 1
-        return ST_GO_ON
-    # Copied out: the framing header is written over its tail.
-    memcpy(&h, slot, VNET_HDR_LEN)
-    if <size_t>r - VNET_HDR_LEN > st.max_frame and \
-            (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
-        c.drops[DROP_OVERSIZE] += 1
-        return ST_GO_ON
-    if st.peers != NULL:
-        reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
-        if reason == DROP_NO_SESSION:
-            # Only a plain packet can wait for the handshake (a TCP SYN,
-            # a ping), checksummed first: Python sends it as it is.
-            if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
-                    (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
-                        slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0):
-                reason = hold_for_handshake(st, n - 1, slot + VNET_HDR_LEN,
-                                            <size_t>r - VNET_HDR_LEN)
-                if reason == DROP_NONE:
-                    return ST_GO_ON
-            else:
-                tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
-        if reason != DROP_NONE:
-            c.drops[reason] += 1
-            return ST_GO_ON
-    status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
-                            &h, framing, n)
-    if status == SEGMENT_POOL_FULL:
-        status = send_segments(st)
-        if status != ST_GO_ON:
-            return status
-        status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
-                                &h, framing, n)
-    if status == SEGMENT_OVERSIZE:
-        c.drops[DROP_OVERSIZE] += 1
-    elif status != SEGMENT_OK:
-        c.drops[DROP_BAD_OFFLOAD] += 1
-    return ST_GO_ON
-
-
 cdef int read_offload_batch(PumpState *st) noexcept nogil:
     """Offload egress: drain up to `batch` reads (each a virtio_net_hdr and
-    a packet or super-packet; io "uring": the reads of uring_read_tun),
-    segment them into st.eg.segs, sending whenever the segment pool fills.
-    ST_GO_ON to go on, else why the loop ends."""
+    a packet or super-packet), segment them into st.eg.segs, sending whenever
+    the segment pool fills.  ST_GO_ON to go on, else why the loop ends."""
     cdef Counters *c = &st.eg.c
-    cdef unsigned int n = 0, k, i
+    cdef unsigned int n = 0
     cdef ssize_t r
-    cdef int err, status
-    cdef bint gone = False
+    cdef int err, status, reason
+    cdef uint8_t *slot
+    cdef virtio_net_hdr h
+    cdef size_t framing = st.front
     st.eg.nseg = 0
-    if st.eg.ur.ring != NULL:
-        k = uring_read_tun(st, VNET_HDR_LEN + IP_LENGTH_MAX + 1, &gone)
-        for i in range(k):
-            r = st.eg.ur.res[i]
-            if r == 0:
-                st.eg.exit_errno = 0
-                break
-            if r > 0:
-                n += 1
-                status = take_offload_read(st, egress_packet(st, i), r, n)
-                if status != ST_GO_ON:
-                    return status
-        return ST_FATAL if gone else ST_GO_ON
     while n < st.batch:
-        r = read(st.tun_fd, egress_packet(st, n), VNET_HDR_LEN + IP_LENGTH_MAX + 1)
+        slot = egress_packet(st, n)
+        r = read(st.tun_fd, slot, VNET_HDR_LEN + IP_LENGTH_MAX + 1)
         c.syscalls += 1
         if r < 0:
             err = errno
@@ -602,9 +511,50 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
             st.eg.exit_errno = 0
             return ST_FATAL
         n += 1
-        status = take_offload_read(st, egress_packet(st, n - 1), r, n)
-        if status != ST_GO_ON:
-            return status
+        c.tun_io += 1
+        if r <= VNET_HDR_LEN:
+            c.drops[DROP_BAD_OFFLOAD] += 1
+            continue
+        if <size_t>r > VNET_HDR_LEN + IP_LENGTH_MAX:
+            # Longer than any IP packet: never trust the kernel (or a
+            # stand-in fd) to have kept to the read size we meant.
+            c.drops[DROP_OVERSIZE] += 1
+            continue
+        # Copied out: the framing header is written over its tail.
+        memcpy(&h, slot, VNET_HDR_LEN)
+        if <size_t>r - VNET_HDR_LEN > st.max_frame and \
+                (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
+            c.drops[DROP_OVERSIZE] += 1
+            continue
+        if st.peers != NULL:
+            reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
+            if reason == DROP_NO_SESSION:
+                # Only a plain packet can wait for the handshake (a TCP SYN,
+                # a ping), checksummed first: Python sends it as it is.
+                if (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE and \
+                        (not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or complete_checksum(
+                            slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h) == 0):
+                    reason = hold_for_handshake(st, n - 1, slot + VNET_HDR_LEN,
+                                                <size_t>r - VNET_HDR_LEN)
+                    if reason == DROP_NONE:
+                        continue
+                else:
+                    tr_add64(&st.eg.peer[n - 1].egress.drops, 1)
+            if reason != DROP_NONE:
+                c.drops[reason] += 1
+                continue
+        status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                                &h, framing, n)
+        if status == SEGMENT_POOL_FULL:
+            status = send_segments(st)
+            if status != ST_GO_ON:
+                return status
+            status = segment_packet(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN,
+                                    &h, framing, n)
+        if status == SEGMENT_OVERSIZE:
+            c.drops[DROP_OVERSIZE] += 1
+        elif status != SEGMENT_OK:
+            c.drops[DROP_BAD_OFFLOAD] += 1
     return ST_GO_ON
 
 

@@ -1,27 +1,24 @@
 # The io_uring engine of the TUN I/O ([relay] io = "uring"; Pump(io=...)).
 #
-# A TUN has no readv-of-many and no sendmmsg: the syscall engine makes one
-# read() per packet (and one more that says EAGAIN) and one writev() per
-# packet.  Here one io_uring_enter carries them:
-#   - egress: reads, one per slot, each with RWF_NOWAIT.  A read with
-#     nothing queued completes at once with -EAGAIN (O_NONBLOCK alone is not
-#     enough: io_uring would arm a poll and complete the read later, into a
-#     slot the loop has moved on from).  An -EAGAIN read costs about what a
-#     read() syscall does, so a wake-up does not submit a whole batch of
-#     them: the first round is what the last wake-up found plus one (steady
-#     traffic: one io_uring_enter, one read in vain), and while a round
-#     comes back full the next one is twice as large, until EAGAIN or a
-#     full batch, as the syscall engine drains.
-#   - ingress: the writes of a receive batch (packets, or coalesced
-#     super-packets with their own virtio_net_hdr) are queued by
-#     tun_output() and submitted by flush_packets() in one io_uring_enter,
-#     each with RWF_NOWAIT.  A lone write goes as a plain writev().
-# Every request completes inline, in the loop's thread (a TUN read or write
-# never blocks with RWF_NOWAIT): no io-wq worker runs.  A write refused with
-# -EAGAIN (a TUN sndbuf limit) is retried by the syscall path, which waits
-# for POLLOUT: it may then land after the later writes of its batch.
-# Both structures are allocated once per pump (Pump._setup_io); nothing is
-# allocated per packet.
+# A TUN has no writev-of-many: the syscall engine makes one writev() per
+# packet (or coalesced super-packet).  Here the writes of a receive batch
+# are queued by tun_output() and submitted by flush_packets() in one
+# io_uring_enter, each with RWF_NOWAIT (O_NONBLOCK alone does not make
+# io_uring give up on a full device: it would arm a poll and complete the
+# write later, after the loop moved on).  Every write completes inline, in
+# the loop's thread: no io-wq worker runs.
+#
+# Measured (notes/i10 uring.md): an io_uring_enter costs about 600 ns more
+# than a plain syscall, and each request about a syscall's kernel work, so
+#   - fewer than URING_MIN_WRITES queued writes go as plain writev()s;
+#   - TUN reads stay read() calls: a read that finds nothing (the EAGAIN
+#     that ends a drain) costs ~300 ns inside io_uring against ~280 ns as
+#     a syscall, and batched reads only broke even from 8-16 packets per
+#     wake-up, so the egress drain is left as it is.
+# A write refused with -EAGAIN (a TUN sndbuf limit) is retried by the
+# syscall path, which waits for POLLOUT: it may then land after the later
+# writes of its batch.  Everything is allocated once per pump
+# (Pump._setup_io); nothing per packet.
 
 from libc.errno cimport ENOMEM, EOPNOTSUPP
 from libc.stdlib cimport calloc, free
@@ -34,6 +31,7 @@ from tunrelay.includes.uring cimport (
 cdef enum:
     URING_WRITES = 256          # TUN writes one ingress submission holds at most
     URING_WRITE_IOVS = 4096     # their iovecs (a super-packet: COALESCE_MAX + 1)
+    URING_MIN_WRITES = 3        # fewer go as writev()s (io_uring broke even at 3)
 
 # Test hook (_fastpath._simulate_uring_failure): ring set-up fails with
 # this errno, as it does where io_uring is disabled or filtered.
@@ -57,8 +55,8 @@ cdef void tunring_close(TunRing *t) noexcept nogil:
 
 
 cdef int tunring_open(TunRing *t, unsigned int entries, bint writes) noexcept nogil:
-    """Set up one direction's ring for `entries` requests at a time
-    (writes: with the queue tun_output fills).  0, or -errno (the ring is
+    """Set up a ring for `entries` requests at a time (writes: with the
+    queue tun_output fills; else a bare ring, as the probe uses).  0, or -errno (the ring is
     left closed): ENOSYS (no io_uring), EPERM (kernel.io_uring_disabled,
     seccomp), ENOMEM..."""
     cdef int rc
@@ -90,7 +88,6 @@ cdef int tunring_open(TunRing *t, unsigned int entries, bint writes) noexcept no
     t.ring = ring
     t.entries = entries
     t.iov_cap = URING_WRITE_IOVS if writes else 0
-    t.hint = 1
     return 0
 
 
@@ -106,59 +103,6 @@ cdef int uring_run(TunRing *t, unsigned int n, Counters *c) noexcept nogil:
             return rc
         if io_uring_peek_batch_cqe(t.ring, t.cqes, n) >= n:
             return 0
-
-
-cdef unsigned int uring_read_tun(PumpState *st, size_t size, bint *gone) noexcept nogil:
-    """Drain the TUN into egress slots 0.. (at most `batch`) in rounds of
-    reads, one io_uring_enter each: the first round is what the last call
-    found plus one, and while a round comes back full the next one is
-    twice as large.  Sets st.eg.ur.res[i] to slot i's result: the bytes
-    read, or -errno (-EAGAIN: nothing was queued; other errors counted
-    here).  Returns the number of slots used; `gone` set (and
-    st.eg.exit_errno) when the device is gone or the ring failed."""
-    cdef TunRing *t = &st.eg.ur
-    cdef Counters *c = &st.eg.c
-    cdef unsigned int used = 0, k, i, ok, found = 0
-    cdef io_uring_sqe *sqe
-    cdef int rc, res
-    k = t.hint + 1
-    while True:
-        if k > st.batch - used:
-            k = st.batch - used
-        for i in range(used, used + k):
-            sqe = io_uring_get_sqe(t.ring)   # never NULL: entries >= batch, all reaped
-            io_uring_prep_read(sqe, st.tun_fd, egress_packet(st, i), <unsigned int>size, 0)
-            sqe.rw_flags = TR_RWF_NOWAIT
-            sqe.user_data = i
-        rc = uring_run(t, k, c)
-        if rc < 0:
-            c.errors[ERR_READ] += 1
-            c.last_errno = -rc
-            st.eg.exit_errno = -rc
-            gone[0] = True
-            break
-        ok = 0
-        for i in range(k):
-            res = t.cqes[i].res
-            t.res[t.cqes[i].user_data] = res
-            if res > 0:
-                ok += 1
-            elif res == 0:
-                gone[0] = True     # end of file (a stand-in socket; never a TUN)
-            elif res != -EAGAIN and res != -EINTR:
-                c.errors[ERR_READ] += 1
-                c.last_errno = -res
-                if device_gone(-res):
-                    st.eg.exit_errno = -res
-                    gone[0] = True
-        io_uring_cq_advance(t.ring, k)
-        used += k
-        found += ok
-        if ok < k or used == st.batch or gone[0]:
-            break
-        k *= 2
-    t.hint = found
-    return used
 
 
 cdef int uring_queue_write(PumpState *st, iovec *iov, int count, uint32_t packets,
@@ -189,8 +133,8 @@ cdef int uring_queue_write(PumpState *st, iovec *iov, int count, uint32_t packet
 
 
 cdef int uring_flush_writes(PumpState *st) noexcept nogil:
-    """Write the queued writes, in order, with one io_uring_enter (a lone
-    one with writev).  Counted like tun_output's: packets, bytes, tun_io
+    """Write the queued writes, in order, with one io_uring_enter (fewer
+    than URING_MIN_WRITES with writev).  Counted like tun_output's: packets, bytes, tun_io
     per write done; a refused write is an error and its packets dropped
     (tun_write); -EAGAIN retried by the syscall path.  0, or -1 when the
     loop must end (the device is gone, or stop fired while the TUN was
@@ -204,8 +148,12 @@ cdef int uring_flush_writes(PumpState *st) noexcept nogil:
         return 0
     t.queued = 0
     t.iov_used = 0
-    if n == 1:
-        return tun_write_now(st, t.iov, <int>t.niov[0], t.packets[0], t.bytes[0])
+    if n < URING_MIN_WRITES:
+        for i in range(n):
+            if tun_write_now(st, t.iov + t.first[i], <int>t.niov[i], t.packets[i],
+                             t.bytes[i]) != 0:
+                return -1
+        return 0
     for i in range(n):
         sqe = io_uring_get_sqe(t.ring)
         io_uring_prep_writev(sqe, st.tun_fd, t.iov + t.first[i], t.niov[i], 0)
