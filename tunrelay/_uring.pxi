@@ -25,8 +25,8 @@ from libc.stdlib cimport calloc, free
 
 from tunrelay.includes.uring cimport (
     TR_RWF_NOWAIT, io_uring_cq_advance, io_uring_get_sqe, io_uring_peek_batch_cqe,
-    io_uring_prep_read, io_uring_prep_writev, io_uring_queue_exit, io_uring_queue_init,
-    io_uring_sqe, io_uring_submit_and_wait)
+    io_uring_prep_writev,
+    io_uring_queue_exit, io_uring_queue_init, io_uring_sqe, io_uring_submit_and_wait)
 
 cdef enum:
     URING_WRITES = 256          # TUN writes one ingress submission holds at most

@@ -1,8 +1,8 @@
 /* liburing for the io_uring TUN engine (tunrelay/_uring.pxi), and the one
  * kernel flag it needs that glibc may not define: RWF_NOWAIT (linux/fs.h,
- * since 4.14), so a TUN read with nothing queued completes at once with
- * -EAGAIN.  (O_NONBLOCK alone does not: io_uring arms a poll and the read
- * completes when a packet comes.) */
+ * since 4.14), so a TUN request that cannot complete now completes at once
+ * with -EAGAIN.  (O_NONBLOCK alone does not: io_uring arms a poll, e.g. a
+ * read on an empty TUN completes when a packet comes.) */
 #ifndef TR_URING_H
 #define TR_URING_H
 #include <liburing.h>

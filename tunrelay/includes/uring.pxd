@@ -23,8 +23,6 @@ cdef extern from "tr_uring.h" nogil:
     int io_uring_queue_init(unsigned int entries, io_uring *ring, unsigned int flags)
     void io_uring_queue_exit(io_uring *ring)
     io_uring_sqe *io_uring_get_sqe(io_uring *ring)
-    void io_uring_prep_read(io_uring_sqe *sqe, int fd, void *buf, unsigned int nbytes,
-                            uint64_t offset)
     void io_uring_prep_writev(io_uring_sqe *sqe, int fd, const iovec *iovecs,
                               unsigned int nr_vecs, uint64_t offset)
     int io_uring_submit_and_wait(io_uring *ring, unsigned int wait_nr)
