@@ -337,7 +337,7 @@ class RelayConfig:
     # True insists (an error where they cannot apply); False never.
     offload: str | bool = "auto"
     # The compiled pump's TUN I/O engine (tunrelay.framing.IO_ENGINES):
-    # "uring" batches TUN reads and writes through io_uring (an error at
+    # "uring" batches the TUN writes through io_uring (an error at
     # start where io_uring cannot be set up), "syscalls" one per packet,
     # "auto" the faster where io_uring is available, else syscalls.
     io: str = "auto"

@@ -380,7 +380,7 @@ class Relay:
         fallback = getattr(self.pumps[0], "io_fallback", None)
         log.info("io: %s%s", self.pumps[0].io,
                  f' (io "auto": io_uring cannot be set up here: {fallback})' if fallback else
-                 " (TUN reads and writes batched through io_uring)"
+                 " (a receive batch's TUN writes in one io_uring_enter)"
                  if self.pumps[0].io == "uring" else "")
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
