@@ -3,10 +3,11 @@
 # A TUN has no writev-of-many: the syscall engine makes one writev() per
 # packet (or coalesced super-packet).  Here the writes of a receive batch
 # are queued by tun_output() and submitted by flush_packets() in one
-# io_uring_enter, each with RWF_NOWAIT (O_NONBLOCK alone does not make
-# io_uring give up on a full device: it would arm a poll and complete the
-# write later, after the loop moved on).  Every write completes inline, in
-# the loop's thread: no io-wq worker runs.
+# io_uring_enter, each with RWF_NOWAIT: a request that cannot complete now
+# fails with -EAGAIN instead of waiting (O_NONBLOCK on the fd is not
+# enough: for a read on an empty O_NONBLOCK TUN, io_uring armed a poll and
+# completed it when a packet came).  Every write completes inline, in the
+# loop's thread: no io-wq worker runs.
 #
 # Measured (notes/i10 uring.md): an io_uring_enter costs about 600 ns more
 # than a plain syscall, and each request about a syscall's kernel work, so
@@ -25,8 +26,8 @@ from libc.stdlib cimport calloc, free
 
 from tunrelay.includes.uring cimport (
     TR_RWF_NOWAIT, io_uring_cq_advance, io_uring_get_sqe, io_uring_peek_batch_cqe,
-    io_uring_prep_writev,
-    io_uring_queue_exit, io_uring_queue_init, io_uring_sqe, io_uring_submit_and_wait)
+    io_uring_prep_writev, io_uring_queue_exit, io_uring_queue_init, io_uring_sqe,
+    io_uring_submit_and_wait)
 
 cdef enum:
     URING_WRITES = 256          # TUN writes one ingress submission holds at most
@@ -56,9 +57,9 @@ cdef void tunring_close(TunRing *t) noexcept nogil:
 
 cdef int tunring_open(TunRing *t, unsigned int entries, bint writes) noexcept nogil:
     """Set up a ring for `entries` requests at a time (writes: with the
-    queue tun_output fills; else a bare ring, as the probe uses).  0, or -errno (the ring is
-    left closed): ENOSYS (no io_uring), EPERM (kernel.io_uring_disabled,
-    seccomp), ENOMEM..."""
+    queue tun_output fills; else a bare ring, as uring_unavailable's
+    probe).  0, or -errno (the ring is left closed): ENOSYS (no
+    io_uring), EPERM (kernel.io_uring_disabled, seccomp), ENOMEM..."""
     cdef int rc
     cdef io_uring *ring
     memset(t, 0, sizeof(TunRing))
