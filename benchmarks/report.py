@@ -41,6 +41,8 @@ NAGLE_TARGET_MS = 1.0
 SPLIT_LOOPS = "tunrelay udp offload=on q=1, a thread per direction"
 BUSY_POLL_US = 200
 BUSY_POLL = f"tunrelay udp offload=on q=1, busy_poll_us={BUSY_POLL_US}"
+#: ... and with the TUN writes one system call each (io "auto" picks io_uring).
+IO_SYSCALLS = 'tunrelay udp offload=on q=1, io="syscalls"'
 
 #: (metric key, column title, format) in table order.
 COLUMNS = (
@@ -200,6 +202,10 @@ def ratios(results: Results) -> list[Ratio]:
     for metric, what in (("ping_rtt_us", "ping rtt"), ("udp64_kpps", "UDP 64 B pps"),
                          ("tcp1_gbps", "TCP 1 stream"), ("cpu_s_per_gb", "CPU per GB")):
         between(f"{what}: busy polling {BUSY_POLL_US} µs / none", BUSY_POLL, POINT_TO_POINT, metric)
+    for metric, what in (("ping_rtt_us", "ping rtt"), ("udp64_kpps", "UDP 64 B pps"),
+                         ("tcp1_gbps", "TCP 1 stream"), ("cpu_s_per_gb", "CPU per GB")):
+        between(f"{what}: TUN writes through io_uring / one writev each", POINT_TO_POINT,
+                IO_SYSCALLS, metric)
     # Issue 10: an absolute figure (ms), not a ratio: the stall it rules
     # out is the 40 ms delayed ACK, far above any load's noise.
     for label in NAGLE_ROWS:

@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from benchmarks.measure import DEFAULT_MEASURES
-from benchmarks.report import (BUSY_POLL, BUSY_POLL_US, NAGLE_LEN16, NAGLE_OPENVPN, POINT_TO_POINT,
-                               SPLIT_LOOPS)
+from benchmarks.report import (BUSY_POLL, BUSY_POLL_US, IO_SYSCALLS, NAGLE_LEN16, NAGLE_OPENVPN,
+                               POINT_TO_POINT, SPLIT_LOOPS)
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
 from tunrelay.testrig.nagle import NagleTunnel, missing_peer, openvpn_argv
@@ -583,7 +583,8 @@ def all_tunnels() -> list[Tunnel]:
             tunnels.append(HubTunnel(HUB, overrides))
             # Issue 10's loop levers, beside the row with today's defaults.
             for lever, lines in ((SPLIT_LOOPS, ["duplex = false", "busy_poll_us = 0"]),
-                                 (BUSY_POLL, [f"busy_poll_us = {BUSY_POLL_US}"])):
+                                 (BUSY_POLL, [f"busy_poll_us = {BUSY_POLL_US}"]),
+                                 (IO_SYSCALLS, ['io = "syscalls"'])):
                 tunnels.append(Tunrelay(lever, protocol,
                                         {**overrides, "relay": overrides["relay"] + lines},
                                         kind="tunrelay-loop"))

@@ -274,9 +274,11 @@ def test_underlay_link_down_and_up(bed, make_pair, protocol):
     ("tcp", "fast", "b", "connected"),       # the client, while pumping
     ("tcp", "fast", "a", "listening"),       # the server, no client: no pump runs
 ], ids=["udp", "udp-python-engine", "tcp-client", "tcp-server-idle"])
+@pytest.mark.parametrize("relay_io", ["syscalls", "uring"])   # both TUN I/O engines see it go
 def test_tun_deleted_from_under_the_relay(bed, make_pair, protocol, engine, side, state):
     """``ip link del`` of the relay's device: exit 1 with one clear line,
-    promptly, without spinning (CPU time stays low)."""
+    promptly, without spinning (CPU time stays low), with either TUN I/O
+    engine ([relay] io; the Python engine has syscalls only)."""
     pair = make_pair(protocol=protocol, overrides={"relay": [f'engine = "{engine}"']})
     if state == "listening":
         pair.start_side("a", wait=False)

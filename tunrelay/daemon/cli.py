@@ -129,13 +129,32 @@ def cmd_check(args) -> int:
                           for p in cfg.peers)
         print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
               f"mtu {cfg.device.mtu}, {role}, framing {t.framing}, listen {t.listen}, "
-              f"{len(cfg.peers)} peers: {peers}")
+              f"{len(cfg.peers)} peers: {peers}, {_describe_io(cfg)}")
         return EXIT_OK
     print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
           f"mtu {cfg.device.mtu}, {role}, framing {t.framing}"
           f"{f' (role {cfg.security.role})' if t.framing == 'aead' else ''}, "
-          f"listen {t.listen or '-'}, peer {t.peer or '(learned)' if t.protocol == 'udp' else t.peer or '-'}")
+          f"listen {t.listen or '-'}, peer {t.peer or '(learned)' if t.protocol == 'udp' else t.peer or '-'}"
+          f", {_describe_io(cfg)}")
     return EXIT_OK
+
+
+def _describe_io(cfg) -> str:
+    """[relay] io, and what it comes to on this machine: io_uring is tried
+    (a ring set up and closed), nothing else is touched."""
+    io = cfg.relay.io
+    if cfg.relay.engine != "fast" or io == "syscalls":
+        return "io syscalls"
+    try:
+        from .._fastpath import AUTO_IO, uring_unavailable
+    except ImportError:
+        return f"io {io} (the compiled pump is not built)"
+    why = uring_unavailable()
+    if why is None:
+        return f"io {io}" + (f" ({AUTO_IO} here)" if io == "auto" else "")
+    if io == "uring":
+        return f"io uring (NOT available here: {why}; the relay would not start)"
+    return f"io auto (syscalls here: io_uring {why})"
 
 
 def cmd_stats(args) -> int:

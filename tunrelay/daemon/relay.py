@@ -145,6 +145,7 @@ class Relay:
             "engine": self.cfg.relay.engine,
             "loop": ({"duplex": self.pumps[0].duplex, "busy_poll_us": self.pumps[0].busy_poll_us}
                      if self.pumps else None),
+            "io": self.pumps[0].io if self.pumps else None,
             "queues": len(self.device.fds) or self.cfg.device.queues,
             "offload": ({k: v for k, v in self.pumps[0].offloads.items()}
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
@@ -380,7 +381,8 @@ class Relay:
         return True
 
     def _make_pumps(self, socks: list[socket.socket]) -> None:
-        options = {"offload": True} if self.device.vnet_hdr else {}
+        options: dict = {"offload": True} if self.device.vnet_hdr else {}
+        options["io"] = self.cfg.relay.io
         if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
             options["gso"] = False  # offload = false: no UDP GSO either
         if self.cfg.relay.engine == "fast":
@@ -397,6 +399,11 @@ class Relay:
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch, **options))
+        fallback = getattr(self.pumps[0], "io_fallback", None)
+        log.info("io: %s%s", self.pumps[0].io,
+                 f' (io "auto": io_uring cannot be set up here: {fallback})' if fallback else
+                 " (a receive batch's TUN writes in one io_uring_enter)"
+                 if self.pumps[0].io == "uring" else "")
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))

@@ -31,8 +31,8 @@ def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction (and
     for a WireGuard device, its counters and one line per peer)."""
     lines = []
-    for key in ("device", "mode", "queues", "transport", "framing", "engine", "loop", "offload",
-                "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
+    for key in ("device", "mode", "queues", "transport", "framing", "engine", "loop", "io",
+                "offload", "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
                 "refused", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
             value = snapshot[key]
