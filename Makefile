@@ -47,10 +47,14 @@ testdeps:
 venv: $(STAMP)
 
 # Editable install: the compiled module is built in place, so the tests
-# import exactly the tree they run from.
+# import exactly the tree they run from.  The build requirements go in too:
+# after an edit of the .pyx, `setup.py build_ext --inplace` builds with the
+# venv's own setuptools and Cython.
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' | \
+		$(PY) -m pip install --quiet -r /dev/stdin
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -c 'import tunrelay._fastpath'
 	touch $@
