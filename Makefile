@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/daemon/*.py tunrelay/wireguard/*.py tunrelay/testrig/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
 
-.PHONY: demo test soak bench sysdeps testdeps venv clean
+.PHONY: demo test soak bench dist dist-check sysdeps testdeps venv clean
 
 ## make demo: two network namespaces joined by a tunnel; ping and measure (root)
 demo: sysdeps venv
@@ -32,6 +32,15 @@ bench: venv
 	@scripts/install-system-deps iperf3 openvpn wireguard-go@backports wireguard-tools
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m pytest --benchmark $(BENCH_ARGS)
+
+## make dist: an sdist and a wheel built from it, in dist/ (checked: every
+## .pyx/.pxi/.pxd/.h in the sdist, the LICENSE, no setuptools warnings)
+## make dist-check: that, and the wheel installed into a fresh virtual
+## environment and tried there (`tunrelay check`, `import tunrelay._fastpath`)
+DIST ?= dist
+dist dist-check: venv
+	$(PY) -c 'import build' 2>/dev/null || $(PY) -m pip install --quiet build
+	scripts/dist-check $(PY) $(DIST) $(if $(filter dist,$@),--no-install)
 
 sysdeps:
 	@scripts/install-system-deps
@@ -60,4 +69,4 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info tunrelay/_fastpath.c tunrelay/*.so .pytest_cache
+	rm -rf build dist *.egg-info tunrelay/_fastpath.c tunrelay/*.so .pytest_cache
