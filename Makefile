@@ -39,7 +39,6 @@ bench: venv
 ## environment and tried there (`tunrelay check`, `import tunrelay._fastpath`)
 DIST ?= dist
 dist dist-check: venv
-	$(PY) -c 'import build' 2>/dev/null || $(PY) -m pip install --quiet build
 	scripts/dist-check $(PY) $(DIST) $(if $(filter dist,$@),--no-install)
 
 sysdeps:
