@@ -282,6 +282,9 @@ def micro_table(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+RATIO_ALIGN = "lrlll"   # the targets and verdicts are words: left-aligned
+
+
 def ratio_table(results: Results) -> tuple[list[str], list[list[str]]]:
     header = ["ratio (same run)", "value", "target", "", "rows compared"]
     verdict = {True: "met", False: "NOT met", None: "-"}
@@ -290,12 +293,14 @@ def ratio_table(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def text_table(header: list[str], cells: list[list[str]]) -> str:
+def text_table(header: list[str], cells: list[list[str]], align: str = "") -> str:
+    """``align``: one letter per column, l or r; default: first left, rest right."""
+    align = align or "l" + "r" * (len(header) - 1)
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
 
     def line(values: list[str]) -> str:
-        first = values[0].ljust(widths[0])
-        return "  ".join([first] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])]).rstrip()
+        return "  ".join(v.ljust(w) if a == "l" else v.rjust(w)
+                         for v, w, a in zip(values, widths, align)).rstrip()
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells])
 
 
@@ -359,7 +364,7 @@ def summary_text(results: Results) -> str:
         parts += [text_table(header, cells)] + [f"  {n}" for n in notes] + [""]
     if results.micro:
         parts += [text_table(*micro_table(results)), ""]
-    parts += [text_table(*ratio_table(results))]
+    parts += [text_table(*ratio_table(results), align=RATIO_ALIGN)]
     load = os.getloadavg()[0]
     parts += ["", f"median of {results.runs} run(s) of {results.seconds:g} s; load average "
                   f"{results.load_start[0]:.1f} at start, {load:.1f} at end: only ratios "
@@ -406,7 +411,7 @@ def generated_markdown(results: Results, chart: bool) -> str:
     else:
         lines += ["No tunnel was measured in this run (needs root).", ""]
     lines += ["### Ratios against the targets", "",
-              markdown_table(*ratio_table(results), align="lrlll"), ""]
+              markdown_table(*ratio_table(results), align=RATIO_ALIGN), ""]
     if results.micro:
         lines += ["### Pump micro benchmark", "",
                   "One pump over a SOCK_SEQPACKET socketpair (the TUN stand-in) and loopback UDP; "
