@@ -30,6 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--bench-seconds: expected a duration above 0, got {seconds}")
     if runs < 1:
         raise pytest.UsageError(f"--bench-runs: expected at least 1 run, got {runs}")
+    for option in ("benchmark_compare", "benchmark_compare_fail", "benchmark_histogram"):
+        if config.getoption(option, None):
+            flag = "--" + option.replace("_", "-")
+            raise pytest.UsageError(
+                f"{flag}: not with this suite: it works on the timings pytest-benchmark takes "
+                "during the run, which here are how long each measurement lasted.  Keep the "
+                "figures with --benchmark-autosave and compare two runs with `pytest-benchmark "
+                "compare --between median 0001 0002` (README, Benchmarks)")
     command = shlex.join(["pytest", *config.invocation_params.args])
     config.stash[_RESULTS] = Results(command=command, seconds=seconds, runs=runs)
     config.stash[_OUTPUTS] = []

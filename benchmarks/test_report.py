@@ -259,3 +259,14 @@ def test_pytest_benchmark_compare_shows_two_runs_figures(tmp_path) -> None:
     assert "5.0000" in out and "6.0000" in out and "+20.0%" in out
     # CPU s/GB as recorded (0.8), not rescaled as if it were seconds (800 ms).
     assert "0.8000" in out and "0.4000" in out and "-50.0%" in out and "800.0000" not in out
+
+
+@pytest.mark.parametrize("option", ["--benchmark-compare", "--benchmark-compare-fail=min:5%",
+                                    "--benchmark-histogram"])
+def test_in_run_timing_comparisons_are_refused(option) -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--benchmark",
+                           option, "--collect-only", "-q", "benchmarks/test_report.py"],
+                          check=False, cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "pytest-benchmark compare" in done.stderr and option.split("=")[0] in done.stderr
