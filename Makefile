@@ -27,11 +27,13 @@ soak: testdeps venv
 
 ## make bench: the throughput suite, tunrelay beside veth, kernel vxlan, OpenVPN
 ## and wireguard-go (tunnels need root); writes benchmarks/RESULTS.md and
-## throughput.png.  Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
+## throughput.png, and keeps the run's figures in .benchmarks/ (numbered JSON:
+## compare two runs with `.venv/bin/pytest-benchmark compare --between median 0001 0002`).
+## Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
 bench: venv
 	@scripts/install-system-deps iperf3 openvpn wireguard-go@backports wireguard-tools
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) -m pytest --benchmark $(BENCH_ARGS)
+	$(PY) -m pytest --benchmark --benchmark-autosave $(BENCH_ARGS)
 
 ## make dist: an sdist and a wheel built from it, in dist/ (checked: every
 ## .pyx/.pxi/.pxd/.h in the sdist, the LICENSE, no setuptools warnings)
