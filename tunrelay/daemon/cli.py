@@ -18,6 +18,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import ConfigError, TunrelayError
@@ -84,6 +85,9 @@ def cmd_run(args) -> int:
     from .privileges import drop_privileges
     from .relay import Relay
     cfg, settings = _load_either(args)
+    if args.verbose == 0 and args.config is not None:
+        from .reload import set_log_level
+        set_log_level(_load(args.config).stats.log_level if cfg is None else cfg.stats.log_level)
     if settings is not None:
         from ..wireguard.run import run as run_wireguard
         run_wireguard(settings)
@@ -96,9 +100,13 @@ def cmd_run(args) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    # SIGHUP: nothing to reload yet; documented as a no-op rather than the
-    # default action (which would kill the relay without a clean teardown).
-    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP: ignored (nothing to reload)"))
+    def on_hup(_signum, _frame):
+        # Not in the handler itself: it would run between two bytecodes
+        # of the supervisor, which uses the same PeerTable.
+        log.info("SIGHUP: reloading %s", cfg.path)
+        threading.Thread(target=relay.reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
     relay.open()
     try:
         drop_privileges(cfg.security.user, cfg.security.group)
@@ -172,6 +180,26 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
+#: How long `tunrelay reload` waits for the relay's answer (a reload
+#: resolves the new peers' endpoints, which may ask DNS).
+RELOAD_TIMEOUT_S = 30.0
+
+
+def cmd_reload(args) -> int:
+    """Ask the running relay to re-read its configuration; 0 if it applied
+    it, 1 if it refused it (the relay says why, and keeps running)."""
+    from .stats import query
+    path = args.socket or _load(args.config).control_socket
+    answer = query(path, timeout=RELOAD_TIMEOUT_S, request="reload")
+    if "reload" not in answer:
+        raise TunrelayError(f"the relay on {path} cannot reload: {answer.get('error', answer)}")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(f"{answer['config']}: {answer['reload']}: {answer['message']}")
+    return EXIT_OK if answer["reload"] == "applied" else EXIT_RUNTIME
+
+
 def cmd_genkey(args) -> int:
     if args.wireguard:
         from ..wireguard.noise import generate_private_key, key_to_base64
@@ -231,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "was run with")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_stats, wg_only=("name",))
+
+    p = sub.add_parser("reload", help="make a running relay re-read its configuration and apply "
+                                      "what can change live (as SIGHUP does), and say what it did")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
+    target.add_argument("--socket", metavar="PATH", help="its control socket")
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\", "
                                       "or with --wireguard a WireGuard private key (`wg genkey`)")
