@@ -382,3 +382,100 @@ def test_a_point_to_point_relay_reloads_its_stats_interval_and_log_level(bed):  
             and "stats.log_level" in lines[0], pair.log("b")
         assert_ping(bed, bed.ns_b, TUNNEL_A)
         assert os.path.exists(side.socket_path)
+
+
+# ------------------------------------------------------------ WireGuard
+
+
+def test_a_wireguard_device_reloads_its_peers(bed):  # noqa: F811 (the fixture)
+    """Side B of test_wg_daemon's pair (`tunrelay run --wg-config`, as root)
+    gets a peer added and A's allowed IPs widened live; a new ListenPort is
+    refused (SIGHUP), as is a broken file; the tunnel to A works throughout."""
+    import shutil
+    import tempfile
+
+    from test_wg_daemon import A, B, WgPair
+
+    from tunrelay.wireguard.noise import (
+        generate_private_key,
+        key_to_base64,
+        private_to_public,
+    )
+    workdir = tempfile.mkdtemp(prefix="trr-")  # short: sun_path
+    os.chmod(workdir, 0o755)
+    wg = WgPair(bed, workdir)
+    with open(wg.conf) as f:
+        text = f.read()
+    _write_file(wg.conf, text.replace("[Interface]\n", "[Interface]\nTable = off\n", 1))
+    try:
+        wg.start()
+        wg.wait_ready()
+        assert_ping(bed, bed.ns_a, B, count=1)
+        with open(wg.conf) as f:
+            original = f.read()
+        other = key_to_base64(private_to_public(generate_private_key()))
+        wider = original.replace(f"AllowedIPs = {A}/32", f"AllowedIPs = {A}/32, 10.66.5.0/24")
+        _write_file(wg.conf, wider + f"\n[Peer]\nPublicKey = {other}\nAllowedIPs = 10.66.0.9/32\n")
+        done = wg.cli("b", "reload", "--socket", wg.socket_b)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "applied" in done.stdout and "added" in done.stdout, done.stdout
+        peers = {p["public_key"]: p for p in query_b(wg)["wg_peers"]}
+        assert other in peers and peers[other]["allowed_ips"] == ["10.66.0.9/32"]
+        assert "10.66.5.0/24" in peers[key_to_base64(wg.pub_a)]["allowed_ips"]
+        assert_ping(bed, bed.ns_b, A)
+        # A restart-needing change, by SIGHUP: refused with one line.
+        _write_file(wg.conf, wider.replace("ListenPort = 51821", "ListenPort = 51829"))
+        wg.procs["b"].send_signal(signal.SIGHUP)
+        wait_for(lambda: [line for line in wg.log("b").splitlines()
+                          if "reload of" in line and "refused" in line], 10, "the refusal")
+        refused = [line for line in wg.log("b").splitlines() if "refused" in line]
+        assert len(refused) == 1 and "transport.listen" in refused[0], wg.log("b")
+        assert other in {p["public_key"] for p in query_b(wg)["wg_peers"]}
+        # A broken file.
+        _write_file(wg.conf, wider + "\n[Peer]\nPublicKey = nonsense\n")
+        done = wg.cli("b", "reload", "--socket", wg.socket_b)
+        assert done.returncode == 1 and "refused" in done.stdout, done.stdout + done.stderr
+        assert wg.procs["b"].poll() is None
+        assert_ping(bed, bed.ns_b, A)
+    finally:
+        codes = wg.stop()
+        print(wg.log("b"))
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert codes == {"a": 0, "b": 0}
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def query_b(wg) -> dict:
+    from tunrelay.daemon.stats import query
+    return query(wg.socket_b)
+
+
+def test_wg_quick_routes_from_allowed_ips_need_a_restart(tmp_path):
+    """wg-quick's Table = auto routes each AllowedIPs network into the
+    device: changing them is a route change, refused (with what to do)."""
+    from tunrelay.daemon.reload import diff_wireguard
+    from tunrelay.wireguard.noise import (
+        generate_private_key,
+        key_to_base64,
+        private_to_public,
+    )
+    from tunrelay.wireguard.run import from_wg_quick
+    own = key_to_base64(generate_private_key())
+    other = key_to_base64(private_to_public(generate_private_key()))
+    conf = tmp_path / "wg7.conf"
+
+    def settings(allowed: str, table: str = ""):
+        conf.write_text(f"[Interface]\nPrivateKey = {own}\nListenPort = 51820\n{table}"
+                        f"Address = 10.7.0.1/24\n[Peer]\nPublicKey = {other}\n"
+                        f"AllowedIPs = {allowed}\n")
+        return from_wg_quick(str(conf))
+
+    d = diff_wireguard(settings("10.7.0.2/32"), settings("10.7.0.2/32, 10.7.9.0/24"))
+    assert len(d.restart) == 1 and "Table = auto" in d.restart[0]
+    off = "Table = off\n"
+    d = diff_wireguard(settings("10.7.0.2/32", off), settings("10.7.0.2/32, 10.7.9.0/24", off))
+    assert d.restart == [] and list(d.changed.values()) == [["allowed_ips"]]

@@ -85,9 +85,9 @@ def cmd_run(args) -> int:
     from .privileges import drop_privileges
     from .relay import Relay
     cfg, settings = _load_either(args)
-    if args.verbose == 0 and args.config is not None:
+    if args.verbose == 0:
         from .reload import set_log_level
-        set_log_level(_load(args.config).stats.log_level if cfg is None else cfg.stats.log_level)
+        set_log_level(cfg.stats.log_level if cfg is not None else settings.log_level)
     if settings is not None:
         from ..wireguard.run import run as run_wireguard
         run_wireguard(settings)

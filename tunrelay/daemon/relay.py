@@ -474,6 +474,7 @@ class Relay:
         """Every [stats] interval (read each time: a reload may change it)."""
         interval, now = self.cfg.stats.interval, time.monotonic()
         if not interval:
+            self._next_log = None  # a reload may turn it on again: from then on
             return
         if self._next_log is None:
             self._next_log = now + interval

@@ -262,3 +262,144 @@ def _undo(table, undo: list) -> None:
 def set_log_level(name: str) -> None:
     """[stats] log_level: the level of every tunrelay logger."""
     logging.getLogger("tunrelay").setLevel(getattr(logging, name.upper()))
+
+
+# ------------------------------------------------------------ WireGuard
+#
+# framing = "wireguard" (and `tunrelay run --wg-config`) runs a
+# WireGuardDevice (tunrelay/wireguard/run.py), from a Settings.  Its peers
+# change live through add_peer/remove_peer/set_peer; the rest of the
+# Settings needs a restart.  Keys are named as in the TOML file.
+
+#: Settings fields -> the key they come from (restart-needing ones).
+_WG_RESTART = {"bind": "transport.listen", "offload": "relay.offload",
+               "duplex": "relay.duplex", "busy_poll_us": "relay.busy_poll_us",
+               "user": "security.user", "group": "security.group",
+               "control_socket": "stats.socket", "kind": "the kind of file"}
+_WG_LIVE = {"stats_interval": "stats.interval", "log_level": "stats.log_level"}
+_WG_PEER_KEYS = ("endpoint", "allowed_ips", "preshared_key", "persistent_keepalive")
+
+
+def _wg_label(peer) -> str:
+    import base64
+    return peer.name or base64.b64encode(peer.public_key).decode()[:10] + "..."
+
+
+def diff_wireguard(old, new) -> Diff:
+    """Two wireguard.run.Settings compared.  A peer is its public key and
+    name: another key (or name) under a name is that peer removed and a new
+    one added."""
+    d = Diff()
+    if old.device != new.device:
+        d.restart += [_KEY_NAMES.get(f"device.{f.name}", f"device.{f.name}")
+                      for f in fields(old.device)
+                      if getattr(old.device, f.name) != getattr(new.device, f.name)]
+    if old.kind == "wg-quick" and "device.routes" in d.restart:
+        d.restart[d.restart.index("device.routes")] = (
+            "the routes of AllowedIPs (wg-quick's Table = auto; with Table = off peers and "
+            "AllowedIPs change live)")
+    for name, key in _WG_RESTART.items():
+        if getattr(old, name) != getattr(new, name):
+            d.restart.append(key)
+    for name, key in _WG_LIVE.items():
+        if getattr(old, name) != getattr(new, name):
+            d.live.append(key)
+    a, b = old.wg, new.wg
+    if a.listen_port != b.listen_port and "transport.listen" not in d.restart:
+        d.restart.append("transport.listen")
+    if a.private_key != b.private_key:
+        d.restart.append("wireguard.private_key_file")
+    if a.fwmark != b.fwmark:
+        d.restart.append("wireguard.fwmark")
+    before = {(p.public_key, p.name): p for p in a.peers}
+    after = {(p.public_key, p.name): p for p in b.peers}
+    d.removed = [_wg_label(p) for k, p in before.items() if k not in after]
+    d.added = [_wg_label(p) for k, p in after.items() if k not in before]
+    for k, p in after.items():
+        if k in before:
+            keys = [key for key in _WG_PEER_KEYS if getattr(before[k], key) != getattr(p, key)]
+            if keys:
+                d.changed[_wg_label(p)] = keys
+    return d
+
+
+def apply_wg_peers(wg, old, new, d: Diff) -> None:
+    """Bring the WireGuardDevice ``wg`` from the peers of WgConfig ``old``
+    to those of ``new`` (``d`` their diff) in one batch: removed peers
+    first (their keys and networks freed), then the new ones, then each
+    changed or new peer's settings (set_peer moves a network between
+    peers).  On a failure the device is put back as it was (a removed peer
+    comes back without its sessions: it makes a new handshake)."""
+    before = {_wg_label(p): p for p in old.peers}
+    after = {_wg_label(p): p for p in new.peers}
+    undo: list = []
+    with wg.batch():
+        try:
+            for label in d.removed:
+                wg.remove_peer(before[label].public_key)
+                undo.append(("readd", before[label]))
+            for label in d.added:
+                wg.add_peer(after[label].public_key, after[label].name)
+                undo.append(("drop", after[label]))
+            for label, keys in d.changed.items():
+                undo.append(("restore", before[label], keys))
+                _wg_set(wg, after[label], keys)
+            for label in d.added:
+                _wg_set(wg, after[label], _WG_PEER_KEYS)
+        except BaseException:
+            for entry in reversed(undo):
+                if entry[0] == "drop":
+                    wg.remove_peer(entry[1].public_key)
+                elif entry[0] == "restore":
+                    _wg_set(wg, entry[1], entry[2])
+            for entry in reversed(undo):
+                if entry[0] == "readd":
+                    wg.add_peer(entry[1].public_key, entry[1].name)
+                    _wg_set(wg, entry[1], _WG_PEER_KEYS)
+            raise
+
+
+def _wg_set(wg, peer, keys) -> None:
+    wg.set_peer(peer.public_key, **{key: getattr(peer, key) for key in keys})
+
+
+class WgReloader:
+    """Reloads a wireguard.run.WgRunner from its file: on the runner's
+    event loop (the device's owner), one reload at a time."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def reload(self) -> Outcome:
+        path = self.runner.settings.source
+        outcome = self._reload(path)
+        if outcome.applied:
+            log.info("reload of %s: applied: %s", path, outcome.message)
+        else:
+            log.warning("reload of %s: refused, the running configuration stays: %s",
+                        path, outcome.message)
+        return outcome
+
+    def _reload(self, path: str) -> Outcome:
+        runner = self.runner
+        old = runner.settings
+        try:
+            new = runner.reread()
+        except ConfigError as exc:
+            text = str(exc)
+            return Outcome(False, text[len(path) + 2:] if text.startswith(path + ": ") else text,
+                           path)
+        d = diff_wireguard(old, new)
+        if d.restart:
+            return Outcome(False, f"these keys need a restart: {', '.join(d.restart)}", path)
+        if d.empty:
+            return Outcome(True, "nothing changed", path)
+        try:
+            apply_wg_peers(runner.wg, old.wg, new.wg, d)
+        except Exception as exc:  # noqa: BLE001 (any failure: rolled back)
+            return Outcome(False, f"applying the peers failed and was rolled back: {exc}", path)
+        runner.settings = new
+        if "stats.log_level" in d.live:
+            set_log_level(new.log_level)
+        runner.reloaded(d)
+        return Outcome(True, d.describe(), path)
