@@ -416,7 +416,7 @@ def test_a_wireguard_device_reloads_its_peers(bed):  # noqa: F811 (the fixture)
         other = key_to_base64(private_to_public(generate_private_key()))
         wider = original.replace(f"AllowedIPs = {A}/32", f"AllowedIPs = {A}/32, 10.66.5.0/24")
         _write_file(wg.conf, wider + f"\n[Peer]\nPublicKey = {other}\nAllowedIPs = 10.66.0.9/32\n")
-        done = wg.cli("b", "reload", "--socket", wg.socket_b)
+        done = wg.cli("b", "reload", "--wg-config", wg.conf)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "applied" in done.stdout and "added" in done.stdout, done.stdout
         peers = {p["public_key"]: p for p in query_b(wg)["wg_peers"]}

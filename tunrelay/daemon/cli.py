@@ -189,7 +189,11 @@ def cmd_reload(args) -> int:
     """Ask the running relay to re-read its configuration; 0 if it applied
     it, 1 if it refused it (the relay says why, and keeps running)."""
     from .stats import query
-    path = args.socket or _load(args.config).control_socket
+    if args.wg_config is not None:
+        from ..wireguard.run import interface_name
+        path = f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
+    else:
+        path = args.socket or _load(args.config).control_socket
     answer = query(path, timeout=RELOAD_TIMEOUT_S, request="reload")
     if "reload" not in answer:
         raise TunrelayError(f"the relay on {path} cannot reload: {answer.get('error', answer)}")
@@ -264,9 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "what can change live (as SIGHUP does), and say what it did")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
+    target.add_argument("--wg-config", metavar="FILE",
+                        help="the wg-quick file of a running `tunrelay run --wg-config`")
     target.add_argument("--socket", metavar="PATH", help="its control socket")
+    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
+                                                    "was run with")
     p.add_argument("--json", action="store_true", help="the answer as JSON")
-    p.set_defaults(func=cmd_reload)
+    p.set_defaults(func=cmd_reload, wg_only=("name",))
 
     p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\", "
                                       "or with --wireguard a WireGuard private key (`wg genkey`)")

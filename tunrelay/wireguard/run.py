@@ -252,7 +252,13 @@ class WgRunner:
         async def call() -> dict[str, Any]:
             return self.reload()
 
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(RELOAD_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(call(), loop)
+        try:
+            return future.result(RELOAD_TIMEOUT_S)
+        except FutureTimeout:
+            # Still queued on the loop: it may yet run, and log its outcome.
+            return {"error": f"the event loop did not answer within {RELOAD_TIMEOUT_S} s; "
+                             "the relay's log says whether the reload ran"}
 
     def reread(self) -> Settings:
         """The file again, as the Settings it was started from were made
