@@ -171,7 +171,7 @@ class FakeRelay:
     def resolve_endpoint(self, peer):
         return None if peer.endpoint is None else (peer.endpoint.host, peer.endpoint.port)
 
-    def reloaded(self, d) -> None:
+    def reloaded(self) -> None:
         self.reloads += 1
 
 

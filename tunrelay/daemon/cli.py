@@ -167,12 +167,7 @@ def _describe_io(cfg) -> str:
 
 def cmd_stats(args) -> int:
     from .stats import format_table, query
-    if args.wg_config is not None:
-        from ..wireguard.run import interface_name
-        path = args.socket or f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
-    else:
-        path = args.socket or _load(args.config).control_socket
-    snapshot = query(path)
+    snapshot = query(_control_path(args))
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
@@ -189,11 +184,7 @@ def cmd_reload(args) -> int:
     """Ask the running relay to re-read its configuration; 0 if it applied
     it, 1 if it refused it (the relay says why, and keeps running)."""
     from .stats import query
-    if args.wg_config is not None:
-        from ..wireguard.run import interface_name
-        path = f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
-    else:
-        path = args.socket or _load(args.config).control_socket
+    path = _control_path(args)
     answer = query(path, timeout=RELOAD_TIMEOUT_S, request="reload")
     if "reload" not in answer:
         raise TunrelayError(f"the relay on {path} cannot reload: {answer.get('error', answer)}")
@@ -202,6 +193,17 @@ def cmd_reload(args) -> int:
     else:
         print(f"{answer['config']}: {answer['reload']}: {answer['message']}")
     return EXIT_OK if answer["reload"] == "applied" else EXIT_RUNTIME
+
+
+def _control_path(args) -> str:
+    """The control socket of the running relay that --config, --wg-config
+    (with --name) or --socket names."""
+    if args.socket:
+        return args.socket
+    if args.wg_config is not None:
+        from ..wireguard.run import interface_name
+        return f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
+    return _load(args.config).control_socket
 
 
 def cmd_genkey(args) -> int:
@@ -254,25 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check, wg_only=("name",))
 
     p = sub.add_parser("stats", help="show a running relay's counters")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
-    target.add_argument("--wg-config", metavar="FILE",
-                        help="the wg-quick file of a running `tunrelay run --wg-config`")
-    target.add_argument("--socket", metavar="PATH", help="its control socket")
-    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
-                                                    "was run with")
+    _running_relay(p)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_stats, wg_only=("name",))
 
     p = sub.add_parser("reload", help="make a running relay re-read its configuration and apply "
                                       "what can change live (as SIGHUP does), and say what it did")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
-    target.add_argument("--wg-config", metavar="FILE",
-                        help="the wg-quick file of a running `tunrelay run --wg-config`")
-    target.add_argument("--socket", metavar="PATH", help="its control socket")
-    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
-                                                    "was run with")
+    _running_relay(p)
     p.add_argument("--json", action="store_true", help="the answer as JSON")
     p.set_defaults(func=cmd_reload, wg_only=("name",))
 
@@ -302,12 +292,23 @@ def _config_or_wg(p: argparse.ArgumentParser) -> None:
                                                     "(default: the file's name, wg0 for wg0.conf)")
 
 
+def _running_relay(p: argparse.ArgumentParser) -> None:
+    """Which running relay a command talks to (see _control_path)."""
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
+    target.add_argument("--wg-config", metavar="FILE",
+                        help="the wg-quick file of a running `tunrelay run --wg-config`")
+    target.add_argument("--socket", metavar="PATH", help="its control socket")
+    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
+                                                    "was run with")
+
+
 def _check_wg_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Options that only mean something with --wg-config are usage errors without it."""
     if getattr(args, "wg_config", None) is not None:
         return
     for option in getattr(args, "wg_only", ()):
-        if option == "socket" and args.command == "stats":
+        if option == "socket" and args.command in ("stats", "reload"):
             continue
         if getattr(args, option, None) is not None:
             parser.error(f"--{option} applies to --wg-config only (a TOML file sets it in the file)")

@@ -287,9 +287,9 @@ class Relay:
         return _transport.resolve_for_socket(peer.endpoint, self._udp[0],
                                              f"peer {peer.name!r} endpoint")
 
-    def reloaded(self, diff) -> None:
-        """After a reload applied ``diff``: the new peers' endpoints, as
-        logged, and the stats interval restarts from now."""
+    def reloaded(self) -> None:
+        """After a reload applied: the peers' endpoints as logged (new
+        peers' too), and the stats interval restarts from now."""
         if self.peers is not None:
             self._peer_endpoints = {pid: self.peers.info(pid)["endpoint"]
                                     for pid in self.peers.ids()}

@@ -132,17 +132,19 @@ class Outcome:
                 "message": self.message}
 
 
-class Reloader:
-    """Reloads ``relay`` (a daemon.relay.Relay) from ``relay.cfg.path``.
-    One reload at a time (SIGHUP and the control socket may race)."""
+class _Reload:
+    """The sequence both kinds of relay follow: read the file (a
+    ConfigError refuses it), diff, refuse a restart-needing change,
+    prepare (what can fail without having changed anything), apply (undone
+    in full on a failure), then take the new config.  One reload at a time
+    (SIGHUP and the control socket may race); one log line says how it went."""
 
-    def __init__(self, relay) -> None:
-        self.relay = relay
+    def __init__(self) -> None:
         self._lock = threading.Lock()
 
     def reload(self) -> Outcome:
         with self._lock:
-            path = self.relay.cfg.path
+            path = self._path()
             outcome = self._reload(path)
             if outcome.applied:
                 log.info("reload of %s: applied: %s", path, outcome.message)
@@ -152,15 +154,14 @@ class Reloader:
             return outcome
 
     def _reload(self, path: str) -> Outcome:
-        old = self.relay.cfg
         try:
-            new = load(path)
+            new = self._read(path)
         except ConfigError as exc:
             # The error without its leading path (the log line names the file).
             text = str(exc)
             return Outcome(False, text[len(path) + 2:] if text.startswith(path + ": ") else text,
                            path)
-        d = diff(old, new)
+        d = self._diff(new)
         if d.restart:
             return Outcome(False, f"these keys need a restart: {', '.join(d.restart)}", path)
         if d.empty:
@@ -170,15 +171,60 @@ class Reloader:
         except (TunrelayError, OSError, ValueError) as exc:
             return Outcome(False, str(exc), path)
         try:
-            if plan is not None:
-                apply_peers(self.relay.peers, plan)
-        except Exception as exc:  # noqa: BLE001 (any failure: rolled back, the table is as it was)
+            self._apply(new, d, plan)
+        except Exception as exc:  # noqa: BLE001 (any failure: rolled back, as it was)
             return Outcome(False, f"applying the peers failed and was rolled back: {exc}", path)
-        self.relay.cfg = new
         if "stats.log_level" in d.live:
-            set_log_level(new.stats.log_level)
-        self.relay.reloaded(d)
+            set_log_level(self._commit(new))
+        else:
+            self._commit(new)
         return Outcome(True, d.describe(), path)
+
+    # What each kind of relay does at each step.
+    def _path(self) -> str:
+        raise NotImplementedError
+
+    def _read(self, path: str):
+        raise NotImplementedError
+
+    def _diff(self, new) -> Diff:
+        raise NotImplementedError
+
+    def _prepare(self, new, d: Diff):
+        return None
+
+    def _apply(self, new, d: Diff, plan) -> None:
+        raise NotImplementedError
+
+    def _commit(self, new) -> str:
+        """Take ``new`` as the running config; returns its log level."""
+        raise NotImplementedError
+
+
+class Reloader(_Reload):
+    """Reloads ``relay`` (a daemon.relay.Relay) from ``relay.cfg.path``."""
+
+    def __init__(self, relay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def _path(self) -> str:
+        return self.relay.cfg.path
+
+    def _read(self, path: str) -> Config:
+        return load(path)
+
+    def _diff(self, new: Config) -> Diff:
+        return diff(self.relay.cfg, new)
+
+    def _apply(self, new: Config, d: Diff, plan) -> None:
+        if plan is not None:
+            apply_peers(self.relay.peers, plan)
+
+    def _commit(self, new: Config) -> str:
+        self.relay.cfg = new
+        self.relay.reloaded()
+        return new.stats.log_level
 
     def _prepare(self, new: Config, d: Diff) -> list | None:
         """The PeerTable changes, every endpoint resolved (the step that can
@@ -363,43 +409,26 @@ def _wg_set(wg, peer, keys) -> None:
     wg.set_peer(peer.public_key, **{key: getattr(peer, key) for key in keys})
 
 
-class WgReloader:
-    """Reloads a wireguard.run.WgRunner from its file: on the runner's
-    event loop (the device's owner), one reload at a time."""
+class WgReloader(_Reload):
+    """Reloads a wireguard.run.WgRunner from its file (TOML or wg-quick,
+    as it was started), on the runner's event loop (the device's owner)."""
 
     def __init__(self, runner) -> None:
+        super().__init__()
         self.runner = runner
 
-    def reload(self) -> Outcome:
-        path = self.runner.settings.source
-        outcome = self._reload(path)
-        if outcome.applied:
-            log.info("reload of %s: applied: %s", path, outcome.message)
-        else:
-            log.warning("reload of %s: refused, the running configuration stays: %s",
-                        path, outcome.message)
-        return outcome
+    def _path(self) -> str:
+        return self.runner.settings.source
 
-    def _reload(self, path: str) -> Outcome:
-        runner = self.runner
-        old = runner.settings
-        try:
-            new = runner.reread()
-        except ConfigError as exc:
-            text = str(exc)
-            return Outcome(False, text[len(path) + 2:] if text.startswith(path + ": ") else text,
-                           path)
-        d = diff_wireguard(old, new)
-        if d.restart:
-            return Outcome(False, f"these keys need a restart: {', '.join(d.restart)}", path)
-        if d.empty:
-            return Outcome(True, "nothing changed", path)
-        try:
-            apply_wg_peers(runner.wg, old.wg, new.wg, d)
-        except Exception as exc:  # noqa: BLE001 (any failure: rolled back)
-            return Outcome(False, f"applying the peers failed and was rolled back: {exc}", path)
-        runner.settings = new
-        if "stats.log_level" in d.live:
-            set_log_level(new.log_level)
-        runner.reloaded(d)
-        return Outcome(True, d.describe(), path)
+    def _read(self, path: str):
+        return self.runner.reread()
+
+    def _diff(self, new) -> Diff:
+        return diff_wireguard(self.runner.settings, new)
+
+    def _apply(self, new, d: Diff, plan) -> None:
+        apply_wg_peers(self.runner.wg, self.runner.settings.wg, new.wg, d)
+
+    def _commit(self, new) -> str:
+        self.runner.settings = new
+        return new.log_level

@@ -239,26 +239,33 @@ class WgRunner:
         """Re-read the file and apply its peer changes, or nothing
         (daemon/reload.py); on the event loop."""
         from ..daemon.reload import Outcome, WgReloader
-        if self.wg is None:
-            return Outcome(False, "the device is not running yet", self.settings.source).to_dict()
+        if self.wg is None or self._state != "running":
+            return Outcome(False, f"the device is {self._state}, not running",
+                           self.settings.source).to_dict()
         return WgReloader(self).reload().to_dict()
 
     def _reload_from_thread(self) -> dict[str, Any]:
         """For the control socket's thread: reload() on the loop."""
+        return self._on_loop(self.reload, RELOAD_TIMEOUT_S, lambda: {
+            "error": f"the event loop did not answer within {RELOAD_TIMEOUT_S} s; the "
+                     "relay's log says whether the reload ran"})
+
+    def _on_loop(self, call: Any, timeout: float, late: Any) -> dict[str, Any]:
+        """``call()`` on the event loop (the device's owner), from another
+        thread; ``late()`` if the loop does not answer within ``timeout``."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return {"error": "the relay is stopping"}
+        if loop is None or loop.is_closed() or threading.current_thread() is threading.main_thread():
+            return call()
 
-        async def call() -> dict[str, Any]:
-            return self.reload()
+        async def run() -> dict[str, Any]:
+            return call()
 
-        future = asyncio.run_coroutine_threadsafe(call(), loop)
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
         try:
-            return future.result(RELOAD_TIMEOUT_S)
+            return future.result(timeout)
         except FutureTimeout:
-            # Still queued on the loop: it may yet run, and log its outcome.
-            return {"error": f"the event loop did not answer within {RELOAD_TIMEOUT_S} s; "
-                             "the relay's log says whether the reload ran"}
+            future.cancel()
+            return late()
 
     def reread(self) -> Settings:
         """The file again, as the Settings it was started from were made
@@ -277,10 +284,6 @@ class WgRunner:
             new = from_relay_config_settings(cfg)
         check_own_key(new)
         return new
-
-    def reloaded(self, diff) -> None:
-        """After a reload applied ``diff``: nothing to redo here (the
-        watcher reads the peers and the stats interval each time)."""
 
     def _on_signal(self, signum: int) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
@@ -392,19 +395,8 @@ class WgRunner:
 
     def _snapshot_from_thread(self) -> dict[str, Any]:
         """For the control socket's thread: the snapshot, made on the loop."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or threading.current_thread() is threading.main_thread():
-            return self.snapshot()
-
-        async def make() -> dict[str, Any]:
-            return self.snapshot()
-
-        future = asyncio.run_coroutine_threadsafe(make(), loop)
-        try:
-            return future.result(SNAPSHOT_TIMEOUT_S)
-        except FutureTimeout:
-            future.cancel()
-            return {**self._header(), "state": "busy (the event loop did not answer)"}
+        return self._on_loop(self.snapshot, SNAPSHOT_TIMEOUT_S, lambda: {
+            **self._header(), "state": "busy (the event loop did not answer)"})
 
     def _header(self) -> dict[str, Any]:
         s = self.settings
