@@ -77,6 +77,8 @@ CONFIG_FRAMINGS = (*FRAMINGS, WIREGUARD)
 WG_DEFAULT_MTU = 1420
 WG_DEFAULT_PORT = 51820
 MAX_FWMARK = 2**32 - 1
+# [stats] log_level: the names of the logging module's levels, lower case.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_KEEPALIVE = 65535
 
 
@@ -380,6 +382,9 @@ class StatsConfig:
 
     interval: float = 0.0  # seconds; 0 = no periodic log line
     socket: str = ""  # "" = /run/tunrelay/<device>.sock
+    # The relay's log level (LOG_LEVELS); `tunrelay run -v` means "debug"
+    # at start.  A reload applies a changed one.
+    log_level: str = "info"
 
     def socket_path(self, device_name: str) -> str:
         return self.socket or f"/run/tunrelay/{device_name or 'tunrelay'}.sock"
@@ -744,7 +749,7 @@ _KEYS = {
     "transport": ("protocol", "listen", "peer", "framing", "learn", "allow", "away_hold_ms"),
     "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us", "io"),
     "security": ("key_file", "cipher", "role", "user", "group"),
-    "stats": ("interval", "socket"),
+    "stats": ("interval", "socket", "log_level"),
     WIREGUARD: ("private_key_file", "fwmark"),
 }
 
@@ -1293,7 +1298,8 @@ def _offload(table: _Table) -> str | bool:
 
 
 def _read_stats(table: _Table) -> StatsConfig:
-    return StatsConfig(interval=_interval(table), socket=_socket_path(table))
+    return StatsConfig(interval=_interval(table), socket=_socket_path(table),
+                       log_level=_choice(table, "log_level", LOG_LEVELS, StatsConfig.log_level))
 
 
 def _interval(table: _Table) -> float:
@@ -1340,7 +1346,7 @@ def to_toml(cfg: Config) -> str:
                       "away_hold_ms": t.away_hold_ms if t.protocol == "tcp" else None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload,
                   "duplex": r.duplex, "busy_poll_us": r.busy_poll_us, "io": r.io},
-        "stats": {"interval": s.interval, "socket": s.socket},
+        "stats": {"interval": s.interval, "socket": s.socket, "log_level": s.log_level},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
                      "role": cfg.security.role or None,
                      "user": cfg.security.user, "group": cfg.security.group},
