@@ -35,8 +35,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, TextIO
 
 from ..counters import DIRECTIONS
 from ..errors import TunrelayError
@@ -280,7 +281,9 @@ def peer_rows(snapshot: dict, rates: Rates, now: float) -> list[tuple[list[str],
     rows = []
     for name, info in (snapshot.get("peers") or {}).items():
         rx, tx = info.get("ingress", {}), info.get("egress", {})
-        r = lambda *path: rates.of("peers", name, *path)  # noqa: E731
+        def r(*path: str, name: str = name) -> float | None:
+            return rates.of("peers", name, *path)
+
         drop_rates = [r("ingress", "drops"), r("egress", "drops")]
         drops_per_s = None if None in drop_rates else sum(drop_rates)
         rows.append(([name, info.get("endpoint") or "(unknown)", _ago(info.get("last_seen"), now),
