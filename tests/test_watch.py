@@ -13,16 +13,16 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from itertools import pairwise
 
 import pytest
-from _root import REPO, bed, make_pair, python, require_root, wait_for  # noqa: F401 (bed, make_pair: fixtures)
+from _root import REPO, bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
+from test_wg_daemon import B, pair  # noqa: F401 (pair: a running WireGuard pair, a fixture)
 
 from tunrelay.counters import empty_direction
 from tunrelay.daemon import watch as w
@@ -243,7 +243,7 @@ def test_plain_first_block_has_totals_and_no_rates():
     snap = relay_snapshot(3.0, eg=(7, 700))
     text = w.render_plain(snap, w.compute_rates(None, sample(snap, 1.0)), 0.0)
     assert "first sample" in text.splitlines()[0]
-    assert re.search(r"^packets\s+7\s+-\s+0\s+-$", text, re.M), text
+    assert re.search(r"^packets\s+7\s+-\s+0\s+-$", text, re.MULTILINE), text
 
 
 def test_plain_block_of_a_hub_has_a_line_per_peer():
@@ -278,8 +278,8 @@ def test_plain_block_of_a_wireguard_device():
     bee = next(line for line in lines if line.startswith("bee"))
     assert bee.split() == ["bee", "198.18.0.2:51821", "10.0", "s", "ago", "2500", "4.00", "k",
                            "126000", "1.00", "M"]
-    assert re.search(r"^handshakes\.completed\s+1\s+0/s$", text, re.M), text
-    assert re.search(r"^refused\.bad_mac1\s+6\s+5\.00/s$", text, re.M), text
+    assert re.search(r"^handshakes\.completed\s+1\s+0/s$", text, re.MULTILINE), text
+    assert re.search(r"^refused\.bad_mac1\s+6\s+5\.00/s$", text, re.MULTILINE), text
     assert "listen_port" not in text and "table.peers" not in text
 
 
@@ -390,7 +390,7 @@ def test_a_relay_that_goes_away_is_asked_again_and_its_restart_seen():
     assert len(blocks) == 3
     assert "first sample" in blocks[0]
     assert "the relay restarted: rates start again" in blocks[1]
-    assert re.search(r"^packets\s+13\s+10\.0 pkt/s", blocks[2], re.M), blocks[2]
+    assert re.search(r"^packets\s+13\s+10\.0 pkt/s", blocks[2], re.MULTILINE), blocks[2]
 
 
 def test_a_relay_that_never_answered_ends_the_watch():
@@ -507,7 +507,7 @@ class Served:
         return relay_snapshot(time.monotonic() - self.started, eg=(10 * self.n, 1000 * self.n),
                               ing=(10 * self.n, 1000 * self.n))
 
-    def open(self) -> "Served":
+    def open(self) -> Served:
         self.server = ControlServer(self.path, self.snapshot)
         self.server.open()
         return self
@@ -617,9 +617,9 @@ def test_the_watch_process_waits_for_a_relay_that_went_away(served):
 # ------------------------------------------------- real relays (as root)
 
 PACKETS = re.compile(r"^packets\s+(\d+)\s+(-|[\d.]+ [kMG]?pkt/s)\s+(\d+)\s+(-|[\d.]+ [kMG]?pkt/s)$",
-                     re.M)
-NOT_PEER = re.compile(r"^  drop not_peer\s+\S+\s+\S+\s+(\d+)\s+(\S+)$", re.M)
-OVER = re.compile(r"; rates over ([\d.]+) s$", re.M)
+                     re.MULTILINE)
+NOT_PEER = re.compile(r"^  drop not_peer\s+\S+\s+\S+\s+(\d+)\s+(\S+)$", re.MULTILINE)
+OVER = re.compile(r"; rates over ([\d.]+) s$", re.MULTILINE)
 SCALE = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}
 
 
@@ -635,12 +635,13 @@ def value(text: str) -> float | None:
 def blocks(text: str) -> list[str]:
     """The plain output cut into blocks at their headlines."""
     starts = [m.start() for m in re.finditer(r"^\S.*; \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; ",
-                                             text, re.M)]
+                                             text, re.MULTILINE)]
     return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]
 
 
-def watch_process(bed, ns: str, *argv: str) -> tuple[subprocess.Popen, Reader, Reader]:
-    proc = bed.popen(ns, [sys.executable, "-m", "tunrelay", "stats", *argv],
+def watch_process(net, ns: str, *argv: str) -> tuple[subprocess.Popen, Reader, Reader]:
+    """``tunrelay stats ARGV`` in namespace ``ns`` of ``net`` (a Testbed or Star)."""
+    proc = net.popen(ns, [sys.executable, "-m", "tunrelay", "stats", *argv],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     return proc, Reader(proc.stdout), Reader(proc.stderr)
 
@@ -658,26 +659,26 @@ def test_watching_a_running_pair_while_pinging(make_pair):
     from test_integration import DATAGRAMS, wait_ping
 
     from tunrelay.testrig.pair import PORT, TUNNEL_B
-    pair = make_pair()
-    pair.start()
-    bed, side = pair.bed, pair.sides["a"]
-    wait_ping(bed, bed.ns_a, TUNNEL_B)
-    before = pair.stats("a")
-    proc, out, err = watch_process(bed, side.ns, "--config", side.config_path, "--watch",
+    relays = make_pair()
+    relays.start()
+    tb, side = relays.bed, relays.sides["a"]
+    wait_ping(tb, tb.ns_a, TUNNEL_B)
+    before = relays.stats("a")
+    proc, out, err = watch_process(tb, side.ns, "--config", side.config_path, "--watch",
                                    "--interval", "0.2")
-    ping = bed.popen(bed.ns_a, ["ping", "-n", "-q", "-i", "0.05", "-c", "200", "-w", "30",
-                                TUNNEL_B], stdout=subprocess.DEVNULL)
+    ping = tb.popen(tb.ns_a, ["ping", "-n", "-q", "-i", "0.05", "-c", "200", "-w", "30",
+                               TUNNEL_B], stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(blocks(out.text())) >= 4, 30, "four blocks")
         # A stranger (not the peer's port) sends three datagrams: dropped, not_peer.
-        python(bed, bed.ns_b, DATAGRAMS, bed.addr_b, "40000", bed.addr_a, str(PORT),
+        python(tb, tb.ns_b, DATAGRAMS, tb.addr_b, "40000", tb.addr_a, str(PORT),
                "45", "45", "45")
         wait_for(lambda: NOT_PEER.search(blocks(out.text())[-1]), 30, "the not_peer drops shown")
         wait_for(lambda: len(blocks(out.text())) >= 8, 30, "eight blocks")
     finally:
         ping.wait(60)
     end(proc, err)
-    after = pair.stats("a")
+    after = relays.stats("a")
     text = out.text()
     print(text)
     assert ESC not in text
@@ -700,7 +701,7 @@ def test_watching_a_running_pair_while_pinging(make_pair):
     assert ing[-1] <= after["ingress"]["packets"]
     # Each rate is its block's counters minus the last block's, over its
     # interval (up to the rounding of 3 printed figures).
-    for (eg0, _, in0, _, _), (eg1, eg_rate, in1, in_rate, over) in zip(rows, rows[1:]):
+    for (eg0, _, in0, _, _), (eg1, eg_rate, in1, in_rate, over) in pairwise(rows):
         assert over is not None and 0.05 < over < 5
         for delta, rate in ((eg1 - eg0, eg_rate), (in1 - in0, in_rate)):
             assert rate is not None and rate * over == pytest.approx(delta, rel=0.02, abs=0.5)
@@ -722,58 +723,38 @@ def test_watching_a_hub_as_json_lines_per_peer():
         ping = star.popen(ns, ["ping", "-n", "-q", "-i", "0.05", "-c", "100", "-w", "30", HUB],
                           stdout=subprocess.DEVNULL)
         try:
-            wait_for(lambda: len(out.lines) >= 6, 30, "six JSON lines")
+            wait_for(lambda: len(out.text().splitlines()) >= 6, 30, "six JSON lines")
         finally:
             ping.wait(60)
         end(proc, err)
-    records = [json.loads(line) for line in out.lines]
+    records = [json.loads(line) for line in out.text().splitlines()]
     assert records[0]["watch"]["elapsed"] is None
-    office = [(r["peers"]["spoke1"]["ingress"]["packets"],
+    spoke1 = [(r["peers"]["spoke1"]["ingress"]["packets"],
                r["rates"]["peers"]["spoke1"]["ingress"]["packets"], r["watch"]["elapsed"])
               for r in records]
-    for (n0, _, _), (n1, rate, elapsed) in zip(office, office[1:]):
+    for (n0, _, _), (n1, rate, elapsed) in pairwise(spoke1):
         assert 0.05 < elapsed < 5
         assert rate == pytest.approx((n1 - n0) / elapsed, rel=1e-3, abs=1e-3)
-    assert max(rate for _, rate, _ in office[1:]) > 0    # the ping, from spoke1
+    assert max(rate for _, rate, _ in spoke1[1:]) > 0    # the ping, from spoke1
     assert all("spoke2" in r["rates"]["peers"] for r in records)
 
 
 @pytest.mark.root
-def test_watching_a_wireguard_device():
-    from test_integration import assert_ping
-    from test_wg_daemon import B, WgPair
-
-    from tunrelay.testrig.netns import Testbed
-    require_root()
-    workdir = tempfile.mkdtemp(prefix="trv-")   # short: sun_path
-    os.chmod(workdir, 0o755)
+def test_watching_a_wireguard_device(pair):
+    tb = pair.bed
+    proc, out, err = watch_process(tb, tb.ns_a, "--config", pair.toml, "--watch",
+                                   "--interval", "0.2")
+    ping = tb.popen(tb.ns_a, ["ping", "-n", "-q", "-i", "0.05", "-c", "100", "-w", "30", B],
+                    stdout=subprocess.DEVNULL)
     try:
-        with Testbed() as bed:
-            wg = WgPair(bed, workdir)
-            try:
-                wg.start()
-                wg.wait_ready()
-                assert_ping(bed, bed.ns_a, B, count=1)
-                proc, out, err = watch_process(bed, bed.ns_a, "--config", wg.toml, "--watch",
-                                               "--interval", "0.2")
-                ping = bed.popen(bed.ns_a, ["ping", "-n", "-q", "-i", "0.05", "-c", "100",
-                                            "-w", "30", B], stdout=subprocess.DEVNULL)
-                try:
-                    wait_for(lambda: len(blocks(out.text())) >= 5, 30, "five blocks")
-                finally:
-                    ping.wait(60)
-                end(proc, err)
-            finally:
-                codes = wg.stop()
-                for side in wg.procs:
-                    print(f"----- relay {side} log -----\n{wg.log(side)}")
-        assert codes == {"a": 0, "b": 0}, codes
+        wait_for(lambda: len(blocks(out.text())) >= 5, 30, "five blocks")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        ping.wait(60)
+    end(proc, err)
     text = out.text()
     print(text)
     bee = re.compile(r"^bee\s+\S+\s+.+? ago\s+(\d+)\s+(\S+(?: [kMG])?)\s+(\d+)\s+(\S+(?: [kMG])?)$",
-                     re.M)
+                     re.MULTILINE)
     bees = [bee.search(block) for block in blocks(text)]
     assert all(bees), text
     rx = [(int(m[1]), value(m[2])) for m in bees]
