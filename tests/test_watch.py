@@ -445,6 +445,17 @@ def test_a_dumb_terminal_gets_plain_lines(monkeypatch):
     assert ESC not in out.getvalue() and out.getvalue().startswith("tun0, raw, running")
 
 
+def test_without_rich_a_terminal_gets_plain_lines_and_a_word_why(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setitem(sys.modules, "rich.console", None)   # import fails
+    answers = [relay_snapshot(1.0, eg=(1, 100))]
+    out, err = Tty(), io.StringIO()
+    assert w.run_watch("/x.sock", 0.1, count=1, out=out, err=err,
+                       ask=lambda path: answers.pop(0)) == 0
+    assert ESC not in out.getvalue() and out.getvalue().startswith("tun0, raw, running")
+    assert "the live view needs rich" in err.getvalue()
+
+
 def test_ctrl_c_ends_the_watch_with_0_and_the_view_closed(monkeypatch):
     monkeypatch.setenv("TERM", "xterm")
     calls = []

@@ -604,10 +604,16 @@ def run_watch(path: str, interval: float, *, count: int | None = None, json_line
     from .stats import query
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    outputs = None
     if not json_lines and is_terminal(out):
-        from rich.console import Console
-        outputs = rich_outputs(Console(file=out))
-    else:
+        try:
+            from rich.console import Console
+        except ImportError:   # a runtime dependency, but a packager may have left it out
+            err.write("tunrelay: the live view needs rich (pip install rich): plain lines "
+                      "instead\n")
+        else:
+            outputs = rich_outputs(Console(file=out))
+    if outputs is None:
         outputs = plain_outputs(out, err, json_lines=json_lines)
     previous_term = _sigterm_interrupts()
     try:
