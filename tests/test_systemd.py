@@ -37,6 +37,7 @@ from tunrelay.daemon.config import loads
 from tunrelay.daemon.notify import Notifier, Watchdog
 from tunrelay.daemon.relay import SUPERVISOR_STALE_S, Relay
 from tunrelay.testrig.pair import DEVICE, PORT
+from tunrelay.wireguard.noise import generate_private_key, key_to_base64, private_to_public
 
 CONTRIB = Path(REPO) / "contrib"
 UNITS = ("tunrelay@.service", "tunrelay-wg-quick@.service")
@@ -112,7 +113,7 @@ class Listener:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -473,7 +474,6 @@ def test_without_setuid_and_setgid_the_switch_to_the_user_fails(bed, make_pair):
 
 @pytest.mark.root
 def test_wireguard_run_ready_status_watchdog_stopping(bed, tmp_path):
-    from tunrelay.wireguard.noise import generate_private_key, key_to_base64, private_to_public
     workdir = Path(tmp_path)
     key = workdir / "a.key"
     fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -595,4 +595,4 @@ def test_sysusers_file_makes_the_user(tmp_path):
     assert done.returncode == 0, done.stderr
     passwd = (tmp_path / "etc" / "passwd").read_text()
     assert re.search(r"^tunrelay:x:\d+:\d+:tunrelay packet relay:/:/usr/sbin/nologin$",
-                     passwd, re.M), passwd
+                     passwd, re.MULTILINE), passwd

@@ -91,7 +91,8 @@ def cmd_run(args) -> int:
         from ..wireguard.run import run as run_wireguard
         run_wireguard(settings, notifier=notifier)
         return EXIT_OK
-    relay = Relay(cfg, notifier=notifier)
+    relay = Relay(cfg)
+    relay.notifier = notifier
 
     def on_signal(signum, _frame):
         log.info("%s: stopping", signal.Signals(signum).name)

@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 __all__ = ["Notifier", "Watchdog"]
 
@@ -76,7 +76,7 @@ class Notifier:
                 self._connect()
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Notifier":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notifier:
         env = os.environ if environ is None else environ
         return cls(env.get("NOTIFY_SOCKET"), watchdog_usec=env.get("WATCHDOG_USEC"),
                    watchdog_pid=env.get("WATCHDOG_PID"))
@@ -179,9 +179,8 @@ class Notifier:
     def _watchdog_period(usec: str | None, pid: str | None) -> float | None:
         if not usec:
             return None
-        if pid:
-            if not pid.isdigit() or int(pid) != os.getpid():
-                return None  # meant for another process (a parent, a wrapper)
+        if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+            return None  # meant for another process (a parent, a wrapper)
         if not usec.isdigit() or int(usec) == 0:
             log.warning("WATCHDOG_USEC=%r: expected a positive number of microseconds; "
                         "no watchdog pings", usec)

@@ -78,10 +78,11 @@ def pump_class(engine: str):
 class Relay:
     """A configured relay: ``run()`` blocks until ``stop()``."""
 
-    def __init__(self, cfg: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        #: systemd's $NOTIFY_SOCKET (READY/STATUS/STOPPING/WATCHDOG); off by default.
-        self.notifier = notifier if notifier is not None else Notifier(None)
+        #: systemd's $NOTIFY_SOCKET (READY/STATUS/STOPPING/WATCHDOG): off
+        #: unless set before run() (`tunrelay run`: Notifier.from_environ()).
+        self.notifier = Notifier(None)
         self.device = Device(cfg.device, log=logging.getLogger("tunrelay.daemon.device"),
                              offload=_offload_wanted(cfg))
         #: One pump per TUN queue (UDP), or the one pump of the TCP connection.
