@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ethernet_frame, ip_packet, ipv4_packet, load_fastpath
+from conftest import ethernet_frame, ip_packet, ipv4_packet, load_fastpath, ones_sum
 from pumprig import (
     TIMEOUT,
     WAIT,
@@ -312,15 +312,6 @@ def random_packet(size: int, seq: int) -> bytes:
 
 
 # ================================================================ IP builders (offload)
-
-def ones_sum(data: bytes, initial: int = 0) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = initial + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
 
 def ipv4_header(proto: int, l4_length: int, ident: int = 0x2345) -> bytearray:
     header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + l4_length, ident, 0x4000,

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ipv4_packet, ipv6_packet, ip_packet, load_fastpath
+from conftest import ipv4_packet, ipv6_packet, ip_packet, load_fastpath, ones_sum
 from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
 from test_faults import assert_alive, assert_ping, drops, nstat, ping, relay_state
 
@@ -406,16 +406,6 @@ ZERO_VNET = bytes(VNET.size)
 GSO_TCPV4, GSO_TCPV6 = 1, 4
 ACK, PSH = 0x10, 0x08
 OFFLOAD_MTU = 1500
-
-
-def ones_sum(data: bytes, initial: int = 0) -> int:
-    """RFC 1071: the folded ones' complement sum of 16-bit words (not inverted)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = initial + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 class TcpFlow:

@@ -122,7 +122,7 @@ def test_each_class_of_the_stub_has_the_compiled_members(class_name):
 
 def test_the_module_functions_of_the_stub_have_the_compiled_signatures():
     fastpath, stub = load_fastpath(), _stub()
-    for name in ("validate", "len16_split"):
+    for name in ("validate", "clamp_mss", "len16_split"):
         assert _shape(inspect.signature(getattr(fastpath, name))) == _shape(
             inspect.signature(stub[name])), name
 

@@ -323,6 +323,7 @@ cdef struct Counters:
     uint64_t syscalls     # every system call the loop made
     uint64_t wakeups      # poll() returns
     uint64_t tun_io       # TUN reads/writes that moved packets
+    uint64_t mss_clamped  # TCP SYNs whose MSS option was lowered (_mss.pxi)
     uint64_t drops[24]    # indexed like counters.DROP_REASONS
     uint64_t errors[4]    # indexed like counters.ERROR_KINDS
     int last_errno
@@ -411,6 +412,8 @@ cdef struct PumpState:
     size_t front          # of which in front of it (len16 2, aead 24, both 26)
     Aead aead
     bint tap              # TAP (Ethernet frames) instead of TUN (IP packets)
+    unsigned int mss_v4   # MSS clamping: the most a TCP SYN may announce over IPv4
+    unsigned int mss_v6   # ... and over IPv6 (0: that family is not clamped)
     bint check_peer       # compare each datagram's sender with the peer
     bint learn_peer       # take the peer from the first valid datagram
     int peer_known        # published with release/acquire (tr_atomic.h)
@@ -481,6 +484,7 @@ cdef class Pump:
     cdef readonly bint offload
     cdef readonly bint duplex
     cdef readonly int busy_poll_us
+    cdef readonly tuple mss_clamp
     cdef bint _gso
     cdef readonly str cipher
     cdef readonly object keyring

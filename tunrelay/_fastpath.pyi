@@ -12,8 +12,7 @@ from typing import Any, Literal, NamedTuple, Self
 
 from tunrelay._runner import Outcome
 from tunrelay.aead import Cipher, Role
-from tunrelay.framing import Framing, Mode, PeerFraming
-from tunrelay.framing import IoEngine
+from tunrelay.framing import Framing, IoEngine, Mode, MssClamp, PeerFraming
 from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
 
 _Bytes = bytes | bytearray | memoryview
@@ -52,7 +51,8 @@ class Pump:
                  key: bytes | bytearray | Keyring | None = None,
                  cipher: Cipher = "chacha20-poly1305", role: Role = "a",
                  gso: bool = True, peers: PeerTable | None = None, duplex: bool = False,
-                 busy_poll_us: int = 0, io: IoEngine = "auto") -> None: ...
+                 busy_poll_us: int = 0, io: IoEngine = "auto",
+                 mss_clamp: MssClamp = None) -> None: ...
     @property
     def framing(self) -> Framing | PeerFraming: ...
     @property
@@ -70,6 +70,10 @@ class Pump:
     @property
     def busy_poll_us(self) -> int:
         """How long a loop polls without sleeping after work (0: never)."""
+        ...
+    @property
+    def mss_clamp(self) -> tuple[int, int]:
+        """The MSS that TCP SYNs are clamped to (IPv4, IPv6); 0: not clamped."""
         ...
     @property
     def cipher(self) -> Cipher | None:
@@ -200,6 +204,10 @@ def uring_unavailable() -> str | None:
 
 def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
     """The C ingress check on one packet: None, or the drop reason."""
+
+def clamp_mss(data: _Bytes, v4: int, v6: int, mode: Mode = "tun",
+              partial: bool = False) -> bytes | None:
+    """The C MSS clamp on one packet: the rewritten packet, or None if left alone."""
 
 def len16_split(chunks: Iterable[_Bytes],
                 limit: int) -> tuple[list[bytes], int, Literal["bad_length"] | None]:

@@ -44,10 +44,11 @@ from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
 from tunrelay.errors import EngineUnavailable, PumpArgumentError, PumpStateError
 from tunrelay.framing import (FRAMINGS, IO_ENGINES, MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, MODES,
                               PEER_FRAMINGS,
-                              max_frame as _max_frame)
+                              max_frame as _max_frame, mss_clamps as _mss_clamps)
 
 include "_validate.pxi"
 include "_offload.pxi"
+include "_mss.pxi"
 include "_aead.pxi"
 include "_allowedips.pxi"
 include "_peers.pxi"
@@ -78,7 +79,8 @@ cdef dict _snapshot(Counters *live, str direction):
     cdef Counters c
     memcpy(&c, live, sizeof(Counters))   # one consistent-enough copy, no lock
     result = {"packets": c.packets, "bytes": c.bytes, "batches": c.batches,
-              "syscalls": c.syscalls, "wakeups": c.wakeups, "tun_io": c.tun_io}
+              "syscalls": c.syscalls, "wakeups": c.wakeups, "tun_io": c.tun_io,
+              "mss_clamped": c.mss_clamped}
     result["drops"] = {reason: c.drops[_counters.DROP_REASONS.index(reason)]
                        for reason in _counters.DIRECTION_DROPS[direction]}
     result["errors"] = {kind: c.errors[i] for i, kind in enumerate(_counters.ERROR_KINDS)}
@@ -96,13 +98,17 @@ cdef class Pump:
     (host, port) to send to; datagrams from anyone else are dropped and
     counted.  Without a peer on an unconnected socket, the peer is learned
     from the first valid datagram.  Either argument may be an int or an
-    object with ``fileno()``; the pump never closes them.
+    object with ``fileno()``; the pump never closes them.  ``mss_clamp``:
+    lower the MSS option of TCP SYNs and SYN-ACKs, both directions, to
+    what fits ("auto": mtu - 40 for IPv4, mtu - 60 for IPv6), to one MSS,
+    or to (IPv4, IPv6); None: off (see framing.mss_clamps).
     """
 
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
                   key=None, cipher="chacha20-poly1305", role="a", bint gso=True,
-                  PeerTable peers=None, bint duplex=False, int busy_poll_us=0, io="auto"):
+                  PeerTable peers=None, bint duplex=False, int busy_poll_us=0, io="auto",
+                  mss_clamp=None):
         cdef void *mem = NULL
         # 64-byte aligned: each direction's counters sit on lines of their own.
         if posix_memalign(&mem, 64, sizeof(PumpState)) != 0:
@@ -128,6 +134,8 @@ cdef class Pump:
         self.busy_poll_us = busy_poll_us
         self.st.duplex = duplex
         self.st.spin_s = busy_poll_us * 1e-6
+        self.mss_clamp = _mss_clamps(mss_clamp, mtu)
+        self.st.mss_v4, self.st.mss_v6 = self.mss_clamp
         if offload and mode != "tun":
             raise PumpArgumentError("offload needs mode 'tun': TAP frames are not segmented here")
         if peers is not None:
@@ -906,6 +914,44 @@ def validate(data, str mode, size_t limit):
     cdef const uint8_t[::1] view = memoryview(data).cast("B") if len(data) else b"\0"
     cdef int reason = validate_packet(&view[0], len(data), mode == "tap", limit)
     return None if reason == DROP_NONE else _counters.DROP_REASONS[reason]
+
+
+def clamp_mss(data, unsigned int v4, unsigned int v6, str mode="tun", bint partial=False):
+    """The C MSS clamp on one packet (framing.clamp_mss is its reference):
+    the rewritten packet, or None when it was left alone.  ``partial``: as
+    a TUN read with VIRTIO_NET_HDR_F_NEEDS_CSUM whose checksum starts at
+    the TCP header (offloads)."""
+    cdef bytearray packet = bytearray(data)
+    cdef uint8_t[::1] view
+    cdef uint8_t *p
+    cdef virtio_net_hdr h
+    cdef const virtio_net_hdr *hp = NULL
+    cdef size_t tcp = 0
+    cdef int changed
+    if v4 > 0xFFFF or v6 > 0xFFFF:
+        raise PumpArgumentError("an MSS is at most 65535")
+    if partial and mode != "tun":
+        raise PumpArgumentError("partial checksums come with offloads, which are TUN only")
+    if partial:
+        memset(&h, 0, sizeof(h))
+        h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+        h.gso_type = VIRTIO_NET_HDR_GSO_NONE
+        if len(packet) >= 1 and packet[0] >> 4 == 4:
+            tcp = (packet[0] & 0x0F) * 4
+        elif len(packet) >= 1:
+            tcp = 40
+        h.csum_start = <uint16_t>tcp
+        h.csum_offset = 16
+        hp = &h
+    if not len(packet):
+        return None
+    view = packet
+    p = &view[0]
+    cdef size_t length = len(packet)
+    cdef bint tap = mode == "tap"
+    with nogil:
+        changed = clamp_syn_mss(p, length, v4, v6, tap, hp)
+    return bytes(packet) if changed else None
 
 
 cdef struct _Collected:

@@ -211,6 +211,7 @@ cdef int read_batch(PumpState *st, unsigned int *count) noexcept nogil:
         if <size_t>r > st.max_frame:
             c.drops[DROP_OVERSIZE] += 1
             continue
+        mss_egress(st, packet, <size_t>r, NULL)
         if st.peers != NULL:
             reason = egress_route(st, packet, <size_t>r, n)
             if reason == DROP_NO_SESSION:
@@ -597,6 +598,7 @@ cdef int read_offload_batch(PumpState *st) noexcept nogil:
                 (h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_NONE:
             c.drops[DROP_OVERSIZE] += 1
             continue
+        mss_egress(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, &h)
         if st.peers != NULL:
             reason = egress_route(st, slot + VNET_HDR_LEN, <size_t>r - VNET_HDR_LEN, n - 1)
             if reason == DROP_NO_SESSION:
@@ -813,6 +815,7 @@ cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
     if reason != DROP_NONE:
         st.ing.c.drops[reason] += 1
         return 0
+    mss_ingress(st, packet, length)
     if st.offload:
         if st.ing.npkts == SEG_POOL and flush_packets(st) != 0:
             return -1

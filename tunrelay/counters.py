@@ -61,8 +61,11 @@ ERROR_KINDS = (
 #: Plain totals, in the order the C struct holds them.  ``packets`` and
 #: ``bytes`` count packets as they are on the wire (after segmentation,
 #: before coalescing); ``tun_io`` counts TUN reads/writes that moved them
-#: (with offloads, one super-packet is one TUN I/O and many packets).
-TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups", "tun_io")
+#: (with offloads, one super-packet is one TUN I/O and many packets);
+#: ``mss_clamped`` the TCP SYNs (and SYN-ACKs) whose MSS option was lowered
+#: (``mss_clamp``), egress as read from the device, ingress before it is
+#: written to it.
+TOTALS = ("packets", "bytes", "batches", "syscalls", "wakeups", "tun_io", "mss_clamped")
 
 
 def empty_direction(direction: str) -> dict:

@@ -37,6 +37,7 @@ class DirectionStats(TypedDict):
     syscalls: int
     wakeups: int
     tun_io: int
+    mss_clamped: int
     drops: dict[str, int]
     errors: dict[str, int]
     last_errno: int

@@ -20,7 +20,8 @@ from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome
 from .aead import CIPHERS, ROLES, Cipher, Role
 from .errors import PumpArgumentError, PumpStateError
 from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
-                      MODES, Framing, Len16Parser, Mode, len16_encode, max_frame, validate)
+                      MODES, Framing, Len16Parser, Mode, MssClamp, clamp_mss, len16_encode,
+                      max_frame, mss_clamps, validate)
 from .framing import IO_ENGINES, IoEngine
 from .pumps import Address, FileDescriptorLike, PumpStats
 
@@ -81,7 +82,8 @@ class PyPump:
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: object = None, cipher: Cipher = CIPHERS[0], role: Role = ROLES[0],
                  gso: bool = True, peers: object = None, duplex: bool = False,
-                 busy_poll_us: int = 0, io: IoEngine = "auto") -> None:
+                 busy_poll_us: int = 0, io: IoEngine = "auto",
+                 mss_clamp: MssClamp = None) -> None:
         # Same signature as the compiled Pump, so either is made by one call;
         # this pump sends one datagram per call (gso has no effect), and has
         # no TUN offloads, no aead framing (key, cipher and role) and no
@@ -108,6 +110,7 @@ class PyPump:
             raise PumpArgumentError(f"key is for framing 'aead', got framing {framing!r}")
         self.mode, self.mtu, self.batch = mode, mtu, batch
         self.duplex, self.busy_poll_us = False, 0
+        self.mss_clamp = mss_clamps(mss_clamp, mtu)
         self._limit = max_frame(mode, mtu)
         self._tun_ref = tun_fd
         self._tun = _fileno(tun_fd)
@@ -249,7 +252,7 @@ class PyPump:
                 if len(packet) > self._limit:
                     c["drops"]["oversize"] += 1
                     continue
-                self._send(c, packet)
+                self._send(c, self._clamp(c, packet))
 
     def _send(self, c: dict, packet: bytes) -> None:
         data = len16_encode(packet) if self.framing == "len16" else packet
@@ -360,7 +363,7 @@ class PyPump:
             if self._learn_peer and peer is None:
                 with self._peer_lock:
                     self._peer = sender
-            self._write_tun(c, data)
+            self._write_tun(c, self._clamp(c, data))
 
     def _ingress_stream(self, c: dict) -> None:
         try:
@@ -384,11 +387,21 @@ class PyPump:
             if reason:
                 c["drops"][reason] += 1
                 continue
-            self._write_tun(c, frame)
+            self._write_tun(c, self._clamp(c, frame))
         if bad:
             c["drops"]["bad_frame"] += 1
             c["errors"]["disconnect"] += 1
             raise _Closed(PROTOCOL_ERROR, 0)
+
+    def _clamp(self, c: dict, packet: bytes) -> bytes:
+        """MSS clamping (framing.clamp_mss), counted."""
+        if not any(self.mss_clamp):
+            return packet
+        clamped = clamp_mss(packet, *self.mss_clamp, mode=self.mode)
+        if clamped is None:
+            return packet
+        c["mss_clamped"] += 1
+        return clamped
 
     def _write_tun(self, c: dict, packet: bytes) -> None:
         while True:

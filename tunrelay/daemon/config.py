@@ -32,7 +32,7 @@ from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from ..aead import OVERHEAD as AEAD_OVERHEAD
 from ..errors import ConfigError
 from ..framing import (DEFAULT_MTU, FRAMINGS, IO_ENGINES, LEN16_LIMIT, MAX_BATCH,
-                       MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, max_frame)
+                       MAX_BUSY_POLL_US, MAX_MSS, MAX_MTU, MIN_MSS, MIN_MTU, max_frame)
 from ..framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
@@ -361,6 +361,9 @@ class RelayConfig:
     # (microseconds) before it sleeps; None: the engine's default
     # (DEFAULT_BUSY_POLL_US compiled, 0 for the Python pump, which cannot).
     busy_poll_us: int | None = None
+    # MSS clamping of TCP SYNs through the tunnel: "auto" (what fits the
+    # device MTU), an MSS for both families, or False (off).
+    mss_clamp: str | int | bool = "auto"
 
     def duplex_for(self) -> bool:
         return self.engine == "fast" if self.duplex == "auto" else bool(self.duplex)
@@ -747,7 +750,7 @@ _PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing", "learn", "allow", "away_hold_ms"),
-    "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us", "io"),
+    "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us", "io", "mss_clamp"),
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket", "log_level"),
     WIREGUARD: ("private_key_file", "fwmark"),
@@ -1280,7 +1283,20 @@ def _read_relay(table: _Table) -> RelayConfig:
         busy_poll_us=(_integer(table, "busy_poll_us", 0, MAX_BUSY_POLL_US, 0)
                       if "busy_poll_us" in table.data else None),
         io=_choice(table, "io", IO_ENGINES, RelayConfig.io),
+        mss_clamp=_mss_clamp(table),
     )
+
+
+def _mss_clamp(table: _Table) -> str | int | bool:
+    value = table.data.get("mss_clamp", RelayConfig.mss_clamp)
+    expected = f'expected "auto", false or an integer from {MIN_MSS} to {MAX_MSS} (an MSS in bytes)'
+    if value == "auto" or value is False:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise table.error("mss_clamp", f"{expected}, got {_found(value)}")
+    if not MIN_MSS <= value <= MAX_MSS:
+        raise table.error("mss_clamp", f"{expected}, got {value}")
+    return value
 
 
 def _auto_or_boolean(table: _Table, key: str) -> str | bool:
@@ -1345,7 +1361,8 @@ def to_toml(cfg: Config) -> str:
                       "allow": t.allow or None,
                       "away_hold_ms": t.away_hold_ms if t.protocol == "tcp" else None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload,
-                  "duplex": r.duplex, "busy_poll_us": r.busy_poll_us, "io": r.io},
+                  "duplex": r.duplex, "busy_poll_us": r.busy_poll_us, "io": r.io,
+                  "mss_clamp": r.mss_clamp},
         "stats": {"interval": s.interval, "socket": s.socket, "log_level": s.log_level},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
                      "role": cfg.security.role or None,

@@ -514,7 +514,7 @@ class Relay:
             self.pumps.append(self._pump_class(
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
-                batch=self.cfg.relay.batch, **options))
+                batch=self.cfg.relay.batch, mss_clamp=self.cfg.relay.mss_clamp, **options))
         fallback = getattr(self.pumps[0], "io_fallback", None)
         log.info("io: %s%s", self.pumps[0].io,
                  f' (io "auto": io_uring cannot be set up here: {fallback})' if fallback else
@@ -523,6 +523,10 @@ class Relay:
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))
+        v4, v6 = self.pumps[0].mss_clamp
+        if v4 or v6:
+            log.info("mss clamp: TCP SYNs announce at most %s over IPv4, %s over IPv6",
+                     v4 or "(any)", v6 or "(any)")
         if self.device.vnet_hdr:
             log.info("offloads: tun %s, udp %s", _tun_offloads(self.device.offload_flags),
                      ", ".join(k for k, v in self.pumps[0].offloads.items()

@@ -79,8 +79,8 @@ def format_table(snapshot: dict) -> str:
 def _direction_rows(snapshot: dict) -> list[str]:
     """The pumps' counters: one column per direction."""
     rows = [("", "egress", "ingress")]
-    for total in ("packets", "bytes", "batches", "syscalls", "tun_io"):
-        rows.append((total, *(str(snapshot[d][total]) for d in DIRECTIONS)))
+    for total in ("packets", "bytes", "batches", "syscalls", "tun_io", "mss_clamped"):
+        rows.append((total, *(str(snapshot[d].get(total, 0)) for d in DIRECTIONS)))
     packets = [snapshot[d]["packets"] for d in DIRECTIONS]
     rows.append(("syscalls/pkt", *(
         f"{snapshot[d]['syscalls'] / p:.2f}" if p else "-" for d, p in zip(DIRECTIONS, packets))))

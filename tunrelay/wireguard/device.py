@@ -60,6 +60,7 @@ from .._runner import Outcome, Reason
 from ..aio import AsyncPump
 from ..daemon.lograte import RateLimitedLog
 from ..errors import PumpArgumentError, PumpStateError
+from ..framing import MssClamp, mss_clamps
 from . import noise
 from .cookie import MacVerifier, parse_cookie_reply
 from .noise import HandshakeError, Identity, UnknownPeer, key_to_base64
@@ -169,7 +170,8 @@ class WireGuardDevice:
     def __init__(self, tun_fds: Sequence[int], *, private_key: bytes | None = None,
                  listen_port: int = 0, fwmark: int = 0, mtu: int = 1420, bind: str = "::",
                  timers: Timers | None = None, offload: bool | str = "auto",
-                 duplex: bool = False, busy_poll_us: int = 0) -> None:
+                 duplex: bool = False, busy_poll_us: int = 0,
+                 mss_clamp: MssClamp = None) -> None:
         from .._fastpath import PeerTable   # the compiled core, loaded only for a device
         self._tun_fds = list(tun_fds)
         if not self._tun_fds:
@@ -185,8 +187,10 @@ class WireGuardDevice:
         self._mtu = mtu
         self._bind = bind
         self._offload = offload
-        # How each pump's loops run (tunrelay.Pump duplex= and busy_poll_us=).
-        self._loop = {"duplex": duplex, "busy_poll_us": busy_poll_us}
+        # How each pump's loops run (tunrelay.Pump duplex= and busy_poll_us=),
+        # and what its SYNs are clamped to (mss_clamp=).
+        mss_clamps(mss_clamp, mtu)   # a bad value fails here, not at start()
+        self._loop = {"duplex": duplex, "busy_poll_us": busy_poll_us, "mss_clamp": mss_clamp}
         t = self.timers
         self.table: PeerTable = PeerTable(
             control_slots=CONTROL_SLOTS, rekey_after_messages=t.rekey_after_messages,
@@ -221,12 +225,13 @@ class WireGuardDevice:
     @classmethod
     def from_config(cls, config: WgConfig, tun_fds: Sequence[int], *, mtu: int = 1420,
                     timers: Timers | None = None, bind: str = "::", duplex: bool = False,
-                    busy_poll_us: int = 0) -> WireGuardDevice:
+                    busy_poll_us: int = 0, mss_clamp: MssClamp = None) -> WireGuardDevice:
         """A device as ``config`` describes it (its MTU, when it names one,
         over ``mtu``)."""
         device = cls(tun_fds, private_key=config.private_key, listen_port=config.listen_port,
                      fwmark=config.fwmark, mtu=config.mtu if config.mtu else mtu,
-                     timers=timers, bind=bind, duplex=duplex, busy_poll_us=busy_poll_us)
+                     timers=timers, bind=bind, duplex=duplex, busy_poll_us=busy_poll_us,
+                     mss_clamp=mss_clamp)
         with device.batch():
             for pc in config.peers:
                 device.add_peer(pc.public_key, pc.name)

@@ -76,6 +76,7 @@ class Settings:
     offload: str | bool = "auto"
     duplex: bool = False
     busy_poll_us: int = 0
+    mss_clamp: str | int | bool = "auto"
     user: int | None = None
     group: int | None = None
     kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
@@ -111,6 +112,7 @@ def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings
         control_socket=cfg.control_socket, bind=listen.host,
         stats_interval=cfg.stats.interval, offload=cfg.relay.offload,
         duplex=cfg.relay.duplex_for(), busy_poll_us=cfg.relay.busy_poll_for(),
+        mss_clamp=cfg.relay.mss_clamp,
         user=cfg.security.user, group=cfg.security.group, kind="toml",
         log_level=cfg.stats.log_level)
 
@@ -212,7 +214,8 @@ class WgRunner:
         try:
             self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
                                                   timers=self.timers, bind=s.bind,
-                                                  duplex=s.duplex, busy_poll_us=s.busy_poll_us)
+                                                  duplex=s.duplex, busy_poll_us=s.busy_poll_us,
+                                                  mss_clamp=s.mss_clamp)
             try:
                 await self.wg.start()
             except OSError as exc:  # the port in use, a bad bind address
