@@ -385,6 +385,7 @@ class WgRunner:
         rows = []
         for key in self.wg.peers():
             status = self.wg.peer_status(key)
+            counters = self.wg.peer_counters(key)
             rows.append({
                 "name": status.name or short_key(key),
                 "public_key": _b64(key),
@@ -393,6 +394,8 @@ class WgRunner:
                 "tx_bytes": status.tx_bytes, "rx_bytes": status.rx_bytes,
                 "persistent_keepalive": status.persistent_keepalive,
                 "allowed_ips": [str(n) for n in status.allowed_ips],
+                # The data plane's own, of the inner packets (as [[peer]] rows have them).
+                "egress": counters["egress"], "ingress": counters["ingress"],
             })
         return rows
 
