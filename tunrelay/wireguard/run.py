@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..daemon.config import Config, DeviceConfig
+from ..daemon.config import Config, DeviceConfig, MetricsConfig
 from ..errors import ConfigError, PumpError, TransportError
 from .config import DEFAULT_MTU, WgConfig, from_relay_config, quick_routes, read_wg_quick
 
@@ -76,6 +76,7 @@ class Settings:
     user: int | None = None
     group: int | None = None
     kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: off by default
 
 
 def short_key(public_key: bytes) -> str:
@@ -107,7 +108,7 @@ def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings
         control_socket=cfg.control_socket, bind=listen.host,
         stats_interval=cfg.stats.interval, offload=cfg.relay.offload,
         duplex=cfg.relay.duplex_for(), busy_poll_us=cfg.relay.busy_poll_for(),
-        user=cfg.security.user, group=cfg.security.group, kind="toml")
+        user=cfg.security.user, group=cfg.security.group, kind="toml", metrics=cfg.metrics)
 
 
 def _as_is(host: str, port: int) -> tuple[str, int]:
@@ -115,7 +116,8 @@ def _as_is(host: str, port: int) -> tuple[str, int]:
 
 
 def from_wg_quick(path: str, *, name: str | None = None, socket_path: str | None = None,
-                  user: int | None = None, group: int | None = None) -> Settings:
+                  user: int | None = None, group: int | None = None,
+                  metrics: MetricsConfig | None = None) -> Settings:
     """A wg-quick file: its addresses, MTU and (``Table = auto``) routes
     applied to the TUN device named ``name`` (by default, as wg-quick,
     after the file)."""
@@ -129,7 +131,8 @@ def from_wg_quick(path: str, *, name: str | None = None, socket_path: str | None
                           addresses=quick.config.addresses, routes=routes)
     return Settings(source=path, wg=quick.config, device=device,
                     control_socket=socket_path or f"/run/tunrelay/{name}.sock",
-                    user=user, group=group, kind="wg-quick")
+                    user=user, group=group, kind="wg-quick",
+                    metrics=metrics or MetricsConfig())
 
 
 def check_own_key(settings: Settings) -> None:
@@ -162,6 +165,7 @@ class WgRunner:
         self.device: Device | None = None
         self.wg: WireGuardDevice | None = None
         self._control: ControlServer | None = None
+        self._metrics: Any = None  # daemon.metrics.MetricsServer, with [metrics] listen
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._state = "starting"
@@ -190,6 +194,7 @@ class WgRunner:
 
     async def _main(self) -> None:
         from ..daemon.privileges import drop_privileges
+        from ..daemon.relay import open_metrics
         from ..daemon.stats import ControlServer
         from .device import WireGuardDevice
         s = self.settings
@@ -214,6 +219,7 @@ class WgRunner:
             self._remember_peers()
             self._control = ControlServer(s.control_socket, self._snapshot_from_thread)
             self._control.open()
+            self._metrics = open_metrics(s.metrics, self._snapshot_from_thread)
             drop_privileges(s.user, s.group)
             self._state = "running"
             log.info("running (control socket %s); SIGTERM or Ctrl-C stops", s.control_socket)
@@ -265,6 +271,9 @@ class WgRunner:
                 await self.wg.stop()
             except Exception:  # the fds must still close
                 log.exception("wireguard: stopping the device failed")
+        if self._metrics is not None:
+            await _in_thread(self._metrics.close)
+            self._metrics = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -398,6 +407,25 @@ class WgRunner:
                 "egress": counters["egress"], "ingress": counters["ingress"],
             })
         return rows
+
+
+async def _in_thread(work: Any) -> None:
+    """``work()`` in a thread of its own, awaited: the metrics server's
+    close() joins a scrape's thread, which may be waiting for this loop's
+    snapshot.  Not run_in_executor: its pool is imported on first use, and
+    after privileges are dropped the Python installation may not be
+    readable any more (a pyenv under /root)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=run, name="metrics-close").start()
+    await done
 
 
 def _b64(key: bytes | None) -> str | None:
