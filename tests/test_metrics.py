@@ -778,8 +778,9 @@ def test_a_metrics_listener_that_cannot_bind_exits_1_naming_the_address(bed, mak
 
 @pytest.mark.root
 def test_a_wireguard_run_serves_its_metrics_after_dropping_privileges(monkeypatch):
-    """framing = "wireguard" from TOML: the snapshot's peers, handshakes and
-    pump counters in the scrape (side A drops to nobody when it exists)."""
+    """framing = "wireguard" from TOML (side A, which drops to nobody when
+    it exists) and a wg-quick file with --metrics (side B, on [::1]): the
+    snapshot's peers, handshakes and pump counters in the scrape."""
     from test_wg_daemon import B, WgPair, _env
 
     from tunrelay.testrig.netns import Testbed
@@ -792,9 +793,20 @@ def test_a_wireguard_run_serves_its_metrics_after_dropping_privileges(monkeypatc
         try:
             with open(wg.toml, "a") as f:
                 f.write(f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n')
-            wg.start()
+            # B runs its wg-quick file with --metrics (WgPair.start, plus it).
+            for side, ns, argv in (("a", bed.ns_a, ["--config", wg.toml]),
+                                   ("b", bed.ns_b, ["--wg-config", wg.conf, "--metrics",
+                                                    f"[::1]:{METRICS_PORT}"])):
+                with open(wg.path(f"{side}.log"), "ab") as log:
+                    wg.procs[side] = bed.popen(ns, [sys.executable, "-m", "tunrelay", "run", *argv],
+                                               stdout=log, stderr=subprocess.STDOUT, env=_env())
             wg.wait_ready()
             assert_ping(bed, bed.ns_a, B, count=3)
+            snapshot_b, found_b = scrape_quiet(bed, bed.ns_b, wg.socket("b"),
+                                               f"http://[::1]:{METRICS_PORT}/metrics")
+            assert_matches(snapshot_b, found_b)
+            assert value(found_b, "tunrelay_wireguard_handshakes_total",
+                         device=snapshot_b["device"]) >= 1
             snapshot, found = scrape_quiet(bed, bed.ns_a, wg.socket("a"),
                                            f"http://127.0.0.1:{METRICS_PORT}/metrics")
             assert_matches(snapshot, found)
@@ -808,12 +820,14 @@ def test_a_wireguard_run_serves_its_metrics_after_dropping_privileges(monkeypatc
             assert value(found, "tunrelay_peer_packets_total", **d, **labels,
                          direction="egress") == bee["egress"]["packets"] >= 3
             assert value(found, "tunrelay_wireguard_handshakes_total", **d) >= 1
-            assert wg.stop()["a"] == 0, wg.log("a")
-            assert "metrics: serving" in wg.log("a") and "Traceback" not in wg.log("a")
+            assert wg.stop() == {"a": 0, "b": 0}, (wg.log("a"), wg.log("b"))
+            for side in ("a", "b"):
+                assert "metrics: serving" in wg.log(side) and "Traceback" not in wg.log(side)
             done = bed.run(bed.ns_a, [sys.executable, "-c", BINDS, "127.0.0.1",
                                       str(METRICS_PORT)], capture_output=True, text=True)
             assert done.returncode == 0, f"the metrics port is still taken: {done.stdout}"
         finally:
             wg.stop()
-            print(f"----- relay a log -----\n{wg.log('a')}")
+            for side in ("a", "b"):
+                print(f"----- relay {side} log -----\n{wg.log(side)}")
             shutil.rmtree(workdir, ignore_errors=True)
