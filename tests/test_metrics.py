@@ -563,6 +563,7 @@ def test_wg_config_runs_take_metrics_from_the_command_line(tmp_path, capsys):
 # ---------------------------------------------------------------- as root
 
 METRICS_PORT = 9555
+LOW_PORT = 955  # below 1024: root's to bind
 # Run inside a namespace: the snapshot on the control socket, a scrape of
 # the metrics with a real HTTP client (urllib), the snapshot again.
 SCRAPE = r"""
@@ -695,7 +696,6 @@ allowed_ips = ["{other[0]}/32", "{other[1]}/128"]
 """)
 
 
-METRICS = f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
 
 
 @pytest.mark.root
@@ -703,18 +703,22 @@ METRICS = f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
 def test_a_scrape_matches_tunrelay_stats(bed, make_pair, kind):
     from tunrelay.testrig.pair import TUNNEL_A, TUNNEL_B
     protocol = "tcp" if kind == "tcp" else "udp"
-    metrics = {"metrics": [f'listen = "127.0.0.1:{METRICS_PORT}"']}
+    port = METRICS_PORT
+    metrics = {"metrics": [f'listen = "127.0.0.1:{port}"']}
     if kind == "udp-nobody":
-        # Privileges dropped once the device and sockets (this one too) are open.
-        metrics["security"] = ['user = "nobody"', 'group = "nogroup"']
+        # Privileges dropped once the device and sockets (this one too) are
+        # open: a port below 1024, which only root may bind, still serves.
+        port = LOW_PORT
+        metrics = {"metrics": [f'listen = "127.0.0.1:{port}"'],
+                   "security": ['user = "nobody"', 'group = "nogroup"']}
     pair = make_pair(protocol=protocol, overrides=metrics)
     if kind == "udp-peers":
         for name in ("a", "b"):
-            _hub_config(pair, name, METRICS)
+            _hub_config(pair, name, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
     pair.start()
     assert_ping(bed, bed.ns_a, TUNNEL_B)
     assert_ping(bed, bed.ns_b, TUNNEL_A)
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    url = f"http://127.0.0.1:{port}/metrics"
     for name in ("a", "b"):
         side = pair.sides[name]
         snapshot, found = scrape_quiet(bed, side.ns, side.socket_path, url)
@@ -732,14 +736,14 @@ def test_a_scrape_matches_tunrelay_stats(bed, make_pair, kind):
                          direction="egress") == info["egress"]["packets"] >= 5
             assert value(found, "tunrelay_peer_last_seen_timestamp_seconds", **d,
                          peer="other") == pytest.approx(info["last_seen"], abs=0.1)
-        assert "metrics: serving http://127.0.0.1:9555/metrics" in pair.log(name)
+        assert f"metrics: serving http://127.0.0.1:{port}/metrics" in pair.log(name)
     if kind == "udp-nobody":
         assert "running as uid" in pair.log("a")
     # A clean stop frees the port with the rest.
     for name in ("a", "b"):
         assert pair.stop(name) == 0, pair.log(name)
         side = pair.sides[name]
-        done = bed.run(side.ns, [sys.executable, "-c", BINDS, "127.0.0.1", str(METRICS_PORT)],
+        done = bed.run(side.ns, [sys.executable, "-c", BINDS, "127.0.0.1", str(port)],
                        capture_output=True, text=True)
         assert done.returncode == 0, f"the metrics port is still taken: {done.stdout}"
         assert "Traceback" not in pair.log(name)
