@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/daemon/*.py tunrelay/wireguard/*.py tunrelay/testrig/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
 
-.PHONY: demo test soak bench sysdeps testdeps venv clean
+.PHONY: demo test soak bench dist dist-check sysdeps testdeps venv clean
 
 ## make demo: two network namespaces joined by a tunnel; ping and measure (root)
 demo: sysdeps venv
@@ -27,11 +27,21 @@ soak: testdeps venv
 
 ## make bench: the throughput suite, tunrelay beside veth, kernel vxlan, OpenVPN
 ## and wireguard-go (tunnels need root); writes benchmarks/RESULTS.md and
-## throughput.png.  Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
+## throughput.png, and keeps the run's figures in .benchmarks/ (numbered JSON:
+## compare two runs with `.venv/bin/pytest-benchmark compare --between median 0001 0002`).
+## Quick: make bench BENCH_ARGS="--bench-seconds 2 --bench-runs 1"
 bench: venv
 	@scripts/install-system-deps iperf3 openvpn wireguard-go@backports wireguard-tools
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) -m pytest --benchmark $(BENCH_ARGS)
+	$(PY) -m pytest --benchmark --benchmark-autosave $(BENCH_ARGS)
+
+## make dist: an sdist and a wheel built from it, in dist/ (checked: every
+## .pyx/.pxi/.pxd/.h in the sdist, the LICENSE, no setuptools warnings)
+## make dist-check: that, and the wheel installed into a fresh virtual
+## environment and tried there (`tunrelay check`, `import tunrelay._fastpath`)
+DIST ?= dist
+dist dist-check: venv
+	scripts/dist-check $(PY) $(DIST) $(if $(filter dist,$@),--no-install)
 
 sysdeps:
 	@scripts/install-system-deps
@@ -47,13 +57,17 @@ testdeps:
 venv: $(STAMP)
 
 # Editable install: the compiled module is built in place, so the tests
-# import exactly the tree they run from.
+# import exactly the tree they run from.  The build requirements go in too:
+# after an edit of the .pyx, `setup.py build_ext --inplace` builds with the
+# venv's own setuptools and Cython.
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' | \
+		$(PY) -m pip install --quiet -r /dev/stdin
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -c 'import tunrelay._fastpath'
 	touch $@
 
 clean:
-	rm -rf build *.egg-info tunrelay/_fastpath.c tunrelay/*.so .pytest_cache
+	rm -rf build dist *.egg-info tunrelay/_fastpath.c tunrelay/*.so .pytest_cache

@@ -3,11 +3,16 @@
 ``pytest`` runs the tests and never imports or collects benchmarks/;
 ``pytest --benchmark`` runs benchmarks/ and nothing else.  The benchmarks'
 own machinery is the plugin benchmarks/plugin.py, registered here only then.
+
+``pytest-benchmark compare``, run from this directory, imports this file
+too, for the hook below.
 """
 
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -38,3 +43,17 @@ def pytest_ignore_collect(collection_path, config):
     if config.getoption("benchmark"):
         return None if inside or collection_path in BENCHMARKS.parents else True
     return True if inside else None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_scale_unit(config, unit, benchmarks, best, worst, sort):
+    """The benchmarks' JSON entries are figures (Gbit/s, kpps, µs, ...:
+    benchmarks/figures.py), not times: shown as recorded, never rescaled
+    as seconds would be (0.8 CPU s/GB is not 800 ms).  Others as
+    pytest-benchmark scales them.  A plain function, as ``pytest-benchmark
+    compare`` calls it directly."""
+    if benchmarks and all("unit" in (b.get("extra_info") or {}) for b in benchmarks):
+        return "", 1.0
+    from pytest_benchmark.plugin import pytest_benchmark_scale_unit as default
+    return default(config=config, unit=unit, benchmarks=benchmarks, best=best, worst=worst,
+                   sort=sort)

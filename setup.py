@@ -18,8 +18,11 @@ extension = Extension(
     "tunrelay._fastpath",
     sources=["tunrelay/_fastpath.pyx"],
     include_dirs=["tunrelay/includes"],
-    # The aead framing calls OpenSSL's EVP AEAD ciphers from the nogil loops.
-    libraries=["crypto"],
+    # The aead framing calls OpenSSL's EVP AEAD ciphers from the nogil loops;
+    # the io "uring" engine is liburing (Debian liburing-dev).  Both are
+    # required: without either header the build fails (no silent build
+    # without an engine; scripts/install-system-deps installs them).
+    libraries=["crypto", "uring"],
     extra_compile_args=extra_compile_args + ["-Wall", "-Wno-unused-function"],
     define_macros=define_macros,
 )

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from benchmarks.figures import micro_figures
 from benchmarks.measure import cpu_seconds, cpu_times
 from benchmarks.report import MicroRow
 from tunrelay.daemon.transport import SOCKET_BUFFER_BYTES
@@ -181,5 +182,6 @@ def test_pump_pps(direction: str, size: int, benchmark, bench_results) -> None:
         "direction": direction, "packet_bytes": size, "medians": medians,
         "c_over_python": row.ratio,
         "runs": {name: [vars(r) for r in runs] for name, runs in rates.items()},
+        "figures": micro_figures(rates),
     })
     assert all(m["pps"] > 1 for m in medians.values()), f"a pump moved no packets: {medians}"

@@ -4,10 +4,14 @@ changed iperf3 or ping output fails here rather than as a blank table."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
-from benchmarks import measure, report
+from benchmarks import figures, measure, report
 from benchmarks.report import MicroRow, Results, TunnelRow
 
 IPERF_TCP = {"end": {"sum_sent": {"bytes": 2_067_267_584, "bits_per_second": 8.24e9},
@@ -63,12 +67,33 @@ def test_ratios() -> None:
     found: dict = {}
     for r in report.ratios(_results()):  # the first of each kind: tunrelay (raw) against others
         found.setdefault(r.name.split(":")[0], r)
-    assert found["TCP 1 stream"].value == pytest.approx(0.6) and found["TCP 1 stream"].met
-    assert found["UDP 64 B pps"].value == pytest.approx(4.0)
+    by_name = {r.name: r for r in report.ratios(_results())}
+    assert found["TCP 1 stream"].value == pytest.approx(0.6) and found["TCP 1 stream"].met is False
+    assert found["UDP 64 B pps"].value == pytest.approx(2.0) and found["UDP 64 B pps"].met
+    assert by_name["UDP 64 B pps: tunrelay best / naive Python relay"].value == pytest.approx(4.0)
     assert found["ping rtt"].value == pytest.approx(1.5) and found["ping rtt"].met
+    assert by_name["ping rtt: tunrelay best / OpenVPN"].value == pytest.approx(0.5)
+    assert by_name["ping rtt: tunrelay best / OpenVPN"].met
     assert found["CPU per GB"].value == pytest.approx(2.0 / 13.5)
     assert found["pump over socketpairs, 64 B egress"].value == pytest.approx(5.0)
     assert found["pump over socketpairs, 64 B egress"].met is False
+
+
+def test_loop_levers_are_held_to_the_row_without_them() -> None:
+    results = _results()
+    row = lambda label, rtt, kpps: TunnelRow(label, "tunrelay-loop", medians={  # noqa: E731
+        "ping_rtt_us": rtt, "udp64_kpps": kpps})
+    results.tunnels += [TunnelRow(report.POINT_TO_POINT, "tunrelay", medians={
+        "ping_rtt_us": 150.0, "udp64_kpps": 100.0}),
+        row(report.SPLIT_LOOPS, 300.0, 80.0), row(report.BUSY_POLL, 120.0, 90.0)]
+    by_name = {r.name: r for r in report.ratios(results)}
+    split = by_name["ping rtt: one thread per queue / a thread per direction"]
+    assert split.value == pytest.approx(0.5) and split.met is None
+    assert by_name["UDP 64 B pps: one thread per queue / a thread per direction"].value == \
+        pytest.approx(1.25)
+    assert by_name[f"ping rtt: busy polling {report.BUSY_POLL_US} µs / none"].value == \
+        pytest.approx(0.8)
+    assert by_name["TCP 1 stream: one thread per queue / a thread per direction"].value is None
 
 
 def test_issue_8_ratios_hold_rows_to_the_point_to_point_row() -> None:
@@ -129,13 +154,13 @@ def test_issue_10_nagle_rows_are_held_to_1_ms() -> None:
                   medians={"ping_rtt_us": 240.0, "ping_burst_us": 42_600.0})]
     found = {r.name: r for r in report.ratios(results)}
     lone = found[f"ping rtt, ms: {report.NAGLE_LEN16}"]
-    assert lone.value == pytest.approx(0.31) and lone.met and "issue 10" in lone.target
+    assert lone.value == pytest.approx(0.31) and lone.met and lone.target.startswith("≤ 1 ms")
     stalled = found[f"slowest reply of a 4-ping burst, ms: {report.NAGLE_OPENVPN}"]
     assert stalled.value == pytest.approx(42.6) and stalled.met is False
     # The Nagle rows are no tunrelay row of the other targets.
     assert found["ping rtt: tunrelay best / kernel vxlan"].value == pytest.approx(1.5)
     # Without the rows (a filtered run, no openvpn): no figure, no verdict.
-    nagle = [r for r in report.ratios(_results()) if "issue 10" in r.target]
+    nagle = [r for r in report.ratios(_results()) if r.target == report.NAGLE_TARGET]
     assert len(nagle) == 4 and all(r.value is None and r.met is None for r in nagle)
 
 
@@ -150,3 +175,98 @@ def test_a_tunnel_is_measured_only_for_its_measures(monkeypatch) -> None:
     assert figures.medians["ping_burst_us"] == 400.0 and figures.medians["tcp1_gbps"] is None
     with pytest.raises(ValueError, match="unknown measures"):
         measure.measure_once(None, "10.99.0.1", [], 1.0, ("ping", "pnig"))
+
+
+def test_targets_state_the_target_not_an_issue() -> None:
+    results = _results()
+    results.tunnels += [TunnelRow(report.NAGLE_LEN16, "tunrelay-nagle",
+                                  medians={"ping_rtt_us": 310.0, "ping_burst_us": 450.0})]
+    targets = {r.target for r in report.ratios(results)}
+    assert len(targets) > 10
+    for target in targets:
+        assert "issue" not in target.lower(), target
+        if target[0] in "≥≤<>":   # a number, then what it means
+            assert ": " in target and len(target.split(": ", 1)[1]) > 5, target
+    text = report.generated_markdown(results, chart=False)
+    assert "(issue" not in text and "issues " not in text
+
+
+def _bench(name: str, runs: list[dict]) -> dict:
+    """An entry as pytest-benchmark's JSON holds it (``as_dict()``), timing stats and all."""
+    return {"group": "tunnels", "name": f"test_tunnel[{name}]",
+            "fullname": f"benchmarks/test_tunnels.py::test_tunnel[{name}]",
+            "params": {"tunnel": name}, "param": name, "options": {},
+            "extra_info": {"tunnel": name, "kind": name, "runs": runs,
+                           "figures": figures.tunnel_figures(runs)},
+            "stats": {"min": 7.1, "max": 7.1, "mean": 7.1, "median": 7.1, "rounds": 1}}
+
+
+def test_the_json_carries_the_figures() -> None:
+    runs = [{"tcp1_gbps": 6.0, "ping_rtt_us": 90.0, "cpu_s_per_gb": 2.0},
+            {"tcp1_gbps": 5.0, "ping_rtt_us": 80.0, "cpu_s_per_gb": 2.5},
+            {"tcp1_gbps": 7.0, "ping_rtt_us": 95.0, "cpu_s_per_gb": 1.5}]
+    entries = figures.json_entries([_bench("tunrelay", runs)], _results())
+    by_figure = {e["extra_info"]["figure"]: e for e in entries if e["extra_info"]["figure"] != "ratio"}
+    # Only the measures taken, one entry each; no timing entry is left.
+    assert set(by_figure) == {"tcp1_gbps", "ping_rtt_us", "cpu_s_per_gb"}
+    tcp = by_figure["tcp1_gbps"]
+    assert tcp["group"] == "TCP 1 stream, Gbit/s (higher is better)"
+    assert tcp["name"] == "test_tunnel[tunrelay]"
+    assert tcp["fullname"] == "benchmarks/test_tunnels.py::test_tunnel[tunrelay]::tcp1_gbps"
+    assert tcp["stats"]["data"] == [6.0, 5.0, 7.0] and tcp["stats"]["rounds"] == 3
+    assert (tcp["stats"]["median"], tcp["stats"]["min"], tcp["stats"]["max"]) == (6.0, 5.0, 7.0)
+    assert tcp["extra_info"]["unit"] == "Gbit/s" and tcp["extra_info"]["tunnel"] == "tunrelay"
+    assert "runs" not in tcp["extra_info"] and "figures" not in tcp["extra_info"]
+    assert by_figure["ping_rtt_us"]["extra_info"]["better"] == "lower"
+    # The ratios of the run, with their targets; a ratio without a value has no entry.
+    ratios = {e["name"]: e for e in entries if e["extra_info"]["figure"] == "ratio"}
+    vxlan = ratios["TCP 1 stream: tunrelay best / kernel vxlan"]
+    assert vxlan["stats"]["median"] == pytest.approx(0.6)
+    assert vxlan["extra_info"]["target"].startswith("≥ 0.8") and vxlan["extra_info"]["met"] is False
+    assert all(r.value is not None for r in report.ratios(_results()) if r.name in ratios)
+    assert len({e["fullname"] for e in entries}) == len(entries)
+    json.dumps(entries)
+
+
+def test_micro_figures_pair_the_runs() -> None:
+    rate = lambda pps: types.SimpleNamespace(  # noqa: E731
+        pps=pps, user_us_per_packet=0.5, sys_us_per_packet=1.5, syscalls_per_packet=1.0)
+    found = figures.micro_figures({"c": [rate(1e6), rate(9e5)], "python": [rate(2e5), rate(1e5)]})
+    by = {(f["key"], f["who"]): f for f in found}
+    assert by[("pps", "C")]["values"] == [1000.0, 900.0] and by[("pps", "C")]["unit"] == "kpps"
+    assert by[("c_over_python", "")]["values"] == [5.0, 9.0]
+    bench = {"name": "test_pump_pps[egress-64B]", "fullname": "m.py::test_pump_pps[egress-64B]",
+             "extra_info": {"figures": found}}
+    names = {e["name"] for e in figures.json_entries([bench])}
+    assert "test_pump_pps[egress-64B] Python" in names and "test_pump_pps[egress-64B]" in names
+
+
+def test_pytest_benchmark_compare_shows_two_runs_figures(tmp_path) -> None:
+    """What the README says to run: ``pytest-benchmark compare --between``
+    on two runs' JSON, from the repository (for conftest.py's unit hook)."""
+    for name, tcp, cpu in (("0001_before", 5.0, 0.8), ("0002_after", 6.0, 0.4)):
+        entries = figures.json_entries([_bench("tunrelay", [{"tcp1_gbps": tcp, "cpu_s_per_gb": cpu}])])
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"machine_info": {}, "commit_info": {}, "benchmarks": entries, "version": "5"}))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", "--between", "median",
+                           "--group-by", "group", str(tmp_path / "0001_before.json"),
+                           str(tmp_path / "0002_after.json")],
+                          check=False, cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "TCP 1 stream, Gbit/s (higher is better)" in out
+    assert "5.0000" in out and "6.0000" in out and "+20.0%" in out
+    # CPU s/GB as recorded (0.8), not rescaled as if it were seconds (800 ms).
+    assert "0.8000" in out and "0.4000" in out and "-50.0%" in out and "800.0000" not in out
+
+
+@pytest.mark.parametrize("option", ["--benchmark-compare", "--benchmark-compare-fail=min:5%",
+                                    "--benchmark-histogram"])
+def test_in_run_timing_comparisons_are_refused(option) -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--benchmark",
+                           option, "--collect-only", "-q", "benchmarks/test_report.py"],
+                          check=False, cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "pytest-benchmark compare" in done.stderr and option.split("=")[0] in done.stderr

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from benchmarks.figures import tunnel_figures
 from benchmarks.measure import measure_tunnel, wait_for_ping
 from benchmarks.report import TunnelRow
 from benchmarks.tunnels import Unsupported, all_tunnels
@@ -74,7 +75,8 @@ def test_tunnel(tunnel, benchmark, bench_results) -> None:
 
     row.medians, row.runs = figures.medians, figures.runs
     benchmark.extra_info.update({"medians": figures.medians, "runs": figures.runs,
-                                 "seconds": bench_results.seconds, "errors": figures.errors})
+                                 "seconds": bench_results.seconds, "errors": figures.errors,
+                                 "figures": tunnel_figures(figures.runs)})
     if figures.errors:
         measured = any(v is not None for v in figures.medians.values())
         row.status = "partial" if measured else "failed"

@@ -27,7 +27,8 @@ import time
 from typing import Any
 
 from benchmarks.measure import DEFAULT_MEASURES
-from benchmarks.report import NAGLE_LEN16, NAGLE_OPENVPN, POINT_TO_POINT
+from benchmarks.report import (BUSY_POLL, BUSY_POLL_US, IO_SYSCALLS, NAGLE_LEN16, NAGLE_OPENVPN,
+                               POINT_TO_POINT, SPLIT_LOOPS)
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
 from tunrelay.testrig.nagle import NagleTunnel, missing_peer, openvpn_argv
@@ -97,7 +98,7 @@ class Tunnel:
     """The interface; also the no-op parts."""
 
     # "veth", "vxlan", "tunrelay", "tunrelay-aead", "tunrelay-peers", "tunrelay-hub",
-    # "tunrelay-wg", "tunrelay-nagle", "python", "openvpn", "wireguard-go"
+    # "tunrelay-wg", "tunrelay-nagle", "tunrelay-loop", "python", "openvpn", "wireguard-go"
     kind = ""
     binaries: tuple = ()   # commands that must be installed
     server_ip = TUNNEL_A   # side a's address, reached from side b
@@ -580,6 +581,13 @@ def all_tunnels() -> list[Tunnel]:
             tunnels.append(Tunrelay(ONE_PEER_TABLE, protocol, overrides, kind="tunrelay-peers",
                                     pair=OnePeerTablePair))
             tunnels.append(HubTunnel(HUB, overrides))
+            # Issue 10's loop levers, beside the row with today's defaults.
+            for lever, lines in ((SPLIT_LOOPS, ["duplex = false", "busy_poll_us = 0"]),
+                                 (BUSY_POLL, [f"busy_poll_us = {BUSY_POLL_US}"]),
+                                 (IO_SYSCALLS, ['io = "syscalls"'])):
+                tunnels.append(Tunrelay(lever, protocol,
+                                        {**overrides, "relay": overrides["relay"] + lines},
+                                        kind="tunrelay-loop"))
     tunnels.append(Tunrelay("python relay udp (naive)", *PYTHON_RELAY, kind="python"))
     # The WireGuard protocol both ways, next to each other (issue 9's targets).
     tunnels += [OpenVPN("openvpn p2p udp, no crypto"), WireguardGo(wireguard_go_label()),

@@ -52,10 +52,29 @@ def bed(monkeypatch):
         yield tb
 
 
+def with_relay_io(kw: dict, io: str | None) -> dict:
+    """RelayPair kwargs with ``[relay] io = "<io>"`` on each side whose own
+    lines name neither an io nor the Python engine (which has no io_uring)."""
+    if io is None:
+        return kw
+    kw = dict(kw)
+    common = (kw.get("overrides") or {}).get("relay", [])
+    for side in ("overrides_a", "overrides_b"):
+        own = dict(kw.get(side) or {})
+        lines = [*common, *own.get("relay", [])]
+        if any(line.replace(" ", "").startswith(("io=", 'engine="python"')) for line in lines):
+            continue
+        own["relay"] = [*own.get("relay", []), f'io = "{io}"']
+        kw[side] = own
+    return kw
+
+
 @pytest.fixture
-def make_pair(bed):
+def make_pair(bed, relay_io):
     """``make_pair(**RelayPair kwargs)``; every pair is stopped at teardown
-    (before the test bed goes) and its logs printed (shown on failure)."""
+    (before the test bed goes) and its logs printed (shown on failure).
+    The relays run the ``relay_io`` fixture's [relay] io (conftest.py: none
+    given; a module covering both engines parametrizes it)."""
     # A short directory: the control sockets' paths must fit sun_path.
     workdir = tempfile.mkdtemp(prefix="trt-")
     pairs: list[RelayPair] = []
@@ -63,7 +82,7 @@ def make_pair(bed):
     def make(**kw) -> RelayPair:
         sub = os.path.join(workdir, str(len(pairs)))
         os.mkdir(sub)
-        pair = RelayPair(bed, workdir=sub, **kw)
+        pair = RelayPair(bed, workdir=sub, **with_relay_io(kw, relay_io))
         pairs.append(pair)
         return pair
 

@@ -1,7 +1,8 @@
 """Shared test fixtures: both pumps, and packets to feed them.
 
-Every pump test runs against the compiled pump (the product) and its
-pure-Python twin (the reference).  The compiled module must be built: if it
+Every pump test runs against the compiled pump (the product), with each of
+its TUN I/O engines (io "syscalls" and "uring"), and its pure-Python twin
+(the reference).  The compiled module must be built: if it
 is missing the pump tests fail, they are never skipped.
 """
 
@@ -24,43 +25,56 @@ def load_fastpath():
                     pytrace=False)
 
 
-PUMP_KINDS = ("c", "c-duplex", "python")
+PUMP_KINDS = ("c", "c-uring", "c-duplex", "python")
 
 #: The busy-polling budget of the "c-duplex" kind: every test of it runs
 #: the spinning code too.
 DUPLEX_SPIN_US = 50
 
-_duplex_class = None
+#: The compiled kinds: the options each gives the Pump unless a test gives
+#: them itself.  "c" is the pump as before issue 10 (a thread per
+#: direction, TUN writes one system call each); "c-uring" its io_uring
+#: engine; "c-duplex" one thread for both directions, busy polling, and the
+#: engine "auto" picks.
+COMPILED_KINDS = {"c": {"io": "syscalls"}, "c-uring": {"io": "uring"},
+                  "c-duplex": {"duplex": True, "busy_poll_us": DUPLEX_SPIN_US}}
+#: The compiled pump's TUN I/O engine per kind, where the kind fixes it.
+IO_OF_KIND = {"c": "syscalls", "c-uring": "uring"}
+
+_compiled_classes: dict = {}
 
 
 def load_pump_class(kind: str):
-    """The pump of a kind: "c" the compiled Pump (a thread per direction),
-    "c-duplex" the compiled Pump with duplex=True and busy polling (both
-    directions in one thread) unless the test says otherwise, "python"
-    the PyPump."""
-    global _duplex_class
-    if kind == "c":
-        return load_fastpath().Pump
-    if kind == "c-duplex":
-        if _duplex_class is None:
-            base = load_fastpath().Pump
+    """The pump class of a kind: a subclass of the compiled Pump with the
+    kind's options as defaults (COMPILED_KINDS), or "python" the PyPump."""
+    if kind in COMPILED_KINDS:
+        if kind not in _compiled_classes:
+            base, defaults = load_fastpath().Pump, COMPILED_KINDS[kind]
 
-            class DuplexPump(base):
+            class KindPump(base):
                 def __new__(cls, *args, **kwargs):
-                    kwargs.setdefault("duplex", True)
-                    kwargs.setdefault("busy_poll_us", DUPLEX_SPIN_US)
-                    return base.__new__(cls, *args, **kwargs)
+                    return base.__new__(cls, *args, **{**defaults, **kwargs})
 
-            _duplex_class = DuplexPump
-        return _duplex_class
+            KindPump.__name__ = KindPump.__qualname__ = f"Pump[{kind}]"
+            _compiled_classes[kind] = KindPump
+        return _compiled_classes[kind]
     from tunrelay.pypump import PyPump
     return PyPump
 
 
+@pytest.fixture
+def relay_io():
+    """The [relay] io of the relays a test's make_pair starts: None leaves
+    the key out (io "auto").  tests/test_integration.py parametrizes it
+    with both engines."""
+    return None
+
+
 @pytest.fixture(params=PUMP_KINDS)
 def pump_class(request):
-    """The compiled ``Pump`` ("c"), the same in one thread ("c-duplex"),
-    or the pure-Python ``PyPump`` ("python")."""
+    """The compiled ``Pump`` with io "syscalls" ("c") or "uring"
+    ("c-uring"), in one thread for both directions ("c-duplex"), or the
+    pure-Python ``PyPump`` ("python")."""
     return load_pump_class(request.param)
 
 

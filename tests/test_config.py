@@ -71,6 +71,7 @@ framing = "len16"
 [relay]
 batch = 128
 engine = "python"
+io = "syscalls"
 
 [stats]
 interval = 2.5
@@ -91,7 +92,7 @@ def test_empty_file_is_a_udp_relay_that_learns_its_peer(tmp_path):
     assert cfg.transport == TransportConfig(
         protocol="udp", listen=Endpoint("0.0.0.0", 55555), peer=None, framing="raw")
     assert not cfg.transport.is_server
-    assert cfg.relay == RelayConfig(batch=64, engine="fast")
+    assert cfg.relay == RelayConfig(batch=64, engine="fast", io="auto")
     assert cfg.stats == StatsConfig(interval=0.0, socket="")
     assert cfg.control_socket == "/run/tunrelay/tunrelay.sock"
 
@@ -130,7 +131,7 @@ def test_full_file(tmp_path):
     assert cfg.transport == TransportConfig(
         protocol="udp", listen=Endpoint("0.0.0.0", 4000), peer=Endpoint("192.0.2.7", 5000),
         framing="len16")
-    assert cfg.relay == RelayConfig(batch=128, engine="python")
+    assert cfg.relay == RelayConfig(batch=128, engine="python", io="syscalls")
     assert cfg.stats == StatsConfig(interval=2.5, socket="/tmp/tunrelay-test.sock")
     assert cfg.control_socket == "/tmp/tunrelay-test.sock"
 
@@ -603,6 +604,11 @@ BAD = [
      ['true needs engine = "fast"']),
     ('[relay]\nengine = "python"\nbusy_poll_us = 50\n', "relay.busy_poll_us",
      ['50 needs engine = "fast"']),
+    ('[relay]\nio = "io_uring"\n', "relay.io",
+     ['expected "auto", "uring" or "syscalls"', 'got a string "io_uring"']),
+    ("[relay]\nio = true\n", "relay.io", ['expected "auto", "uring" or "syscalls"', "got a boolean true"]),
+    ('[relay]\nengine = "python"\nio = "uring"\n', "relay.io",
+     ['expected "auto" or "syscalls" with engine = "python"', "no io_uring engine", 'got "uring"']),
     ("[stats]\ninterval = true\n", "stats.interval", ["expected a number of seconds", "got a boolean true"]),
     ('[stats]\ninterval = "10"\n', "stats.interval", ["expected a number of seconds", 'got a string "10"']),
     ("[stats]\nsocket = 1\n", "stats.socket", ["expected a string", "got an integer 1"]),

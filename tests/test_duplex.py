@@ -20,7 +20,7 @@ import threading
 
 import pytest
 from conftest import ip_packet, load_pump_class
-from pumprig import TIMEOUT, WAIT, Rig, recv_exactly, wait_for
+from pumprig import WAIT, Rig, recv_exactly, wait_for
 
 from tunrelay.errors import PumpArgumentError
 from tunrelay.framing import MAX_BUSY_POLL_US, len16_encode
@@ -38,13 +38,7 @@ def rig():
 def _tcp_pair(rig: Rig):
     """Two pump-side ends of one TCP connection on 127.0.0.1, with small
     buffers so that a few hundred packets fill them."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.settimeout(TIMEOUT)
-        a = rig.keep(socket.create_connection(listener.getsockname(), TIMEOUT))
-        b, _ = listener.accept()
-    rig.keep(b)
+    a, b = rig.tcp()
     for end in (a, b):
         end.setblocking(True)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)

@@ -191,10 +191,17 @@ def transfer(bed: Testbed, host: str) -> None:
             receiver.wait()
 
 
+@pytest.fixture(params=["syscalls", "uring"])
+def relay_io(request):
+    """Every relay pair of this module runs each TUN I/O engine in turn
+    ([relay] io; not on a side that runs the Python engine)."""
+    return request.param
+
+
 # -------------------------------------------------------------------- cases
 
 @pytest.mark.parametrize("protocol,mode", [("udp", "tun"), ("tcp", "tun"), ("udp", "tap")])
-def test_tunnel_carries_ping_and_a_byte_exact_transfer(bed, make_pair, protocol, mode):
+def test_tunnel_carries_ping_and_a_byte_exact_transfer(bed, make_pair, protocol, mode, relay_io):
     pair = make_pair(protocol=protocol, mode=mode)
     pair.start()
     assert_ping(bed, bed.ns_a, TUNNEL_B)
@@ -205,6 +212,7 @@ def test_tunnel_carries_ping_and_a_byte_exact_transfer(bed, make_pair, protocol,
     snapshots = {name: cli_stats(bed, pair, name) for name in ("a", "b")}
     for name, snapshot in snapshots.items():
         assert snapshot["transport"] == protocol and snapshot["mode"] == mode
+        assert snapshot["io"] == relay_io, snapshot
         assert "peers" not in snapshot  # [[peer]] only: point to point is as it was
         assert snapshot["device"] == DEVICE
         for direction in ("egress", "ingress"):

@@ -5,7 +5,8 @@ carries a 10-byte virtio_net_hdr.  Egress cuts TSO/USO super-packets into
 wire packets (``segment_packet``); ingress joins consecutive TCP segments of
 one flow back into one GSO super-packet (``coalesce_and_write``).  As in
 test_pump.py, one end of a SOCK_SEQPACKET socketpair stands in for the TUN
-fd and loopback UDP sockets (or a TCP connection) are the network.
+fd and loopback UDP sockets (or a TCP connection) are the network.  Every
+test runs with both TUN I/O engines (io "syscalls" and "uring").
 
 The expected bytes come from a small pure-Python reference in this file: an
 RFC 1071 checksum, packet builders with correct checksums, a segmenter that
@@ -489,8 +490,8 @@ class OffloadRig(Rig):
     """The shared rig with compiled pumps, offloads on by default, room in
     the stand-in for 64 KiB super-packets, and ready-made pump set-ups."""
 
-    def __init__(self) -> None:
-        super().__init__(load_fastpath().Pump, tun_buffer=BUFFER, mtu=MTU, offload=True)
+    def __init__(self, io: str = "syscalls") -> None:
+        super().__init__(load_fastpath().Pump, tun_buffer=BUFFER, mtu=MTU, offload=True, io=io)
 
     def udp_pump(self, family=socket.AF_INET, **options):
         """tun test end, peer socket, pump socket, pump (not started)."""
@@ -506,9 +507,10 @@ class OffloadRig(Rig):
         return tun, peer, self.pump(tun_end, sock, **options)
 
 
-@pytest.fixture
-def rig():
-    rig = OffloadRig()
+@pytest.fixture(params=["syscalls", "uring"])
+def rig(request):
+    """The rig, its pumps on one TUN I/O engine (each test runs with both)."""
+    rig = OffloadRig(request.param)
     yield rig
     rig.close()
 

@@ -6,6 +6,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from tunrelay.includes.crypto cimport EVP_CIPHER_CTX
 from tunrelay.includes.crypto cimport EVP_CIPHER
 from tunrelay.includes.crypto cimport EVP_MAC, EVP_MAC_CTX
+from tunrelay.includes.uring cimport io_uring, io_uring_cqe
 from tunrelay.includes.system cimport (iovec, mmsghdr, pthread_mutex_t, sockaddr_storage,
                                        socklen_t, virtio_net_hdr)
 
@@ -24,6 +25,26 @@ cdef struct Segment:
 cdef struct Packet:
     uint8_t *data
     uint32_t length
+
+
+# The ingress loop's io_uring (the io "uring" engine, _uring.pxi); ring
+# NULL: the syscall engine.  The TUN writes of a receive batch are queued,
+# then submitted in one io_uring_enter.  (TUN reads stay read() calls: see
+# _uring.pxi.)
+cdef struct TunRing:
+    io_uring *ring
+    unsigned int entries      # writes one submission holds at most
+    io_uring_cqe **cqes       # entries: what one reap collects
+    int *res                  # per queued write: its result
+    unsigned int queued       # writes waiting for the submission
+    iovec *iov                # the queued writes' iovecs, back to back
+    size_t iov_used
+    size_t iov_cap
+    virtio_net_hdr *hdrs      # offload: each queued write's own header
+    uint32_t *packets         # per queued write: packets, bytes (for the counters),
+    uint32_t *bytes           #   its first iovec and how many
+    uint32_t *first
+    uint32_t *niov
 
 
 # Sizes of the counter arrays; they must match counters.DROP_REASONS and
@@ -373,6 +394,7 @@ cdef struct IngressState:
     EVP_CIPHER_CTX *open_ctx  # session framing: keyed for open_gen
     EVP_MAC_CTX *gate_mac     # session framing: the handshake gate's BLAKE2s
     uint64_t open_gen
+    TunRing ur                # io "uring": the TUN writes
 
 
 # A pump: what both loops read (set up while stopped), then each loop's own
@@ -463,6 +485,8 @@ cdef class Pump:
     cdef readonly str cipher
     cdef readonly object keyring
     cdef readonly PeerTable peers
+    cdef readonly str io          # the TUN I/O engine running: "uring" or "syscalls"
+    cdef readonly str io_fallback # io "auto" on syscalls: why io_uring could not be set up
 
     cdef int _inspect_socket(self, object peer) except -1
     cdef void _size_slots(self)
@@ -470,3 +494,4 @@ cdef class Pump:
     cdef int _allocate_stream_buffers(self) except -1
     cdef int _allocate_offload_scratch(self) except -1
     cdef void _link_messages(self)
+    cdef int _setup_io(self, str io) except -1

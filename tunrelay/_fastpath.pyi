@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple, Self
 from tunrelay._runner import Outcome
 from tunrelay.aead import Cipher, Role
 from tunrelay.framing import Framing, Mode, PeerFraming
+from tunrelay.framing import IoEngine
 from tunrelay.pumps import Address, FileDescriptorLike, PumpStats
 
 _Bytes = bytes | bytearray | memoryview
@@ -51,7 +52,7 @@ class Pump:
                  key: bytes | bytearray | Keyring | None = None,
                  cipher: Cipher = "chacha20-poly1305", role: Role = "a",
                  gso: bool = True, peers: PeerTable | None = None, duplex: bool = False,
-                 busy_poll_us: int = 0) -> None: ...
+                 busy_poll_us: int = 0, io: IoEngine = "auto") -> None: ...
     @property
     def framing(self) -> Framing | PeerFraming: ...
     @property
@@ -94,6 +95,12 @@ class Pump:
     @property
     def offloads(self) -> dict[str, bool]:
         """{"vnet_hdr", "gso", "gro"}: what the offload path uses now."""
+    @property
+    def io(self) -> Literal["uring", "syscalls"]:
+        """The TUN I/O engine running (what io="auto" chose)."""
+    @property
+    def io_fallback(self) -> str | None:
+        """io "auto" running syscalls: why io_uring could not be set up."""
     def attach(self, sock_fd: FileDescriptorLike, *, peer: Address | None = None) -> None:
         """Swap in a new socket (a TCP reconnect) while stopped."""
     def send_control(self, address: Address, data: _Bytes) -> None:
@@ -184,6 +191,12 @@ class PrefixTable:
         """The peer of the longest prefix containing ``address``, or None."""
     def lookup_packet(self, packet: _Bytes, source: bool = False) -> int | None:
         """The peer for an IP packet's destination (or source), or None."""
+
+#: What io="auto" runs where io_uring can be set up.
+AUTO_IO: Literal["uring", "syscalls"]
+
+def uring_unavailable() -> str | None:
+    """None where a pump can set up its io_uring; else why not."""
 
 def validate(data: _Bytes, mode: Mode, limit: int) -> str | None:
     """The C ingress check on one packet: None, or the drop reason."""

@@ -41,8 +41,8 @@ from tunrelay.includes.system cimport (
 from tunrelay import counters as _counters
 from tunrelay._runner import (CLOSED, FATAL, PROTOCOL_ERROR, STOPPED,
                               LoopRunner, Outcome)
-from tunrelay.errors import PumpArgumentError, PumpStateError
-from tunrelay.framing import (FRAMINGS, MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, MODES,
+from tunrelay.errors import EngineUnavailable, PumpArgumentError, PumpStateError
+from tunrelay.framing import (FRAMINGS, IO_ENGINES, MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, MODES,
                               PEER_FRAMINGS,
                               max_frame as _max_frame)
 
@@ -52,6 +52,7 @@ include "_aead.pxi"
 include "_allowedips.pxi"
 include "_peers.pxi"
 include "_loops.pxi"
+include "_uring.pxi"
 
 if len(_counters.DROP_REASONS) != N_DROPS or len(_counters.ERROR_KINDS) != N_ERRORS:
     raise ImportError("tunrelay._fastpath was built against other counter names")
@@ -60,6 +61,10 @@ cdef enum:
     # One large recv per wake-up on TCP: many frames are parsed in place.
     STREAM_BUFFER = 256 * 1024
     MAX_BATCH = 1024
+
+#: What io="auto" (tunrelay.framing.IO_ENGINES) picks where io_uring is available (by measurement:
+#: benchmarks/RESULTS.md, issue 10).
+AUTO_IO = "uring"
 
 _STATUS_REASONS = {ST_STOPPED: STOPPED, ST_CLOSED: CLOSED,
                    ST_PROTOCOL: PROTOCOL_ERROR, ST_FATAL: FATAL}
@@ -97,7 +102,7 @@ cdef class Pump:
     def __cinit__(self, tun_fd, sock_fd, *, framing=None, mode="tun",
                   int mtu=1400, int batch=64, peer=None, bint offload=False,
                   key=None, cipher="chacha20-poly1305", role="a", bint gso=True,
-                  PeerTable peers=None, bint duplex=False, int busy_poll_us=0):
+                  PeerTable peers=None, bint duplex=False, int busy_poll_us=0, io="auto"):
         cdef void *mem = NULL
         # 64-byte aligned: each direction's counters sit on lines of their own.
         if posix_memalign(&mem, 64, sizeof(PumpState)) != 0:
@@ -108,6 +113,8 @@ cdef class Pump:
         self.st.eg.reader = self.st.ing.reader = -1
         if mode not in MODES:
             raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        if io not in IO_ENGINES:
+            raise PumpArgumentError(f"io must be one of {IO_ENGINES}, got {io!r}")
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise PumpArgumentError(f"mtu must be {MIN_MTU}..{MAX_MTU}, got {mtu}")
         if not 1 <= batch <= MAX_BATCH:
@@ -150,6 +157,7 @@ cdef class Pump:
         self._link_messages()
         if peers is not None:
             self._setup_peers(peers, framing)
+        self._setup_io(io)
 
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
@@ -254,6 +262,28 @@ cdef class Pump:
             self.st.ing.msgs[i].msg_hdr.msg_iovlen = 1
             self.st.ing.msgs[i].msg_hdr.msg_name = &self.st.ing.names[i]
 
+    cdef int _setup_io(self, str io) except -1:
+        """The TUN I/O engine: "uring" gives the ingress loop an io_uring for
+        its TUN writes (its own: whatever thread runs it, no other loop
+        touches it); "syscalls" none.  io "auto" falls back to syscalls
+        where io_uring cannot be set up (no io_uring: ENOSYS;
+        kernel.io_uring_disabled or seccomp: EPERM); io "uring" then fails."""
+        cdef int rc = 0
+        self.io = "syscalls"
+        if io == "syscalls" or (io == "auto" and AUTO_IO == "syscalls"):
+            return 0
+        rc = tunring_open(&self.st.ing.ur, URING_WRITES, True)
+        if rc == 0:
+            self.io = "uring"
+            return 0
+        if io == "uring":
+            raise EngineUnavailable(
+                f'io "uring": io_uring cannot be set up here (io_uring_queue_init: '
+                f'{os.strerror(-rc)}; kernel.io_uring_disabled, a seccomp filter or a kernel '
+                f'without io_uring); use io "auto" or "syscalls"')
+        self.io_fallback = os.strerror(-rc)
+        return 0
+
     def _setup_peers(self, PeerTable peers, str framing):
         """Per-slot destinations and peers, the session cipher contexts, and
         a reader epoch per loop in the table."""
@@ -349,6 +379,7 @@ cdef class Pump:
         free(self.st.eg.seg_cmsg)
         free(self.st.ing.gro_cmsg)
         free(self.st.ing.pkts)
+        tunring_close(&self.st.ing.ur)
         free(self.st)
         self.st = NULL
 
@@ -494,6 +525,8 @@ cdef class Pump:
                     reader_idle(st.peers, st.eg.reader)   # a stopped loop holds nothing
             err = st.eg.exit_errno
         else:
+            st.ing.ur.queued = 0      # (a loop never ends with writes queued)
+            st.ing.ur.iov_used = 0
             with nogil:
                 status = ingress_loop(st)
                 if st.peers != NULL:
@@ -848,6 +881,25 @@ cdef class PrefixTable:
 
 
 # ---------------------------------------------------------------- test hooks
+
+def uring_unavailable():
+    """None where a pump can set up its io_uring; else why not (the
+    strerror of io_uring_queue_init: io "auto" then runs syscalls)."""
+    cdef TunRing probe
+    cdef int rc = tunring_open(&probe, 1, False)
+    if rc == 0:
+        tunring_close(&probe)
+        return None
+    return os.strerror(-rc)
+
+
+def _simulate_uring_failure(int err):
+    """Test hook: from now on, setting up a pump's io_uring fails with errno
+    `err` (EPERM: as under kernel.io_uring_disabled or seccomp; ENOSYS: a
+    kernel without io_uring); 0 restores the real set-up."""
+    global uring_fail_errno
+    uring_fail_errno = err
+
 
 def validate(data, str mode, size_t limit):
     """The C ingress check on one packet: None, or the drop reason."""

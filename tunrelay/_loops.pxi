@@ -759,8 +759,8 @@ cdef int egress_loop(PumpState *st) noexcept nogil:
 
 # ---------------------------------------------------------------- ingress
 
-cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
-                    size_t length) noexcept nogil:
+cdef int tun_write_now(PumpState *st, iovec *iov, int count, uint32_t packets,
+                       size_t length) noexcept nogil:
     """One TUN write of `packets` packets (one, or a coalesced super-packet
     behind its virtio_net_hdr).  0, or -1 when the loop must end (stop
     fired: ingress_exit_errno 0; or the device is gone)."""
@@ -796,6 +796,16 @@ cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
         return 0
 
 
+cdef int tun_output(PumpState *st, iovec *iov, int count, uint32_t packets,
+                    size_t length) noexcept nogil:
+    """Write `packets` packets to the TUN (see tun_write_now); io "uring":
+    queued for flush_packets' one submission.  0, or -1 when the loop
+    must end."""
+    if st.ing.ur.ring != NULL:
+        return uring_queue_write(st, iov, count, packets, length)
+    return tun_write_now(st, iov, count, packets, length)
+
+
 cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
     """Validate one packet from the network; drop and count it, or write it
     (offload: queue it for the coalescer).  0, or -1 when the loop ends."""
@@ -816,9 +826,13 @@ cdef int deliver(PumpState *st, uint8_t *packet, size_t length) noexcept nogil:
 
 
 cdef int flush_packets(PumpState *st) noexcept nogil:
+    """End of a receive batch: write what the coalescer holds, and (io
+    "uring") submit the queued TUN writes.  0, or -1 when the loop ends."""
     cdef size_t n = st.ing.npkts
     st.ing.npkts = 0
-    return coalesce_and_write(st, st.ing.pkts, n) if n else 0
+    if n and coalesce_and_write(st, st.ing.pkts, n) != 0:
+        return -1
+    return uring_flush_writes(st) if st.ing.ur.queued else 0
 
 
 cdef int stream_sink(void *ctx, const uint8_t *frame, size_t length) noexcept nogil:

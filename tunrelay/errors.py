@@ -48,6 +48,12 @@ class PumpArgumentError(TunrelayError, ValueError):
     before any thread runs.  Also a ``ValueError``, as these were before."""
 
 
+class EngineUnavailable(TunrelayError):
+    """The TUN I/O engine asked for cannot run here: ``io="uring"`` where
+    io_uring cannot be set up (a kernel without it, ``kernel.io_uring_disabled``,
+    a seccomp filter).  ``io="auto"`` falls back to syscalls instead."""
+
+
 class PumpStateError(TunrelayError, RuntimeError):
     """A pump call made in a state that does not allow it: ``start()`` on a
     running pump, ``attach()`` on one that is not stopped.  Also a

@@ -23,6 +23,15 @@ Mode = Literal["tun", "tap"]
 FRAMINGS: tuple[Framing, ...] = get_args(Framing)
 PEER_FRAMINGS: tuple[PeerFraming, ...] = get_args(PeerFraming)
 MODES: tuple[Mode, ...] = get_args(Mode)
+#: The TUN I/O engines (a pump's ``io=``, ``[relay] io``): "uring" puts a
+#: receive batch's TUN writes into one io_uring_enter (TUN reads stay
+#: read() calls: batched, they did not pay); "syscalls" makes a writev per
+#: packet;
+#: "auto" runs the compiled pump's preferred one
+#: (``tunrelay._fastpath.AUTO_IO``) where io_uring can be set up, else
+#: "syscalls".  The Python pump has "syscalls" only.
+IoEngine = Literal["auto", "uring", "syscalls"]
+IO_ENGINES: tuple[IoEngine, ...] = get_args(IoEngine)
 
 #: The MTUs a pump accepts.  RFC 791: every IPv4 link carries at least 68
 #: bytes; an IP length field counts at most 65535.

@@ -9,7 +9,7 @@ that both classes satisfy it, with the same signatures.
 
 from __future__ import annotations
 
-from typing import Protocol, Self, TypedDict, runtime_checkable
+from typing import Literal, Protocol, Self, TypedDict, runtime_checkable
 
 from ._runner import Outcome
 from .framing import Framing, Mode, PeerFraming
@@ -76,6 +76,11 @@ class PumpLike(Protocol):
 
     @property
     def learns_peer(self) -> bool: ...
+
+    @property
+    def io(self) -> Literal["uring", "syscalls"]:
+        """The TUN I/O engine running (what io="auto" chose)."""
+        ...
 
     def start(self) -> None:
         """Start both loops, each in its own thread."""

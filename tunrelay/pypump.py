@@ -13,7 +13,7 @@ import os
 import select
 import socket
 import threading
-from typing import Self, cast
+from typing import Literal, Self, cast
 
 from . import counters
 from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome, Reason
@@ -21,6 +21,7 @@ from .aead import CIPHERS, ROLES, Cipher, Role
 from .errors import PumpArgumentError, PumpStateError
 from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
                       MODES, Framing, Len16Parser, Mode, len16_encode, max_frame, validate)
+from .framing import IO_ENGINES, IoEngine
 from .pumps import Address, FileDescriptorLike, PumpStats
 
 _DEVICE_GONE = (errno.EBADFD, errno.EBADF)
@@ -80,7 +81,7 @@ class PyPump:
                  batch: int = 64, peer: Address | None = None, offload: bool = False,
                  key: object = None, cipher: Cipher = CIPHERS[0], role: Role = ROLES[0],
                  gso: bool = True, peers: object = None, duplex: bool = False,
-                 busy_poll_us: int = 0) -> None:
+                 busy_poll_us: int = 0, io: IoEngine = "auto") -> None:
         # Same signature as the compiled Pump, so either is made by one call;
         # this pump sends one datagram per call (gso has no effect), and has
         # no TUN offloads, no aead framing (key, cipher and role) and no
@@ -92,6 +93,11 @@ class PyPump:
         if duplex or busy_poll_us:
             raise PumpArgumentError("the Python pump runs a sleeping thread per direction: "
                                     "duplex= and busy_poll_us= need the compiled Pump")
+        if io not in IO_ENGINES:
+            raise PumpArgumentError(f"io must be one of {IO_ENGINES}, got {io!r}")
+        if io == "uring":
+            raise PumpArgumentError('the Python pump has no io_uring engine (io "uring"): '
+                                    'use the compiled Pump, or io "auto" or "syscalls"')
         if mode not in MODES:
             raise PumpArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -442,6 +448,11 @@ class PyPump:
     @property
     def learns_peer(self) -> bool:
         return self._learn_peer
+
+    @property
+    def io(self) -> Literal["uring", "syscalls"]:
+        """The TUN I/O engine: a read or write per packet, always."""
+        return "syscalls"
 
     def __enter__(self) -> Self:
         return self

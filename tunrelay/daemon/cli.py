@@ -18,6 +18,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import ConfigError, TunrelayError
@@ -93,6 +94,9 @@ def cmd_run(args) -> int:
     from .privileges import drop_privileges
     from .relay import Relay
     cfg, settings = _load_either(args)
+    if args.verbose == 0:
+        from .reload import set_log_level
+        set_log_level(cfg.stats.log_level if cfg is not None else settings.log_level)
     if settings is not None:
         from ..wireguard.run import run as run_wireguard
         run_wireguard(settings)
@@ -105,9 +109,13 @@ def cmd_run(args) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    # SIGHUP: nothing to reload yet; documented as a no-op rather than the
-    # default action (which would kill the relay without a clean teardown).
-    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP: ignored (nothing to reload)"))
+    def on_hup(_signum, _frame):
+        # Not in the handler itself: it would run between two bytecodes
+        # of the supervisor, which uses the same PeerTable.
+        log.info("SIGHUP: reloading %s", cfg.path)
+        threading.Thread(target=relay.reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
     relay.open()
     try:
         drop_privileges(cfg.security.user, cfg.security.group)
@@ -138,14 +146,32 @@ def cmd_check(args) -> int:
                           for p in cfg.peers)
         print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
               f"mtu {cfg.device.mtu}, {role}, framing {t.framing}, listen {t.listen}, "
-              f"{len(cfg.peers)} peers: {peers}{_metrics_note(cfg.metrics)}")
+              f"{len(cfg.peers)} peers: {peers}, {_describe_io(cfg)}{_metrics_note(cfg.metrics)}")
         return EXIT_OK
     print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
           f"mtu {cfg.device.mtu}, {role}, framing {t.framing}"
           f"{f' (role {cfg.security.role})' if t.framing == 'aead' else ''}, "
           f"listen {t.listen or '-'}, peer {t.peer or '(learned)' if t.protocol == 'udp' else t.peer or '-'}"
-          f"{_metrics_note(cfg.metrics)}")
+          f", {_describe_io(cfg)}{_metrics_note(cfg.metrics)}")
     return EXIT_OK
+
+
+def _describe_io(cfg) -> str:
+    """[relay] io, and what it comes to on this machine: io_uring is tried
+    (a ring set up and closed), nothing else is touched."""
+    io = cfg.relay.io
+    if cfg.relay.engine != "fast" or io == "syscalls":
+        return "io syscalls"
+    try:
+        from .._fastpath import AUTO_IO, uring_unavailable
+    except ImportError:
+        return f"io {io} (the compiled pump is not built)"
+    why = uring_unavailable()
+    if why is None:
+        return f"io {io}" + (f" ({AUTO_IO} here)" if io == "auto" else "")
+    if io == "uring":
+        return f"io uring (NOT available here: {why}; the relay would not start)"
+    return f"io auto (syscalls here: io_uring {why})"
 
 
 def _metrics_note(metrics) -> str:
@@ -157,17 +183,43 @@ def _metrics_note(metrics) -> str:
 
 def cmd_stats(args) -> int:
     from .stats import format_table, query
-    if args.wg_config is not None:
-        from ..wireguard.run import interface_name
-        path = args.socket or f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
-    else:
-        path = args.socket or _load(args.config).control_socket
-    snapshot = query(path)
+    snapshot = query(_control_path(args))
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
         print(format_table(snapshot))
     return EXIT_OK
+
+
+#: How long `tunrelay reload` waits for the relay's answer (a reload
+#: resolves the new peers' endpoints, which may ask DNS).
+RELOAD_TIMEOUT_S = 30.0
+
+
+def cmd_reload(args) -> int:
+    """Ask the running relay to re-read its configuration; 0 if it applied
+    it, 1 if it refused it (the relay says why, and keeps running)."""
+    from .stats import query
+    path = _control_path(args)
+    answer = query(path, timeout=RELOAD_TIMEOUT_S, request="reload")
+    if "reload" not in answer:
+        raise TunrelayError(f"the relay on {path} cannot reload: {answer.get('error', answer)}")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(f"{answer['config']}: {answer['reload']}: {answer['message']}")
+    return EXIT_OK if answer["reload"] == "applied" else EXIT_RUNTIME
+
+
+def _control_path(args) -> str:
+    """The control socket of the running relay that --config, --wg-config
+    (with --name) or --socket names."""
+    if args.socket:
+        return args.socket
+    if args.wg_config is not None:
+        from ..wireguard.run import interface_name
+        return f"/run/tunrelay/{args.name or interface_name(args.wg_config)}.sock"
+    return _load(args.config).control_socket
 
 
 def cmd_genkey(args) -> int:
@@ -223,15 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check, wg_only=("name",))
 
     p = sub.add_parser("stats", help="show a running relay's counters")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
-    target.add_argument("--wg-config", metavar="FILE",
-                        help="the wg-quick file of a running `tunrelay run --wg-config`")
-    target.add_argument("--socket", metavar="PATH", help="its control socket")
-    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
-                                                    "was run with")
+    _running_relay(p)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_stats, wg_only=("name",))
+
+    p = sub.add_parser("reload", help="make a running relay re-read its configuration and apply "
+                                      "what can change live (as SIGHUP does), and say what it did")
+    _running_relay(p)
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=cmd_reload, wg_only=("name",))
 
     p = sub.add_parser("genkey", help="print a new pre-shared key (base64) for framing = \"aead\", "
                                       "or with --wireguard a WireGuard private key (`wg genkey`)")
@@ -259,12 +311,23 @@ def _config_or_wg(p: argparse.ArgumentParser) -> None:
                                                     "(default: the file's name, wg0 for wg0.conf)")
 
 
+def _running_relay(p: argparse.ArgumentParser) -> None:
+    """Which running relay a command talks to (see _control_path)."""
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", "-c", metavar="FILE", help="the running relay's configuration")
+    target.add_argument("--wg-config", metavar="FILE",
+                        help="the wg-quick file of a running `tunrelay run --wg-config`")
+    target.add_argument("--socket", metavar="PATH", help="its control socket")
+    p.add_argument("--name", metavar="IFNAME", help="with --wg-config: the interface name it "
+                                                    "was run with")
+
+
 def _check_wg_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Options that only mean something with --wg-config are usage errors without it."""
     if getattr(args, "wg_config", None) is not None:
         return
     for option in getattr(args, "wg_only", ()):
-        if option == "socket" and args.command == "stats":
+        if option == "socket" and args.command in ("stats", "reload"):
             continue
         if getattr(args, option, None) is not None:
             parser.error(f"--{option} applies to --wg-config only (a TOML file sets it in the file)")

@@ -31,8 +31,8 @@ from ..aead import CIPHERS, ROLES
 from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from ..aead import OVERHEAD as AEAD_OVERHEAD
 from ..errors import ConfigError
-from ..framing import (DEFAULT_MTU, FRAMINGS, LEN16_LIMIT, MAX_BATCH, MAX_BUSY_POLL_US,
-                       MAX_MTU, MIN_MTU, max_frame)
+from ..framing import (DEFAULT_MTU, FRAMINGS, IO_ENGINES, LEN16_LIMIT, MAX_BATCH,
+                       MAX_BUSY_POLL_US, MAX_MTU, MIN_MTU, max_frame)
 from ..framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured
@@ -77,6 +77,8 @@ CONFIG_FRAMINGS = (*FRAMINGS, WIREGUARD)
 WG_DEFAULT_MTU = 1420
 WG_DEFAULT_PORT = 51820
 MAX_FWMARK = 2**32 - 1
+# [stats] log_level: the names of the logging module's levels, lower case.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_KEEPALIVE = 65535
 # [metrics]: the Prometheus endpoint.  Its scrapes are plain HTTP without
 # authentication, so a non-loopback address needs allow_remote = true.
@@ -350,6 +352,11 @@ class RelayConfig:
     # where they apply (mode tun, compiled engine) and the kernel has them;
     # True insists (an error where they cannot apply); False never.
     offload: str | bool = "auto"
+    # The compiled pump's TUN I/O engine (tunrelay.framing.IO_ENGINES):
+    # "uring" batches the TUN writes through io_uring (an error at
+    # start where io_uring cannot be set up), "syscalls" one per packet,
+    # "auto" the faster where io_uring is available, else syscalls.
+    io: str = "auto"
     # Both directions of a queue in one thread (True), one thread each
     # (False), or "auto": one for the compiled engine, two for the Python one.
     duplex: str | bool = "auto"
@@ -378,6 +385,9 @@ class StatsConfig:
 
     interval: float = 0.0  # seconds; 0 = no periodic log line
     socket: str = ""  # "" = /run/tunrelay/<device>.sock
+    # The relay's log level (LOG_LEVELS); `tunrelay run -v` means "debug"
+    # at start.  A reload applies a changed one.
+    log_level: str = "info"
 
     def socket_path(self, device_name: str) -> str:
         return self.socket or f"/run/tunrelay/{device_name or 'tunrelay'}.sock"
@@ -624,6 +634,9 @@ def _with_wireguard(cfg: Config, tables: dict, peer_tables: list[_Table]) -> Con
     if "batch" in tables["relay"].data:
         raise tables["relay"].error("batch", f"does not apply to {why}: the WireGuard device "
                                              "sizes its pumps' batches itself; remove batch")
+    if "io" in tables["relay"].data:
+        raise tables["relay"].error("io", f"does not apply to {why}: the WireGuard device "
+                                          'runs io "auto"; remove io')
     security = tables["security"]
     for key, reason in _NOT_WIREGUARD.items():
         if key in security.data:
@@ -717,6 +730,10 @@ def _check_across_tables(cfg: Config, tables: dict) -> None:
             raise tables["device"].error(
                 "queues", f"{cfg.device.queues} queues need [transport] peer (or [[peer]] "
                 "tables): a peer learned by one queue is unknown to the others")
+    if cfg.relay.io == "uring" and cfg.relay.engine != "fast":
+        raise tables["relay"].error(
+            "io", 'expected "auto" or "syscalls" with engine = "python" (the Python pump '
+            'has no io_uring engine), got "uring"')
     if cfg.relay.engine != "fast":
         if cfg.relay.duplex is True:
             raise tables["relay"].error(
@@ -745,9 +762,9 @@ _PEER_KEYS = ("name", "endpoint", "allowed_ips", "roaming", *_WG_PEER_KEYS)
 _KEYS = {
     "device": ("name", "mode", "mtu", "address", "routes", "persist", "owner", "group", "queues"),
     "transport": ("protocol", "listen", "peer", "framing", "learn", "allow", "away_hold_ms"),
-    "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us"),
+    "relay": ("batch", "engine", "offload", "duplex", "busy_poll_us", "io"),
     "security": ("key_file", "cipher", "role", "user", "group"),
-    "stats": ("interval", "socket"),
+    "stats": ("interval", "socket", "log_level"),
     WIREGUARD: ("private_key_file", "fwmark"),
     "metrics": ("listen", "allow_remote"),
 }
@@ -1278,6 +1295,7 @@ def _read_relay(table: _Table) -> RelayConfig:
         duplex=_auto_or_boolean(table, "duplex"),
         busy_poll_us=(_integer(table, "busy_poll_us", 0, MAX_BUSY_POLL_US, 0)
                       if "busy_poll_us" in table.data else None),
+        io=_choice(table, "io", IO_ENGINES, RelayConfig.io),
     )
 
 
@@ -1296,7 +1314,8 @@ def _offload(table: _Table) -> str | bool:
 
 
 def _read_stats(table: _Table) -> StatsConfig:
-    return StatsConfig(interval=_interval(table), socket=_socket_path(table))
+    return StatsConfig(interval=_interval(table), socket=_socket_path(table),
+                       log_level=_choice(table, "log_level", LOG_LEVELS, StatsConfig.log_level))
 
 
 def _interval(table: _Table) -> float:
@@ -1391,8 +1410,8 @@ def to_toml(cfg: Config) -> str:
                       "allow": t.allow or None,
                       "away_hold_ms": t.away_hold_ms if t.protocol == "tcp" else None},
         "relay": {"batch": r.batch, "engine": r.engine, "offload": r.offload,
-                  "duplex": r.duplex, "busy_poll_us": r.busy_poll_us},
-        "stats": {"interval": s.interval, "socket": s.socket},
+                  "duplex": r.duplex, "busy_poll_us": r.busy_poll_us, "io": r.io},
+        "stats": {"interval": s.interval, "socket": s.socket, "log_level": s.log_level},
         "security": {"key_file": cfg.security.key_file, "cipher": cfg.security.cipher,
                      "role": cfg.security.role or None,
                      "user": cfg.security.user, "group": cfg.security.group},
@@ -1402,6 +1421,7 @@ def to_toml(cfg: Config) -> str:
         for key in _NOT_WIREGUARD:
             tables["security"][key] = None
         tables["relay"]["batch"] = None
+        tables["relay"]["io"] = None
         tables[WIREGUARD] = {"private_key_file": wg.private_key_file, "fwmark": wg.fwmark}
     m = cfg.metrics
     if m.listen is not None:

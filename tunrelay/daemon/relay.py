@@ -111,6 +111,9 @@ class Relay:
         self._away: AwayDrain | None = None
         #: [metrics] listen: the Prometheus endpoint (daemon/metrics.py).
         self._metrics = None
+        #: reload (made on the first): and when the next stats line is due.
+        self._reloader = None
+        self._next_log: float | None = None
 
     # ------------------------------------------------------------ control
 
@@ -147,6 +150,7 @@ class Relay:
             "engine": self.cfg.relay.engine,
             "loop": ({"duplex": self.pumps[0].duplex, "busy_poll_us": self.pumps[0].busy_poll_us}
                      if self.pumps else None),
+            "io": self.pumps[0].io if self.pumps else None,
             "queues": len(self.device.fds) or self.cfg.device.queues,
             "offload": ({k: v for k, v in self.pumps[0].offloads.items()}
                         if self.pumps and hasattr(self.pumps[0], "offloads") else None),
@@ -243,7 +247,8 @@ class Relay:
                 self._away = AwayDrain(self.device.fds, tcfg.away_hold_ms / 1000,
                                        vnet_hdr=self.device.vnet_hdr,
                                        log=logging.getLogger("tunrelay.daemon.away"))
-            self._control = ControlServer(self.cfg.control_socket, self.snapshot)
+            self._control = ControlServer(self.cfg.control_socket, self.snapshot,
+                                          requests={"reload": self.reload})
             self._control.open()
             self._metrics = open_metrics(self.cfg.metrics, self.snapshot)
         except BaseException:
@@ -266,6 +271,32 @@ class Relay:
                           allowed_ips=[str(network) for network in peer.allowed_ips])
         self._peer_endpoints = {pid: table.info(pid)["endpoint"] for pid in table.ids()}
         return table
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> dict:
+        """Re-read the config file and apply what can change live, or
+        nothing (daemon/reload.py); the outcome as ``tunrelay reload``
+        reports it.  Safe from any thread but a signal handler."""
+        from .reload import Reloader
+        if self._reloader is None:
+            self._reloader = Reloader(self)
+        return self._reloader.reload().to_dict()
+
+    def resolve_endpoint(self, peer) -> tuple | None:
+        """A [[peer]]'s endpoint as the table holds it (see _peer_table)."""
+        if peer.endpoint is None:
+            return None
+        return _transport.resolve_for_socket(peer.endpoint, self._udp[0],
+                                             f"peer {peer.name!r} endpoint")
+
+    def reloaded(self) -> None:
+        """After a reload applied: the peers' endpoints as logged (new
+        peers' too), and the stats interval restarts from now."""
+        if self.peers is not None:
+            self._peer_endpoints = {pid: self.peers.info(pid)["endpoint"]
+                                    for pid in self.peers.ids()}
+        self._next_log = None
 
     def _describe_peers(self) -> str:
         parts = []
@@ -383,7 +414,8 @@ class Relay:
         return True
 
     def _make_pumps(self, socks: list[socket.socket]) -> None:
-        options = {"offload": True} if self.device.vnet_hdr else {}
+        options: dict = {"offload": True} if self.device.vnet_hdr else {}
+        options["io"] = self.cfg.relay.io
         if self.cfg.relay.offload is False and self.cfg.relay.engine == "fast":
             options["gso"] = False  # offload = false: no UDP GSO either
         if self.cfg.relay.engine == "fast":
@@ -400,6 +432,11 @@ class Relay:
                 fd, sock, framing=self.cfg.transport.framing,
                 mode=self.cfg.device.mode, mtu=self.cfg.device.mtu,
                 batch=self.cfg.relay.batch, **options))
+        fallback = getattr(self.pumps[0], "io_fallback", None)
+        log.info("io: %s%s", self.pumps[0].io,
+                 f' (io "auto": io_uring cannot be set up here: {fallback})' if fallback else
+                 " (a receive batch's TUN writes in one io_uring_enter)"
+                 if self.pumps[0].io == "uring" else "")
         if self.keyring is not None:
             log.info("aead: %s, role %s, session %s", self.cfg.security.cipher, self.keyring.role,
                      ", ".join(p.aead_session for p in self.pumps))
@@ -418,8 +455,7 @@ class Relay:
             return _stopped()
         for pump in self.pumps:
             pump.start()
-        interval = self.cfg.stats.interval
-        next_log = time.monotonic() + interval if interval else None
+        self._next_log = None
         while True:
             outcome = self.pumps[0].wait(SUPERVISE_SLICE_S)
             if outcome is None:
@@ -435,9 +471,19 @@ class Relay:
                 for pump in self.pumps:
                     pump.stop()
                 return Outcome(REPLACED, message="a newly proven connection replaces it")
-            if next_log is not None and time.monotonic() >= next_log:
-                log.info("stats: %s", format_line(self.stats()))
-                next_log += interval
+            self._log_stats()
+
+    def _log_stats(self) -> None:
+        """Every [stats] interval (read each time: a reload may change it)."""
+        interval, now = self.cfg.stats.interval, time.monotonic()
+        if not interval:
+            self._next_log = None  # a reload may turn it on again: from then on
+            return
+        if self._next_log is None:
+            self._next_log = now + interval
+        elif now >= self._next_log:
+            log.info("stats: %s", format_line(self.stats()))
+            self._next_log = max(self._next_log + interval, now)
 
     def _end_away(self) -> None:
         """A peer is connected: stop dropping what waits in the device (the

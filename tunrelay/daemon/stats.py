@@ -31,8 +31,8 @@ def format_table(snapshot: dict) -> str:
     """A human table: header facts, then one column per direction (and
     for a WireGuard device, its counters and one line per peer)."""
     lines = []
-    for key in ("device", "mode", "queues", "transport", "framing", "engine", "loop", "offload",
-                "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
+    for key in ("device", "mode", "queues", "transport", "framing", "engine", "loop", "io",
+                "offload", "aead", "wireguard", "state", "peer", "peer_mode", "connections", "rejected",
                 "refused", "uptime"):
         if key in snapshot and snapshot[key] not in (None, ""):
             value = snapshot[key]
@@ -164,11 +164,15 @@ def format_line(snapshot: dict) -> str:
 
 
 class ControlServer:
-    """Serves ``snapshot()`` as JSON on a unix socket at ``path``."""
+    """Serves ``snapshot()`` as JSON on a unix socket at ``path``, and
+    each of ``requests`` (name -> a callable returning a dict, such as
+    "reload") as the answer to that name."""
 
-    def __init__(self, path: str, snapshot: Callable[[], dict]) -> None:
+    def __init__(self, path: str, snapshot: Callable[[], dict],
+                 requests: dict[str, Callable[[], dict]] | None = None) -> None:
         self.path = path
         self._snapshot = snapshot
+        self._requests = {name.encode(): call for name, call in (requests or {}).items()}
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -221,6 +225,9 @@ class ControlServer:
                 try:
                     client.settimeout(_CLIENT_TIMEOUT_S)
                     request = client.recv(_REQUEST_LIMIT).strip()
+                    if request in self._requests:
+                        client.sendall(json.dumps(self._requests[request]()).encode())
+                        continue
                     if request != b"stats":
                         client.sendall(json.dumps({"error": "unknown request"}).encode())
                         continue
@@ -251,8 +258,9 @@ class ControlServer:
             log.debug("control socket %s left behind: no permission to remove it", self.path)
 
 
-def query(path: str, timeout: float = _CLIENT_TIMEOUT_S) -> dict:
-    """Ask the relay listening on ``path`` for its counters."""
+def query(path: str, timeout: float = _CLIENT_TIMEOUT_S, request: str = "stats") -> dict:
+    """Ask the relay listening on ``path`` for its counters (or send it
+    another ``request``, such as "reload")."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -264,7 +272,7 @@ def query(path: str, timeout: float = _CLIENT_TIMEOUT_S) -> dict:
             raise TunrelayError(f"no relay is running: nothing answers on {path}") from exc
         except OSError as exc:
             raise TunrelayError(f"cannot reach the relay on {path}: {exc.strerror}") from exc
-        sock.sendall(b"stats\n")
+        sock.sendall(request.encode() + b"\n")
         chunks = []
         while True:
             chunk = sock.recv(65536)

@@ -54,6 +54,8 @@ WATCH_INTERVAL_S = 1.0
 WATCH_PEERS_PER_TICK = 512
 #: How long the control socket waits for the event loop's snapshot.
 SNAPSHOT_TIMEOUT_S = 2.0
+#: How long the control socket's thread waits for a reload on the loop.
+RELOAD_TIMEOUT_S = 25.0
 # wg-quick's rule for an interface name taken from a file name.
 _IFNAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}\Z")
 
@@ -76,6 +78,7 @@ class Settings:
     user: int | None = None
     group: int | None = None
     kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
+    log_level: str = "info"             # [stats] log_level (a reload applies it)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: off by default
 
 
@@ -108,7 +111,8 @@ def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings
         control_socket=cfg.control_socket, bind=listen.host,
         stats_interval=cfg.stats.interval, offload=cfg.relay.offload,
         duplex=cfg.relay.duplex_for(), busy_poll_us=cfg.relay.busy_poll_for(),
-        user=cfg.security.user, group=cfg.security.group, kind="toml", metrics=cfg.metrics)
+        user=cfg.security.user, group=cfg.security.group, kind="toml",
+        log_level=cfg.stats.log_level, metrics=cfg.metrics)
 
 
 def _as_is(host: str, port: int) -> tuple[str, int]:
@@ -202,8 +206,7 @@ class WgRunner:
         self._stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(signum, self._on_signal, signum)
-        self._loop.add_signal_handler(
-            signal.SIGHUP, lambda: log.info("SIGHUP: ignored (nothing to reload)"))
+        self._loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         assert self.device is not None
         try:
             self.wg = WireGuardDevice.from_config(s.wg, self.device.fds, mtu=s.device.mtu,
@@ -217,7 +220,8 @@ class WgRunner:
                      self.device.name, _b64(self.wg.public_key), s.bind,
                      len(s.wg.peers), "" if len(s.wg.peers) == 1 else "s")
             self._remember_peers()
-            self._control = ControlServer(s.control_socket, self._snapshot_from_thread)
+            self._control = ControlServer(s.control_socket, self._snapshot_from_thread,
+                                          requests={"reload": self._reload_from_thread})
             self._control.open()
             self._metrics = open_metrics(s.metrics, self._snapshot_from_thread)
             drop_privileges(s.user, s.group)
@@ -230,6 +234,62 @@ class WgRunner:
         finally:
             self._state = "stopping"
             await self._close()
+
+    # ------------------------------------------------------------ reload
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.settings.source)
+        self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the file and apply its peer changes, or nothing
+        (daemon/reload.py); on the event loop."""
+        from ..daemon.reload import Outcome, WgReloader
+        if self.wg is None or self._state != "running":
+            return Outcome(False, f"the device is {self._state}, not running",
+                           self.settings.source).to_dict()
+        return WgReloader(self).reload().to_dict()
+
+    def _reload_from_thread(self) -> dict[str, Any]:
+        """For the control socket's thread: reload() on the loop."""
+        return self._on_loop(self.reload, RELOAD_TIMEOUT_S, lambda: {
+            "error": f"the event loop did not answer within {RELOAD_TIMEOUT_S} s; the "
+                     "relay's log says whether the reload ran"})
+
+    def _on_loop(self, call: Any, timeout: float, late: Any) -> dict[str, Any]:
+        """``call()`` on the event loop (the device's owner), from another
+        thread; ``late()`` if the loop does not answer within ``timeout``."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.current_thread() is threading.main_thread():
+            return call()
+
+        async def run() -> dict[str, Any]:
+            return call()
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            return late()
+
+    def reread(self) -> Settings:
+        """The file again, as the Settings it was started from were made
+        (a ConfigError if it does not load)."""
+        s = self.settings
+        if s.kind == "wg-quick":
+            new = from_wg_quick(s.source, name=s.device.name, socket_path=s.control_socket,
+                                user=s.user, group=s.group, metrics=s.metrics)
+        else:
+            from ..daemon.config import WIREGUARD, load
+            cfg = load(s.source)
+            if cfg.transport.framing != WIREGUARD:
+                raise ConfigError(s.source, "transport.framing", (
+                    f'expected "{WIREGUARD}" (this relay runs a WireGuard device; another '
+                    f'framing needs a restart), got "{cfg.transport.framing}"'))
+            new = from_relay_config_settings(cfg)
+        check_own_key(new)
+        return new
 
     def _on_signal(self, signum: int) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
@@ -299,15 +359,19 @@ class WgRunner:
 
     async def _watch(self) -> None:
         """Log handshakes and endpoint moves, and the periodic stats line."""
-        interval = self.settings.stats_interval
-        next_log = time.monotonic() + interval if interval else None
+        next_log = None
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
                 self._log_peer_changes()
-                if next_log is not None and time.monotonic() >= next_log:
+                interval, now = self.settings.stats_interval, time.monotonic()
+                if not interval:
+                    next_log = None  # a reload may turn it on again: from then on
+                elif next_log is None:
+                    next_log = now + interval
+                elif now >= next_log:
                     log.info("stats: %s", _stats_line(self._peer_rows()))
-                    next_log += interval
+                    next_log = max(next_log + interval, now)
             except Exception:  # a bug here must not stop the tunnel
                 log.exception("wireguard: watching the peers failed")
 
@@ -340,19 +404,8 @@ class WgRunner:
 
     def _snapshot_from_thread(self) -> dict[str, Any]:
         """For the control socket's thread: the snapshot, made on the loop."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or threading.current_thread() is threading.main_thread():
-            return self.snapshot()
-
-        async def make() -> dict[str, Any]:
-            return self.snapshot()
-
-        future = asyncio.run_coroutine_threadsafe(make(), loop)
-        try:
-            return future.result(SNAPSHOT_TIMEOUT_S)
-        except FutureTimeout:
-            future.cancel()
-            return {**self._header(), "state": "busy (the event loop did not answer)"}
+        return self._on_loop(self.snapshot, SNAPSHOT_TIMEOUT_S, lambda: {
+            **self._header(), "state": "busy (the event loop did not answer)"})
 
     def _header(self) -> dict[str, Any]:
         s = self.settings
