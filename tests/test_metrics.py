@@ -739,6 +739,17 @@ def test_a_scrape_matches_tunrelay_stats(bed, make_pair, kind):
         assert f"metrics: serving http://127.0.0.1:{port}/metrics" in pair.log(name)
     if kind == "udp-nobody":
         assert "running as uid" in pair.log("a")
+    if kind == "udp":
+        # A reload keeps the listener; another address needs a restart.
+        side = pair.sides["a"]
+        reload = [sys.executable, "-m", "tunrelay", "reload", "--config", side.config_path]
+        done = bed.run(side.ns, reload, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "nothing changed" in done.stdout, done.stdout + done.stderr
+        text = Path(side.config_path).read_text()
+        Path(side.config_path).write_text(text.replace(f":{port}", f":{port + 1}"))
+        done = bed.run(side.ns, reload, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "metrics.listen" in done.stdout, done.stdout + done.stderr
+        assert_matches(*scrape_quiet(bed, side.ns, side.socket_path, url))
     # A clean stop frees the port with the rest.
     for name in ("a", "b"):
         assert pair.stop(name) == 0, pair.log(name)
