@@ -183,7 +183,11 @@ def _metrics_note(metrics) -> str:
 
 def cmd_stats(args) -> int:
     from .stats import format_table, query
-    snapshot = query(_control_path(args))
+    path = _control_path(args)
+    if args.watch:
+        from .watch import run_watch
+        return run_watch(path, args.interval, count=args.count, json_lines=args.json)
+    snapshot = query(path)
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
@@ -276,7 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="show a running relay's counters")
     _running_relay(p)
-    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table (with --watch: "
+                                                       "one JSON object per line, rates included)")
+    p.add_argument("--watch", "-w", action="store_true",
+                   help="redraw the counters every interval, with rates (packets/s, bits/s, "
+                        "drops/s) per direction and per peer; plain lines when stdout is not "
+                        "a terminal; Ctrl-C stops")
+    p.add_argument("--interval", type=_interval, metavar="S",
+                   help="with --watch: seconds between updates (default 1)")
+    p.add_argument("--count", type=_count, metavar="N",
+                   help="with --watch: stop after N updates (default: until Ctrl-C)")
     p.set_defaults(func=cmd_stats, wg_only=("name",))
 
     p = sub.add_parser("reload", help="make a running relay re-read its configuration and apply "
@@ -300,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("udp", "tcp"), default="udp")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _interval(text: str) -> float:
+    """--interval: seconds, from 0.1 to 3600."""
+    from .watch import MAX_INTERVAL_S, MIN_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected seconds from {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g}, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """--count: a positive number of updates."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of updates, 1 or more, "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def _config_or_wg(p: argparse.ArgumentParser) -> None:
@@ -333,10 +367,24 @@ def _check_wg_only(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--{option} applies to --wg-config only (a TOML file sets it in the file)")
 
 
+def _check_watch_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--interval and --count mean something with --watch only; its
+    default interval is set here, so a missing one is told from 1."""
+    if args.command != "stats":
+        return
+    if not args.watch:
+        for option in ("interval", "count"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option} applies to --watch only")
+    elif args.interval is None:
+        args.interval = 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_wg_only(parser, args)
+    _check_watch_only(parser, args)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
