@@ -47,12 +47,13 @@ sysdeps:
 	@scripts/install-system-deps
 
 # The tests' WireGuard peer and its configuration tool (tests/test_wg_interop.py),
-# and OpenVPN, a Nagle peer over TCP (tests/test_nagle.py).
+# OpenVPN, a Nagle peer over TCP (tests/test_nagle.py), and systemd for
+# systemd-analyze verify and systemd-sysusers on contrib/ (tests/test_systemd.py).
 # wireguard-go from backports when it answers: the build `make bench` measures,
 # so one machine tests and measures one binary; else bookworm's own, which
 # interoperates as well (a mirror outage must not fail the tests).
 testdeps:
-	@scripts/install-system-deps wireguard-go@prefer-backports wireguard-tools openvpn
+	@scripts/install-system-deps wireguard-go@prefer-backports wireguard-tools openvpn systemd
 
 venv: $(STAMP)
 

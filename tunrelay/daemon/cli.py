@@ -91,17 +91,21 @@ def _user(text: str) -> int:
 
 
 def cmd_run(args) -> int:
+    from .notify import Notifier
     from .privileges import drop_privileges
     from .relay import Relay
     cfg, settings = _load_either(args)
+    # Under systemd (Type=notify): connected now, before privileges drop.
+    notifier = Notifier.from_environ()
     if args.verbose == 0:
         from .reload import set_log_level
         set_log_level(cfg.stats.log_level if cfg is not None else settings.log_level)
     if settings is not None:
         from ..wireguard.run import run as run_wireguard
-        run_wireguard(settings)
+        run_wireguard(settings, notifier=notifier)
         return EXIT_OK
     relay = Relay(cfg)
+    relay.notifier = notifier
 
     def on_signal(signum, _frame):
         log.info("%s: stopping", signal.Signals(signum).name)

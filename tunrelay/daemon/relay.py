@@ -40,12 +40,16 @@ from . import transport as _transport
 from .away import PEER_AWAY, AwayDrain
 from .config import Config
 from .device import Device
+from .notify import Notifier, Watchdog
 from .stats import ControlServer, format_line
 
 log = logging.getLogger("tunrelay.daemon.relay")
 
 #: How often the supervisor looks up from waiting (stop, housekeeping).
 SUPERVISE_SLICE_S = 0.2
+#: The systemd watchdog's view: a supervisor that has not looked up for
+#: this long while pumps run is stuck, and the relay is not healthy.
+SUPERVISOR_STALE_S = 10 * SUPERVISE_SLICE_S
 #: Drops that mean "look at the other end", logged when they grow, at most
 #: once a minute each: the other end speaks another aead wire version, or
 #: sends our own role (both ends configured alike, or our datagrams sent
@@ -76,6 +80,9 @@ class Relay:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        #: systemd's $NOTIFY_SOCKET (READY/STATUS/STOPPING/WATCHDOG): off
+        #: unless set before run() (`tunrelay run`: Notifier.from_environ()).
+        self.notifier = Notifier(None)
         self.device = Device(cfg.device, log=logging.getLogger("tunrelay.daemon.device"),
                              offload=_offload_wanted(cfg))
         #: One pump per TUN queue (UDP), or the one pump of the TCP connection.
@@ -114,6 +121,9 @@ class Relay:
         #: reload (made on the first): and when the next stats line is due.
         self._reloader = None
         self._next_log: float | None = None
+        #: While pumps run: when the supervisor last looked up (watchdog).
+        self._pumping = False
+        self._beat = time.monotonic()
 
     # ------------------------------------------------------------ control
 
@@ -206,6 +216,72 @@ class Relay:
     def _client_counts(self) -> dict | None:
         counts = getattr(self._client, "counts", None)
         return dict(counts) if counts is not None else None
+
+    # ------------------------------------------------------------ systemd
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (``systemctl status``): device,
+        transport and where the peer stands, e.g. ``tun0 (tun, tcp len16):
+        connected to 192.0.2.7:55555``."""
+        tcfg = self.cfg.transport
+        head = (f"{self.device.name or self.cfg.device.name or '?'} "
+                f"({self.cfg.device.mode}, {tcfg.protocol} {tcfg.framing})")
+        return f"{head}: {self._peer_status()}"
+
+    def _peer_status(self) -> str:
+        state = self._state
+        if state in ("stopping", "stopped"):
+            return state
+        if state == "connected":
+            peer = self._conn_peer()
+            return f"connected to {peer or 'a peer'} (connection {self._connections})"
+        if self._server is not None:
+            try:
+                where = _transport.format_sockaddr(self._server.address)
+            except OSError:
+                where = str(self.cfg.transport.listen)
+            return f"listening on {where}, waiting for a peer"
+        if self._client is not None:
+            return f"connecting to {self.cfg.transport.peer}"
+        where = (_transport.format_sockaddr(self._udp[0].getsockname())
+                 if self._udp else str(self.cfg.transport.listen))
+        if self.peers is not None:
+            return f"listening on {where}, {len(self.cfg.peers)} peers"
+        if self.keyring is not None:
+            endpoint = self.keyring.endpoint
+            return (f"listening on {where}, peer at {_transport.format_sockaddr(endpoint)}"
+                    if endpoint is not None else f"listening on {where}, no peer heard yet")
+        peer = self.pumps[0].peer if self.pumps else self._peer
+        return (f"listening on {where}, peer {_transport.format_sockaddr(peer)}"
+                if peer is not None else f"listening on {where}, peer to be learned")
+
+    def _conn_peer(self) -> str | None:
+        """The connected TCP peer's address as text (None if unknown)."""
+        if self._conn is None:
+            return None
+        try:
+            return _transport.format_sockaddr(self._conn.getpeername())
+        except OSError:
+            return None
+
+    def trouble(self) -> str | None:
+        """Why the relay is not healthy now, or None: the systemd
+        watchdog pings only while this is None.  Healthy means: not
+        stopping, the device still there, and while pumps should run,
+        every pump running and the supervisor looking up every slice.
+        (Waiting for a TCP peer is healthy: the relay does its job.)"""
+        if self._stop.is_set():
+            return "stopping"
+        if self._device_lost:
+            return f"device {self.device.name} is gone"
+        if self._pumping:
+            ended = [i for i, pump in enumerate(self.pumps) if not pump.running]
+            if ended:
+                return f"the pump of queue {ended[0]} ended"
+            stale = time.monotonic() - self._beat
+            if stale > SUPERVISOR_STALE_S:
+                return f"the supervisor has not looked at the pumps for {stale:.1f} s"
+        return None
 
     # ------------------------------------------------------------ running
 
@@ -312,6 +388,9 @@ class Relay:
         """Pump until stop(); raises PumpError when the device is gone."""
         if not self.device.fds:
             self.open()
+        self.notifier.ready(self.status_line())
+        watchdog = Watchdog(self.notifier, self.trouble)
+        watchdog.start()
         watcher = None
         if not self._udp:
             # TCP: while connecting or listening no pump reads the device,
@@ -327,6 +406,7 @@ class Relay:
                 if socks is None:
                     break
                 outcome = self._pump_until_end(socks)
+                self._pumping = False
                 if outcome.reason == STOPPED:
                     break
                 if outcome.reason == FATAL:
@@ -340,6 +420,8 @@ class Relay:
                                 "the relay; the relay cannot go on")
         finally:
             self._state = "stopping"
+            watchdog.stop()  # no ping after STOPPING=1
+            self.notifier.stopping(self.status_line())
             if watcher is not None:
                 self._stop.set()  # run() is ending: the watcher too, before the fds close
                 watcher.join()
@@ -362,21 +444,25 @@ class Relay:
     def _next_sockets(self) -> list[socket.socket] | None:
         if self._udp:
             self._state = "running"
+            self.notifier.status(self.status_line())
             return self._udp
         if self._server is not None and self._newcomer is not None:
             self._conn, self._newcomer = self._newcomer, None
             self._live_order = self._proven_order
         elif self._server is not None:
             self._state = "listening"
+            self.notifier.status(self.status_line())
             self._conn = self._server.accept(self._stop, **self._proof())
             self._live_order = self._proven_order
         else:
             self._state = "connecting"
+            self.notifier.status(self.status_line())
             self._conn = self._client.connect(self._stop, **self._hello())
         if self._conn is None:
             return None
         self._connections += 1
         self._state = "connected"
+        self.notifier.status(self.status_line())
         return [self._conn]
 
     def _proof(self) -> dict:
@@ -455,8 +541,10 @@ class Relay:
             return _stopped()
         for pump in self.pumps:
             pump.start()
+        self._beat, self._pumping = time.monotonic(), True  # until run() has the outcome
         self._next_log = None
         while True:
+            self._beat = time.monotonic()
             outcome = self.pumps[0].wait(SUPERVISE_SLICE_S)
             if outcome is None:
                 outcome = next((o for o in (p.wait(0) for p in self.pumps[1:]) if o), None)
@@ -510,6 +598,7 @@ class Relay:
             if peer is not None:
                 self._learned = peer
                 log.info("udp: learned peer %s", _transport.format_sockaddr(peer))
+                self.notifier.status(self.status_line())
         if self.keyring is not None and self._udp:
             endpoint = self.keyring.endpoint
             if endpoint != self._endpoint:
@@ -520,6 +609,7 @@ class Relay:
                              _transport.format_sockaddr(self._endpoint),
                              _transport.format_sockaddr(endpoint))
                 self._endpoint = endpoint
+                self.notifier.status(self.status_line())
         if self.keyring is not None:
             self._notice_drops()
         if self.peers is not None:

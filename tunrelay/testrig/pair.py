@@ -101,13 +101,16 @@ class RelayPair:
         if wait:
             self.wait_ready(*(names or ("a", "b")))
 
-    def start_side(self, name: str, *, wait: bool = True, prefix: tuple = ()) -> None:
-        """Start one relay; ``prefix`` wraps the command (e.g. setpriv)."""
+    def start_side(self, name: str, *, wait: bool = True, prefix: tuple = (),
+                   env: dict[str, str] | None = None) -> None:
+        """Start one relay; ``prefix`` wraps the command (e.g. setpriv),
+        ``env`` adds to its environment (e.g. systemd's NOTIFY_SOCKET)."""
         side = self.sides[name]
         log = open(side.log_path, "ab")
         side.proc = self.bed.popen(side.ns, [*prefix, sys.executable, "-m", "tunrelay", "run",
                                               "--config", side.config_path],
-                                   stdout=log, stderr=subprocess.STDOUT)
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **env} if env else None)
         log.close()
         if wait:
             self.wait_ready(name)

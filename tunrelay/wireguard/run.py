@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..daemon.config import Config, DeviceConfig, MetricsConfig
+from ..daemon.notify import Notifier, Watchdog
 from ..errors import ConfigError, PumpError, TransportError
 from .config import DEFAULT_MTU, WgConfig, from_relay_config, quick_routes, read_wg_quick
 
@@ -155,17 +156,22 @@ def check_own_key(settings: Settings) -> None:
                                                     "private key)")
 
 
-def run(settings: Settings, *, timers: Timers | None = None) -> None:
-    """Run until SIGTERM/SIGINT; raise a ``TunrelayError`` on failure."""
-    WgRunner(settings, timers=timers).run()
+def run(settings: Settings, *, timers: Timers | None = None,
+        notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM/SIGINT; raise a ``TunrelayError`` on failure.
+    ``notifier``: systemd's $NOTIFY_SOCKET (READY, STATUS, STOPPING, WATCHDOG)."""
+    WgRunner(settings, timers=timers, notifier=notifier).run()
 
 
 class WgRunner:
     """One run: the TUN device, the WireGuardDevice, the control socket."""
 
-    def __init__(self, settings: Settings, *, timers: Timers | None = None) -> None:
+    def __init__(self, settings: Settings, *, timers: Timers | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.timers = timers
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self._ended: asyncio.Future | None = None
         self.device: Device | None = None
         self.wg: WireGuardDevice | None = None
         self._control: ControlServer | None = None
@@ -227,12 +233,14 @@ class WgRunner:
             drop_privileges(s.user, s.group)
             self._state = "running"
             log.info("running (control socket %s); SIGTERM or Ctrl-C stops", s.control_socket)
+            self.notifier.ready(self.status_line())
             lost = await self._until_stopped()
             if lost is not None:
                 raise PumpError(f"device {self.device.name} was deleted or detached from under "
                                 f"the relay ({lost}); the relay cannot go on")
         finally:
             self._state = "stopping"
+            self.notifier.stopping(self.status_line())
             await self._close()
 
     # ------------------------------------------------------------ reload
@@ -300,12 +308,16 @@ class WgRunner:
         """Wait for a stop signal (None) or the device ending by itself
         (the outcome, as text); watch peers and log stats meanwhile."""
         assert self.wg is not None and self._stop is not None
-        ended = asyncio.ensure_future(self.wg.wait())
+        ended = self._ended = asyncio.ensure_future(self.wg.wait())
         stopped = asyncio.ensure_future(self._stop.wait())
         watcher = asyncio.ensure_future(self._watch())
+        # Pinged from the event loop itself: a loop that stops turning
+        # stops the pings too.
+        watchdog = asyncio.ensure_future(Watchdog(self.notifier, self.trouble).run_async())
         try:
             await asyncio.wait((ended, stopped), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watchdog.cancel()
             watcher.cancel()
             stopped.cancel()
             if not ended.done():
@@ -364,6 +376,7 @@ class WgRunner:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
                 self._log_peer_changes()
+                self.notifier.status(self.status_line())
                 interval, now = self.settings.stats_interval, time.monotonic()
                 if not interval:
                     next_log = None  # a reload may turn it on again: from then on
@@ -399,6 +412,32 @@ class WgRunner:
                 else:
                     log.debug("peer %s: new handshake (rekey)", label)
             self._seen[key] = (status.last_handshake, status.endpoint)
+
+    # ------------------------------------------------------------ systemd
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: device, port, peers and how many
+        completed a handshake (from the once-a-second look at the peers)."""
+        name = (self.device.name if self.device is not None and self.device.name
+                else self.settings.device.name or "?")
+        head = f"{name} (tun, udp wireguard)"
+        if self._state in ("stopping", "stopped") or self.wg is None:
+            return f"{head}: {self._state}"
+        peers = len(self._seen)
+        up = sum(1 for handshake, _ in self._seen.values() if handshake is not None)
+        return (f"{head}: listening on port {self.wg.listen_port}, {peers} "
+                f"peer{'' if peers == 1 else 's'}, {up} with a handshake")
+
+    def trouble(self) -> str | None:
+        """Why the device is not healthy, or None (the watchdog pings only
+        then): stopping, or the device or one of its pumps ended."""
+        if self._stop is not None and self._stop.is_set():
+            return "stopping"
+        if self.wg is None or not self.wg.running:
+            return "the WireGuard device is not running"
+        if self._ended is not None and self._ended.done():
+            return "a pump ended"
+        return None
 
     # ------------------------------------------------------------ stats
 
