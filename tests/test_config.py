@@ -523,7 +523,8 @@ BAD = [
      ["unknown key", "expected one of: protocol, listen, peer, framing"]),
     ("[device.extra]\nx = 1\n", "device.extra", ["unknown key"]),
     ('[devce]\nname = "tun0"\n', "devce", ["unknown table", "did you mean 'device'?"]),
-    ("[metrics]\n", "metrics", ["unknown table", "expected one of: device, transport, relay, security, stats"]),
+    ("[logging]\n", "logging", ["unknown table", "expected one of: device, transport, relay, security, stats"]),
+    ('[metric]\nlisten = "127.0.0.1:9555"\n', "metric", ["unknown table", "did you mean 'metrics'?"]),
     ("mtu = 1400\n", "mtu", ["unknown top-level key", "belongs in the [device] table"]),
     ('device = "tun0"\n', "device", ["expected a table [device]", 'got a string "tun0"']),
     # wrong types

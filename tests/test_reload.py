@@ -95,6 +95,7 @@ RESTART = [
     ("relay", 'io = "syscalls"', "relay.io"),
     ("stats", 'socket = "/tmp/tr-reload-other.sock"', "stats.socket"),
     ("security", "user = 0", "security.user"),
+    ("metrics", 'listen = "127.0.0.1:9555"', "metrics.listen"),
 ]
 
 
@@ -479,3 +480,20 @@ def test_wg_quick_routes_from_allowed_ips_need_a_restart(tmp_path):
     off = "Table = off\n"
     d = diff_wireguard(settings("10.7.0.2/32", off), settings("10.7.0.2/32, 10.7.9.0/24", off))
     assert d.restart == [] and list(d.changed.values()) == [["allowed_ips"]]
+
+
+def test_a_wireguard_metrics_listener_needs_a_restart(tmp_path):
+    """--metrics of a --wg-config run: kept by a reload of the file (which
+    has no place for it); another address needs a restart."""
+    from dataclasses import replace
+
+    from tunrelay.daemon.config import metrics_option
+    from tunrelay.daemon.reload import diff_wireguard
+    from tunrelay.wireguard.noise import generate_private_key, key_to_base64
+    from tunrelay.wireguard.run import WgRunner, from_wg_quick
+    conf = tmp_path / "wg7.conf"
+    conf.write_text(f"[Interface]\nPrivateKey = {key_to_base64(generate_private_key())}\n")
+    running = from_wg_quick(str(conf), metrics=metrics_option("127.0.0.1:9555"))
+    assert diff_wireguard(running, WgRunner(running).reread()).empty
+    d = diff_wireguard(running, replace(running, metrics=metrics_option("127.0.0.1:9556")))
+    assert d.restart == ["metrics.listen"]

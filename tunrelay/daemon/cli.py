@@ -49,7 +49,8 @@ def _load_either(args, *, resolve: bool = True):
         return None, from_wg_quick(args.wg_config, name=args.name,
                                    socket_path=getattr(args, "socket", None),
                                    user=getattr(args, "user", None),
-                                   group=_user_group(getattr(args, "user", None)))
+                                   group=_user_group(getattr(args, "user", None)),
+                                   metrics=_metrics_option(getattr(args, "metrics", None)))
     cfg = _load(args.config)
     if cfg.transport.framing != "wireguard":
         return cfg, None
@@ -67,6 +68,14 @@ def _user_group(uid: int | None) -> int | None:
     except KeyError:
         raise ConfigError("--user", None, f"uid {uid} has no passwd entry to take its group "
                                           "from") from None
+
+
+def _metrics_option(text: str | None):
+    """--metrics ADDRESS (with --wg-config), checked as [metrics] listen."""
+    if text is None:
+        return None
+    from .config import metrics_option
+    return metrics_option(text)
 
 
 def _user(text: str) -> int:
@@ -131,7 +140,7 @@ def cmd_check(args) -> int:
             check_own_key(settings)
         except ImportError:  # no cryptography here: the rest is checked
             pass
-        print(f"{settings.source}: ok: {describe(settings)}")
+        print(f"{settings.source}: ok: {describe(settings)}{_metrics_note(settings.metrics)}")
         return EXIT_OK
     t = cfg.transport
     role = ("udp" if t.protocol == "udp" else
@@ -141,13 +150,13 @@ def cmd_check(args) -> int:
                           for p in cfg.peers)
         print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
               f"mtu {cfg.device.mtu}, {role}, framing {t.framing}, listen {t.listen}, "
-              f"{len(cfg.peers)} peers: {peers}, {_describe_io(cfg)}")
+              f"{len(cfg.peers)} peers: {peers}, {_describe_io(cfg)}{_metrics_note(cfg.metrics)}")
         return EXIT_OK
     print(f"{cfg.path}: ok: {cfg.device.mode} device {cfg.device.name or '(kernel-chosen)'} "
           f"mtu {cfg.device.mtu}, {role}, framing {t.framing}"
           f"{f' (role {cfg.security.role})' if t.framing == 'aead' else ''}, "
           f"listen {t.listen or '-'}, peer {t.peer or '(learned)' if t.protocol == 'udp' else t.peer or '-'}"
-          f", {_describe_io(cfg)}")
+          f", {_describe_io(cfg)}{_metrics_note(cfg.metrics)}")
     return EXIT_OK
 
 
@@ -167,6 +176,13 @@ def _describe_io(cfg) -> str:
     if io == "uring":
         return f"io uring (NOT available here: {why}; the relay would not start)"
     return f"io auto (syscalls here: io_uring {why})"
+
+
+def _metrics_note(metrics) -> str:
+    """`tunrelay check`: where [metrics] will serve, if anywhere."""
+    if metrics.listen is None:
+        return ""
+    return f", metrics on http://{metrics.listen}/metrics"
 
 
 def cmd_stats(args) -> int:
@@ -257,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default /run/tunrelay/NAME.sock)")
     p.add_argument("--user", type=_user, metavar="USER", help="with --wg-config: drop to this "
                    "user (and its group) once the device and sockets are open")
-    p.set_defaults(func=cmd_run, wg_only=("name", "socket", "user"))
+    p.add_argument("--metrics", metavar="ADDRESS", help="with --wg-config: serve Prometheus "
+                   "metrics on this loopback address and port, e.g. 127.0.0.1:9555 (a TOML "
+                   "file has [metrics] for it)")
+    p.set_defaults(func=cmd_run, wg_only=("name", "socket", "user", "metrics"))
 
     p = sub.add_parser("check", help="validate a configuration file without touching the system")
     _config_or_wg(p)

@@ -80,6 +80,9 @@ MAX_FWMARK = 2**32 - 1
 # [stats] log_level: the names of the logging module's levels, lower case.
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_KEEPALIVE = 65535
+# [metrics]: the Prometheus endpoint.  Its scrapes are plain HTTP without
+# authentication, so a non-loopback address needs allow_remote = true.
+METRICS_EXAMPLE = "127.0.0.1:9555"
 
 
 # --------------------------------------------------------------------------
@@ -394,6 +397,16 @@ class StatsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (daemon/metrics.py): ``listen`` None = off.
+    ``listen`` is an IP literal (loopback unless ``allow_remote``), so the
+    check is made here, without resolving anything."""
+
+    listen: Endpoint | None = None
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     """The aead framing's pre-shared key and cipher.  ``key`` is read and
     checked at load time (owner-only permissions, 32 bytes of base64)."""
@@ -462,6 +475,7 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     peers: tuple = ()  # of PeerConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     wireguard: WireguardConfig | None = None  # with framing = "wireguard" only
 
     @property
@@ -513,6 +527,7 @@ def loads(text: str, path: str = "<string>") -> Config:
         stats=_read_stats(tables["stats"]),
         security=_read_security(tables["security"]),
         peers=_read_peers(peer_tables, transport.framing),
+        metrics=_read_metrics(tables["metrics"]),
     )
     if wireguard:
         cfg = _with_wireguard(cfg, tables, peer_tables)
@@ -754,6 +769,7 @@ _KEYS = {
     "security": ("key_file", "cipher", "role", "user", "group"),
     "stats": ("interval", "socket", "log_level"),
     WIREGUARD: ("private_key_file", "fwmark"),
+    "metrics": ("listen", "allow_remote"),
 }
 
 
@@ -1337,6 +1353,55 @@ def _socket_path(table: _Table) -> str:
     return path
 
 
+# ---- [metrics] --------------------------------------------------------------
+
+
+def metrics_option(text: str) -> MetricsConfig:
+    """``tunrelay run --wg-config ... --metrics ADDRESS`` (a wg-quick file
+    has no place for it): checked as ``[metrics] listen``, loopback only
+    (a remote address needs a TOML file's allow_remote = true)."""
+    try:
+        return _read_metrics(_Table("--metrics", "metrics", {"listen": text}),
+                             remote="or a TOML config with [metrics] allow_remote = true "
+                                    "to serve them there")
+    except ConfigError as exc:
+        raise ConfigError("--metrics", None, exc.message) from None
+
+
+def _read_metrics(table: _Table, remote: str = "set allow_remote = true to serve them "
+                                               "there") -> MetricsConfig:
+    """The Prometheus endpoint: off unless ``listen`` is given; an IP
+    literal and a port, on loopback unless ``allow_remote = true`` (the
+    metrics are served without authentication or TLS)."""
+    allow_remote = _boolean(table, "allow_remote", MetricsConfig.allow_remote)
+    if "listen" not in table.data:
+        if "allow_remote" in table.data:
+            raise table.error("allow_remote", f'applies with listen only (the metrics are off '
+                                              f'without it), like listen = "{METRICS_EXAMPLE}"; '
+                                              "add listen or remove allow_remote")
+        return MetricsConfig()
+    listen = _endpoint(table, "listen", min_port=1)
+    assert listen is not None
+    ip = _ip_or_none(listen.host)
+    if ip is None:
+        raise table.error("listen", f"expected an IP address and a port, like "
+                                    f'"{METRICS_EXAMPLE}" or "[::1]:9555", got hostname '
+                                    f"{_toml_string(str(listen))} (the address is checked "
+                                    "before anything is resolved: write the address itself)")
+    if not allow_remote and not _is_loopback(ip):
+        raise table.error("listen", f"expected a loopback address (127.0.0.1, [::1]), got "
+                                    f"{_toml_string(str(listen))}: the metrics are served "
+                                    "without authentication or TLS, to anyone who can reach "
+                                    f"the port; {remote}")
+    return MetricsConfig(listen=listen, allow_remote=allow_remote)
+
+
+def _is_loopback(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """127.0.0.0/8, ::1, and 127.x seen as an IPv4-mapped IPv6 address."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 # --------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------
@@ -1347,8 +1412,8 @@ def to_toml(cfg: Config) -> str:
     == c``; a key whose value is None (no owner, no TCP bind address) is left
     out, which reads back as None.  So are the keys the loader refuses where
     they do not apply (learn but over UDP without aead, allow but on a TCP
-    server, away_hold_ms but over TCP, role but with aead): their defaults
-    read back the same."""
+    server, away_hold_ms but over TCP, role but with aead, [metrics] without
+    listen): their defaults read back the same."""
     d, t, r, s = cfg.device, cfg.transport, cfg.relay, cfg.stats
     tables: dict[str, dict[str, Any]] = {
         "device": {"name": d.name, "mode": d.mode, "mtu": d.mtu, "address": d.addresses,
@@ -1375,6 +1440,9 @@ def to_toml(cfg: Config) -> str:
         tables["relay"]["batch"] = None
         tables["relay"]["io"] = None
         tables[WIREGUARD] = {"private_key_file": wg.private_key_file, "fwmark": wg.fwmark}
+    m = cfg.metrics
+    if m.listen is not None:
+        tables["metrics"] = {"listen": m.listen, "allow_remote": m.allow_remote}
     lines = []
     for name, values in tables.items():
         lines.append(f"[{name}]")

@@ -34,7 +34,7 @@ import time
 from .. import aead as _aead
 from .._runner import FATAL, REPLACED, STOPPED, Outcome
 from ..counters import DIRECTIONS, empty_direction
-from ..errors import PumpError
+from ..errors import PumpError, TunrelayError
 from . import device
 from . import transport as _transport
 from .away import PEER_AWAY, AwayDrain
@@ -116,6 +116,8 @@ class Relay:
         self._proven_order: tuple[int, int] | None = None
         #: TCP: drops what waits in the device while no peer is connected.
         self._away: AwayDrain | None = None
+        #: [metrics] listen: the Prometheus endpoint (daemon/metrics.py).
+        self._metrics = None
         #: reload (made on the first): and when the next stats line is due.
         self._reloader = None
         self._next_log: float | None = None
@@ -324,6 +326,7 @@ class Relay:
             self._control = ControlServer(self.cfg.control_socket, self.snapshot,
                                           requests={"reload": self.reload})
             self._control.open()
+            self._metrics = open_metrics(self.cfg.metrics, self.snapshot)
         except BaseException:
             self.close()
             raise
@@ -668,6 +671,9 @@ class Relay:
         for pump in self.pumps:
             if pump.running:
                 pump.stop()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -694,6 +700,23 @@ class Relay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_metrics(cfg, snapshot):
+    """The Prometheus endpoint of ``[metrics]`` serving ``snapshot()``,
+    open (bound, serving), or None when ``listen`` is not set.  A
+    ``TunrelayError`` naming the address when it cannot bind."""
+    if cfg.listen is None:
+        return None
+    try:
+        from .metrics import MetricsServer
+    except ImportError as exc:
+        raise TunrelayError(f"metrics: [metrics] listen = \"{cfg.listen}\" needs the "
+                            f"prometheus_client package ({exc}); pip install "
+                            "prometheus_client") from exc
+    server = MetricsServer(cfg.listen, snapshot)
+    server.open()
+    return server
 
 
 def _format_endpoint(sockaddr: tuple) -> str:

@@ -9,9 +9,10 @@ What changes live:
 
 Everything else needs a restart: the device, the socket, the framing, the
 pumps (``[relay]``), the aead key (a Keyring's keys are fixed when it is
-made, and every pump holds it), the control socket path, the user.  A new
-file with any such change is refused, naming the keys, and nothing of it is
-applied; so is a file that does not load (its ConfigError).
+made, and every pump holds it), the control socket path, the user, the
+``[metrics]`` listener.  A new file with any such change is refused,
+naming the keys, and nothing of it is applied; so is a file that does not
+load (its ConfigError).
 
 ``diff(old, new)`` compares two Configs; ``Reloader`` owns the sequence
 load, diff, prepare (resolve endpoints: everything that can fail), apply.
@@ -35,7 +36,9 @@ _KEY_NAMES = {"device.addresses": "device.address"}
 #: Fields that are no key of their own (derived, or read from a key file
 #: and compared separately).
 _NOT_KEYS = {"security.key", "wireguard.private_key"}
-_SECTIONS = ("device", "transport", "relay", "stats", "security", "wireguard")
+# [metrics] among them: its listener is bound with the sockets, before
+# privileges are dropped, so a new address needs a restart.
+_SECTIONS = ("device", "transport", "relay", "stats", "security", "wireguard", "metrics")
 
 
 @dataclass
@@ -321,7 +324,8 @@ def set_log_level(name: str) -> None:
 _WG_RESTART = {"bind": "transport.listen", "offload": "relay.offload",
                "duplex": "relay.duplex", "busy_poll_us": "relay.busy_poll_us",
                "user": "security.user", "group": "security.group",
-               "control_socket": "stats.socket", "kind": "the kind of file"}
+               "control_socket": "stats.socket", "kind": "the kind of file",
+               "metrics": "metrics.listen"}
 _WG_LIVE = {"stats_interval": "stats.interval", "log_level": "stats.log_level"}
 _WG_PEER_KEYS = ("endpoint", "allowed_ips", "preshared_key", "persistent_keepalive")
 

@@ -664,6 +664,18 @@ class WireGuardDevice:
             persistent_keepalive=peer.persistent_keepalive, allowed_ips=list(peer.allowed),
             name=peer.name)
 
+    def peer_counters(self, public_key: bytes) -> dict[str, dict[str, int]]:
+        """The data plane's counters of one peer, per direction (egress: to
+        the peer): packets, bytes (of the inner packets, unlike
+        ``peer_status``'s wire bytes), drops and keepalives."""
+        peer = self._peers.get(bytes(public_key))
+        if peer is None:
+            raise KeyError(f"no peer {key_to_base64(bytes(public_key))}")
+        info = self.table.info(peer.table_id)
+        return {direction: {key: info[direction].get(key, 0)
+                            for key in ("packets", "bytes", "drops", "keepalives")}
+                for direction in ("egress", "ingress")}
+
     @property
     def under_load(self) -> bool:
         return time.monotonic() < self._under_load_until

@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..daemon.config import Config, DeviceConfig
+from ..daemon.config import Config, DeviceConfig, MetricsConfig
 from ..daemon.notify import Notifier, Watchdog
 from ..errors import ConfigError, PumpError, TransportError
 from .config import DEFAULT_MTU, WgConfig, from_relay_config, quick_routes, read_wg_quick
@@ -81,6 +81,7 @@ class Settings:
     group: int | None = None
     kind: str = field(default="toml")   # "toml" or "wg-quick", for messages
     log_level: str = "info"             # [stats] log_level (a reload applies it)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: off by default
 
 
 def short_key(public_key: bytes) -> str:
@@ -114,7 +115,7 @@ def from_relay_config_settings(cfg: Config, *, resolve: bool = True) -> Settings
         duplex=cfg.relay.duplex_for(), busy_poll_us=cfg.relay.busy_poll_for(),
         mss_clamp=cfg.relay.mss_clamp,
         user=cfg.security.user, group=cfg.security.group, kind="toml",
-        log_level=cfg.stats.log_level)
+        log_level=cfg.stats.log_level, metrics=cfg.metrics)
 
 
 def _as_is(host: str, port: int) -> tuple[str, int]:
@@ -122,7 +123,8 @@ def _as_is(host: str, port: int) -> tuple[str, int]:
 
 
 def from_wg_quick(path: str, *, name: str | None = None, socket_path: str | None = None,
-                  user: int | None = None, group: int | None = None) -> Settings:
+                  user: int | None = None, group: int | None = None,
+                  metrics: MetricsConfig | None = None) -> Settings:
     """A wg-quick file: its addresses, MTU and (``Table = auto``) routes
     applied to the TUN device named ``name`` (by default, as wg-quick,
     after the file)."""
@@ -136,7 +138,8 @@ def from_wg_quick(path: str, *, name: str | None = None, socket_path: str | None
                           addresses=quick.config.addresses, routes=routes)
     return Settings(source=path, wg=quick.config, device=device,
                     control_socket=socket_path or f"/run/tunrelay/{name}.sock",
-                    user=user, group=group, kind="wg-quick")
+                    user=user, group=group, kind="wg-quick",
+                    metrics=metrics or MetricsConfig())
 
 
 def check_own_key(settings: Settings) -> None:
@@ -174,6 +177,7 @@ class WgRunner:
         self.device: Device | None = None
         self.wg: WireGuardDevice | None = None
         self._control: ControlServer | None = None
+        self._metrics: Any = None  # daemon.metrics.MetricsServer, with [metrics] listen
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._state = "starting"
@@ -202,6 +206,7 @@ class WgRunner:
 
     async def _main(self) -> None:
         from ..daemon.privileges import drop_privileges
+        from ..daemon.relay import open_metrics
         from ..daemon.stats import ControlServer
         from .device import WireGuardDevice
         s = self.settings
@@ -227,6 +232,7 @@ class WgRunner:
             self._control = ControlServer(s.control_socket, self._snapshot_from_thread,
                                           requests={"reload": self._reload_from_thread})
             self._control.open()
+            self._metrics = open_metrics(s.metrics, self._snapshot_from_thread)
             drop_privileges(s.user, s.group)
             self._state = "running"
             log.info("running (control socket %s); SIGTERM or Ctrl-C stops", s.control_socket)
@@ -284,7 +290,7 @@ class WgRunner:
         s = self.settings
         if s.kind == "wg-quick":
             new = from_wg_quick(s.source, name=s.device.name, socket_path=s.control_socket,
-                                user=s.user, group=s.group)
+                                user=s.user, group=s.group, metrics=s.metrics)
         else:
             from ..daemon.config import WIREGUARD, load
             cfg = load(s.source)
@@ -340,6 +346,9 @@ class WgRunner:
                 await self.wg.stop()
             except Exception:  # the fds must still close
                 log.exception("wireguard: stopping the device failed")
+        if self._metrics is not None:
+            await _in_thread(self._metrics.close)
+            self._metrics = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -480,6 +489,7 @@ class WgRunner:
         rows = []
         for key in self.wg.peers():
             status = self.wg.peer_status(key)
+            counters = self.wg.peer_counters(key)
             rows.append({
                 "name": status.name or short_key(key),
                 "public_key": _b64(key),
@@ -488,8 +498,29 @@ class WgRunner:
                 "tx_bytes": status.tx_bytes, "rx_bytes": status.rx_bytes,
                 "persistent_keepalive": status.persistent_keepalive,
                 "allowed_ips": [str(n) for n in status.allowed_ips],
+                # The data plane's own, of the inner packets (as [[peer]] rows have them).
+                "egress": counters["egress"], "ingress": counters["ingress"],
             })
         return rows
+
+
+async def _in_thread(work: Any) -> None:
+    """``work()`` in a thread of its own, awaited: the metrics server's
+    close() joins a scrape's thread, which may be waiting for this loop's
+    snapshot.  Not run_in_executor: its pool is imported on first use, and
+    after privileges are dropped the Python installation may not be
+    readable any more (a pyenv under /root)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=run, name="metrics-close").start()
+    await done
 
 
 def _b64(key: bytes | None) -> str | None:
