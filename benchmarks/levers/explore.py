@@ -1,6 +1,9 @@
 """Exploration: tunrelay variants (config overrides) beside vxlan, interleaved rounds.
 python explore.py ROUNDS SECONDS METRICS NAME=PROTO:table.key=value;table.key=value ..."""
-import json, statistics, sys, time
+import json
+import statistics
+import sys
+
 from benchmarks import measure
 from benchmarks.tunnels import KernelVxlan, OpenVPN, Tunrelay
 from tunrelay.testrig.netns import Testbed
@@ -19,7 +22,7 @@ for spec in sys.argv[4:]:
         key, value = item.split("=", 1)
         table, key = key.split(".")
         overrides.setdefault(table, [])
-        overrides[table] = [l for l in overrides[table] if not l.startswith(key + " ")] + [f"{key} = {value}"]
+        overrides[table] = [line for line in overrides[table] if not line.startswith(key + " ")] + [f"{key} = {value}"]
     rows.append((name, lambda proto=proto, o=overrides, name=name: Tunrelay(name, proto, o)))
 res = {name: {m: [] for m in metrics} for name, _ in rows}
 for r in range(rounds):

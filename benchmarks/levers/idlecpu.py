@@ -1,9 +1,12 @@
 """Relay CPU (both sides) idle and under a 20 Hz ping, per busy_poll_us."""
-import subprocess, sys, time
+import sys
+import time
+
+from _pair import pairs
+
 from benchmarks.measure import cpu_seconds
 from tunrelay.testrig.pair import TUNNEL_A
 
-from _pair import pairs
 secs = float(sys.argv[1])
 for name, bed, pair in pairs(sys.argv[2:]):
     pids = [s.proc.pid for s in pair.sides.values()]

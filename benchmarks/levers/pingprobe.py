@@ -1,8 +1,11 @@
 """ping RTT distribution through a pair, per config; also relay counters."""
-import statistics, subprocess, sys, re
-from tunrelay.testrig.pair import TUNNEL_A
+import re
+import sys
 
 from _pair import pairs
+
+from tunrelay.testrig.pair import TUNNEL_A
+
 interval = float(sys.argv[1]); count = int(sys.argv[2])
 for name, bed, pair in pairs(sys.argv[3:]):
     before = {s: pair.stats(s) for s in "ab"}

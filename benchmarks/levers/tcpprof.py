@@ -1,7 +1,11 @@
 """perf profile of the whole machine during TCP 1 stream through a pair."""
-import subprocess, sys, time, os
+import subprocess
+import sys
+import time
+
 from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import RelayPair, TUNNEL_A
+from tunrelay.testrig.pair import TUNNEL_A, RelayPair
+
 sets = sys.argv[1] if len(sys.argv) > 1 else ""
 out = sys.argv[2] if len(sys.argv) > 2 else "/tmp/tcp.perf"
 EXTRA = sys.argv[3:]

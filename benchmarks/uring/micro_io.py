@@ -1,6 +1,10 @@
-import functools, sys, statistics
+import functools
+import statistics
+import sys
+
 from benchmarks.test_micro import pump_rate
 from tunrelay._fastpath import Pump
+
 secs = float(sys.argv[1]) if len(sys.argv) > 1 else 2
 runs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 for direction in ("egress", "ingress"):

@@ -1,7 +1,11 @@
-import sys, statistics, time, tempfile
-from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import RelayPair, TUNNEL_A
+import statistics
+import sys
+import tempfile
+
 from benchmarks.measure import parse_ping_avg_us, wait_for_ping
+from tunrelay.testrig.netns import Testbed
+from tunrelay.testrig.pair import TUNNEL_A, RelayPair
+
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 offload = sys.argv[2] if len(sys.argv) > 2 else "true"
 res = {"syscalls": [], "uring": []}

@@ -1,7 +1,11 @@
-import sys, statistics, tempfile
+import statistics
+import sys
+import tempfile
+
+from benchmarks.measure import cpu_seconds, iperf3, tcp_result, udp_result, wait_for_ping
 from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import RelayPair, TUNNEL_A
-from benchmarks.measure import wait_for_ping, iperf3, udp_result, cpu_seconds, tcp_result
+from tunrelay.testrig.pair import TUNNEL_A, RelayPair
+
 rounds = int(sys.argv[1]); secs = float(sys.argv[2])
 offloads = sys.argv[3].split(",")
 res = {}
