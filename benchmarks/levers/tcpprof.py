@@ -15,7 +15,8 @@ with Testbed() as bed:
         pair.start()
         srv = bed.popen(bed.ns_a, ["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL)
         time.sleep(0.5)
-        cli = bed.popen(bed.ns_b, ["iperf3", "-c", TUNNEL_A, "-t", "8", "-f", "g", *EXTRA], stdout=subprocess.PIPE, text=True)
+        cli = bed.popen(bed.ns_b, ["iperf3", "-c", TUNNEL_A, "-t", "8", "-f", "g", *EXTRA],
+                        stdout=subprocess.PIPE, text=True)
         time.sleep(2)
         subprocess.run(["perf", "record", "-a", "-g", "-o", out, "--", "sleep", "4"], capture_output=True)
         print(cli.communicate()[0].strip().splitlines()[-3])
