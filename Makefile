@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard tunrelay/*.py tunrelay/daemon/*.py tunrelay/wireguard/*.py tunrelay/testrig/*.py tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*)
 
-.PHONY: demo test soak bench dist dist-check sysdeps testdeps venv clean
+.PHONY: demo test lint soak bench dist dist-check sysdeps testdeps venv clean
 
 ## make demo: two network namespaces joined by a tunnel; ping and measure (root)
 demo: sysdeps venv
@@ -18,6 +18,18 @@ demo: sysdeps venv
 ## slow tests run too, on a short budget (the soak loads the tunnel for 20 s).
 test: testdeps venv
 	TUNRELAY_SOAK_SECONDS=$${TUNRELAY_SOAK_SECONDS:-20} $(PY) -m pytest
+
+## make lint: ruff over the Python, cython-lint over the Cython sources (.pyx,
+## .pxi, .pxd), as configured in pyproject.toml; any finding fails it.  The
+## tools are the [lint] extra's pins, put into .venv (the package need not be
+## built for this).  cython-lint runs pycodestyle from PATH: the venv's.
+CYTHON_SOURCES := $(wildcard tunrelay/*.pyx tunrelay/*.pxi tunrelay/*.pxd tunrelay/includes/*.pxd)
+lint:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["lint"], sep="\n")' | \
+		$(PY) -m pip install --quiet -r /dev/stdin
+	$(VENV)/bin/ruff check .
+	PATH="$(abspath $(VENV))/bin:$$PATH" cython-lint $(CYTHON_SOURCES)
 
 ## make soak: the slow tests at full length (the soak: 60 s under load), and
 ## the WireGuard tests that wait for wireguard-go's own timers (a real 120 s

@@ -103,8 +103,8 @@ def main() -> None:
             for name, (tree, variant) in variants.items():
                 results[(case, name)].append(measure(tree, variant, *case, args.seconds))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"| direction | size | base kpps | this kpps | this+peers kpps | this / base "
-          f"| this+peers / base | CPU µs/pkt base / this / this+peers |")
+    print("| direction | size | base kpps | this kpps | this+peers kpps | this / base "
+          "| this+peers / base | CPU µs/pkt base / this / this+peers |")
     print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         pps = {v: statistics.median(r["pps"] for r in results[(case, v)]) for v in variants}

@@ -4,7 +4,8 @@ The iperf3 server and the ping target are in ``ns_a`` at the tunnel's
 ``server_ip``; the client is in ``ns_b``, so data flows b -> a and every
 figure is the receiver's.  Each function runs one measurement and returns
 numbers; ``measure_tunnel`` runs a tunnel's measures (all but "ping
-burst" unless it names its own) ``runs`` times and keeps the medians.  All traffic goes to addresses inside the test bed's namespaces.
+burst" unless it names its own) ``runs`` times and keeps the medians.  All
+traffic goes to addresses inside the test bed's namespaces.
 """
 
 from __future__ import annotations

@@ -18,7 +18,14 @@ import shlex
 import pytest
 
 from benchmarks.figures import json_entries
-from benchmarks.report import CHART_PNG, RESULTS_MD, Results, summary_text, write_chart, write_results_md
+from benchmarks.report import (
+    CHART_PNG,
+    RESULTS_MD,
+    Results,
+    summary_text,
+    write_chart,
+    write_results_md,
+)
 
 _RESULTS = pytest.StashKey[Results]()
 _OUTPUTS = pytest.StashKey[list]()

@@ -11,8 +11,14 @@ import types
 import pytest
 
 from benchmarks.report import POINT_TO_POINT
-from benchmarks.tunnels import (HUB, ONE_PEER_TABLE, TUNRELAY_VARIANTS, HubTunnel, OnePeerTablePair,
-                                all_tunnels)
+from benchmarks.tunnels import (
+    HUB,
+    ONE_PEER_TABLE,
+    TUNRELAY_VARIANTS,
+    HubTunnel,
+    OnePeerTablePair,
+    all_tunnels,
+)
 from tunrelay.daemon.config import loads
 from tunrelay.testrig.hub import Spoke
 from tunrelay.testrig.pair import PORT, TUNNEL_A, TUNNEL_B, RelayPair
@@ -33,11 +39,11 @@ def test_the_rows_follow_their_point_to_point_twin() -> None:
 @pytest.mark.parametrize("side, there, inner", [("a", BED.addr_b, TUNNEL_B), ("b", BED.addr_a, TUNNEL_A)])
 def test_one_peer_table_replaces_the_transport_peer(tmp_path, side, there, inner) -> None:
     protocol, overrides = TUNRELAY_VARIANTS[POINT_TO_POINT]
-    table = OnePeerTablePair(BED, protocol=protocol, mtu=1400, overrides=overrides,
-                             workdir=str(tmp_path))
+    OnePeerTablePair(BED, protocol=protocol, mtu=1400, overrides=overrides,
+                     workdir=str(tmp_path))
     (tmp_path / "plain").mkdir()
-    plain = RelayPair(BED, protocol=protocol, mtu=1400, overrides=overrides,
-                      workdir=str(tmp_path / "plain"))
+    RelayPair(BED, protocol=protocol, mtu=1400, overrides=overrides,
+              workdir=str(tmp_path / "plain"))
     cfg = loads((tmp_path / f"{side}.toml").read_text())
     assert cfg.transport.peer is None
     assert len(cfg.peers) == 1

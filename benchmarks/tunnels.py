@@ -27,14 +27,28 @@ import time
 from typing import Any
 
 from benchmarks.measure import DEFAULT_MEASURES
-from benchmarks.report import (BUSY_POLL, BUSY_POLL_US, IO_SYSCALLS, NAGLE_LEN16, NAGLE_OPENVPN,
-                               POINT_TO_POINT, SPLIT_LOOPS)
+from benchmarks.report import (
+    BUSY_POLL,
+    BUSY_POLL_US,
+    IO_SYSCALLS,
+    NAGLE_LEN16,
+    NAGLE_OPENVPN,
+    POINT_TO_POINT,
+    SPLIT_LOOPS,
+)
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.hub import Star
 from tunrelay.testrig.nagle import NagleTunnel, missing_peer, openvpn_argv
 from tunrelay.testrig.netns import Testbed, stop_process
-from tunrelay.testrig.pair import (PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair,
-                                   wait_running)
+from tunrelay.testrig.pair import (
+    PORT,
+    TUNNEL6_A,
+    TUNNEL6_B,
+    TUNNEL_A,
+    TUNNEL_B,
+    RelayPair,
+    wait_running,
+)
 
 MTU = 1400
 PREFIX = 24
@@ -373,9 +387,9 @@ class HubTunnel(ConfiguredRelays):
         }
         for table, lines in self.overrides.items():
             keys = {line.split("=")[0].strip() for line in lines}
-            tables[table] = [l for l in tables.get(table, []) if l.split("=")[0].strip() not in keys]
+            tables[table] = [line for line in tables.get(table, []) if line.split("=")[0].strip() not in keys]
             tables[table] += lines
-        return "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
+        return "".join(f"[{t}]\n" + "".join(line + "\n" for line in lines) + "\n"
                        for t, lines in tables.items())
 
 
@@ -496,7 +510,7 @@ class TunrelayWireguard(ConfiguredRelays):
                 "stats": [f'socket = "{self._path(name, "sock")}"'],
                 "wireguard": [f'private_key_file = "{self._path(name, "key")}"'],
             }
-            text = "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
+            text = "".join(f"[{t}]\n" + "".join(line + "\n" for line in lines) + "\n"
                            for t, lines in tables.items())
             text += "\n".join(["[[peer]]", f'name = "{other}"', f'public_key = "{public[other]}"',
                                f'endpoint = "{there}:{self.PORT}"',
@@ -549,7 +563,7 @@ class WireguardGo(Tunnel):
             with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(private + "\n")
         env = dict(os.environ, **self.ENV)
-        for name, (ns, here, addr, dev) in sides.items():
+        for name, (ns, _here, addr, dev) in sides.items():
             other = "b" if name == "a" else "a"
             self.procs.append(bed.popen(ns, ["wireguard-go", "-f", dev], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

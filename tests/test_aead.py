@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ethernet_frame, ip_packet, ipv4_packet, load_fastpath, ones_sum
 from pumprig import (
     TIMEOUT,
     WAIT,
@@ -54,6 +53,7 @@ from pumprig import (
     wait_for,
 )
 
+from conftest import ethernet_frame, ip_packet, ipv4_packet, load_fastpath, ones_sum
 from tunrelay import aead
 from tunrelay.counters import DIRECTION_DROPS, DROP_REASONS
 from tunrelay.daemon.config import load, loads
@@ -353,7 +353,7 @@ class Side:
     """One pump and the test's end of its TUN stand-in.  ``key``: the PSK
     (the pump gets a Keyring of its own, with ``role``) or a Keyring."""
 
-    def __init__(self, rig: "AeadRig", sock: socket.socket, key, cipher: str, peer,
+    def __init__(self, rig: AeadRig, sock: socket.socket, key, cipher: str, peer,
                  offload: bool, start: bool = True, mode: str = "tun", role: str = "a") -> None:
         self.tun, pump_end = rig.tun()
         self.sock = sock
@@ -1149,7 +1149,7 @@ def test_a_flood_of_made_up_sessions_cannot_starve_a_restarted_peer(rig, monkeyp
     new = mitm.from_a(second, restarted)
     rng = random.Random(5000)
     total = 3
-    for i, datagram in enumerate(new):
+    for datagram in new:
         for _ in range(100):
             start = started + 5 + (0 if rng.random() < 0.5 else rng.randrange(1, 1000))
             fake = garbage(rng, rng.choice((OVERHEAD, 60, 100, MTU + OVERHEAD)), start=start)

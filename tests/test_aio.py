@@ -18,8 +18,8 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
-
 from pumprig import WAIT, Rig, wait_for
+
 from tunrelay import Outcome, PumpArgumentError, PumpStateError, Reason
 from tunrelay.aio import AsyncPump, EventQueue
 from tunrelay.pypump import PyPump
@@ -36,7 +36,7 @@ async def within(awaitable: Awaitable[T], what: str) -> T:
     """Await, failing (not hanging) if it takes longer than WAIT s."""
     try:
         return await asyncio.wait_for(awaitable, WAIT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail(f"gave up after {WAIT} s waiting for {what}")
 
 

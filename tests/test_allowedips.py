@@ -8,9 +8,10 @@ import ipaddress
 import random
 
 import pytest
-from conftest import load_fastpath
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from conftest import load_fastpath
 
 
 def table(entries):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import pathlib
 import re
 
 import pytest
-from conftest import load_fastpath, load_pump_class
 from pumprig import WAIT, Rig
 
 import tunrelay
+from conftest import load_fastpath, load_pump_class
 from tunrelay import aead, framing
 from tunrelay._runner import Outcome, Reason
 from tunrelay.daemon import config

@@ -30,8 +30,8 @@ with the test bed, also when a test fails.
 from __future__ import annotations
 
 import json
-import signal
 import os
+import signal
 import subprocess
 import sys
 import time

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-
 from pumprig import WAIT, wait_for
 
 pytest.importorskip("tunrelay._fastpath")
@@ -35,8 +34,7 @@ if str(ROOT) not in sys.path:
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
 
 from examples.toyvpn import handshake  # noqa: E402
-from examples.toyvpn.demo import (INITIATOR_IP, RESPONDER_IP, exchange,  # noqa: E402
-                                  loopback_pair, packet)
+from examples.toyvpn.demo import INITIATOR_IP, RESPONDER_IP, exchange, loopback_pair, packet  # noqa: E402
 from examples.toyvpn.node import Node  # noqa: E402
 from tunrelay import Outcome, Reason  # noqa: E402
 
@@ -46,7 +44,7 @@ T = TypeVar("T")
 async def within(awaitable: Awaitable[T], what: str) -> T:
     try:
         return await asyncio.wait_for(awaitable, WAIT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pytest.fail(f"gave up after {WAIT} s waiting for {what}")
 
 

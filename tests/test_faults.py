@@ -24,8 +24,8 @@ import time
 
 import pytest
 from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
-from conftest import PUMP_KINDS, ip_packet, load_pump_class
 
+from conftest import PUMP_KINDS, ip_packet, load_pump_class
 from tunrelay.errors import TunrelayError
 from tunrelay.testrig.netns import Testbed
 from tunrelay.testrig.pair import DEVICE, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
@@ -200,7 +200,7 @@ def test_tcp_server_killed_under_traffic_client_reconnects(bed, make_pair, cycle
     fds_before = open_fds(client.pid)
     trickle = bed.popen(bed.ns_b, [sys.executable, "-c", TRICKLE, TUNNEL_A, str(10 * cycles + 20)])
     for cycle in range(cycles):
-        wait_for(lambda: pair.stats("b")["egress"]["packets"] > 20 * (cycle + 1), 10,
+        wait_for(lambda: pair.stats("b")["egress"]["packets"] > 20 * (cycle + 1), 10,  # noqa: B023 (called within the iteration)
                  "traffic through the tunnel")
         assert pair.stop("a", signal.SIGKILL) == -signal.SIGKILL
         wait_for(lambda: relay_state(pair, "b") == "connecting", 10, "the client to notice")
@@ -394,7 +394,7 @@ def test_refused_then_the_peer_returns(kind):
             try:
                 got = peer.recv(1 << 17)
                 break
-            except socket.timeout:
+            except TimeoutError:
                 assert time.monotonic() < deadline, "nothing arrived once the peer returned"
         assert got == out
         peer.send(back)
@@ -460,7 +460,7 @@ def test_sighup_with_an_unchanged_file_changes_nothing(bed, make_pair):
         for name in ("a", "b"):
             pair.sides[name].proc.send_signal(signal.SIGHUP)
         for name in ("a", "b"):
-            wait_for(lambda: pair.log(name).count("applied: nothing changed") == count, 5,
+            wait_for(lambda: pair.log(name).count("applied: nothing changed") == count, 5,  # noqa: B023 (called within the iteration)
                      f"relay {name} to log SIGHUP #{count}")
     time.sleep(0.2)
     assert_alive(pair, "a", "b")

@@ -10,10 +10,10 @@ is chunked.  No root, no sockets.
 from __future__ import annotations
 
 import pytest
-from conftest import ethernet_frame, ipv4_packet, ipv6_packet, load_fastpath
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import ethernet_frame, ipv4_packet, ipv6_packet, load_fastpath
 from tunrelay.framing import Len16Parser, len16_encode, max_frame, validate
 
 MTU = 1400

@@ -36,10 +36,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ethernet_frame, ipv4_packet, ipv6_packet, load_fastpath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import ethernet_frame, ipv4_packet, ipv6_packet, load_fastpath
 from tunrelay import counters
 from tunrelay.framing import Len16Parser, len16_encode, max_frame, validate
 

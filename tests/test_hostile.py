@@ -28,15 +28,14 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ipv4_packet, ipv6_packet, ip_packet, load_fastpath, ones_sum
 from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
-from test_faults import assert_alive, assert_ping, drops, nstat, ping, relay_state
-
 from pumprig import BUFFER, WAIT, Rig, assert_quiet, recv_exactly, recv_n
 from pumprig import drops as pump_drops
 from pumprig import errors as pump_errors
 from pumprig import wait_for as pump_wait_for
+from test_faults import assert_alive, assert_ping, drops, nstat, ping, relay_state
 
+from conftest import ip_packet, ipv4_packet, ipv6_packet, load_fastpath, ones_sum
 from tunrelay.framing import len16_encode
 from tunrelay.testrig.pair import PORT, TUNNEL_A, TUNNEL_B
 

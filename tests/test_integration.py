@@ -19,8 +19,7 @@ import pytest
 from _root import bed, make_pair, python, wait_for  # noqa: F401 (bed, make_pair: fixtures)
 
 from tunrelay.testrig.netns import Testbed
-from tunrelay.testrig.pair import (DEVICE, PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B,
-                           RelayPair)
+from tunrelay.testrig.pair import DEVICE, PORT, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, RelayPair
 
 pytestmark = pytest.mark.root
 

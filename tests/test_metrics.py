@@ -41,8 +41,7 @@ from test_integration import assert_ping, has_device
 import tunrelay
 from tunrelay.counters import DIRECTIONS, empty_direction
 from tunrelay.daemon import cli
-from tunrelay.daemon.config import (Endpoint, MetricsConfig, load, loads, parse_endpoint,
-                                    to_toml)
+from tunrelay.daemon.config import Endpoint, MetricsConfig, load, loads, parse_endpoint, to_toml
 from tunrelay.daemon.metrics import STATES, MetricsServer, families, make_registry
 from tunrelay.errors import ConfigError, TunrelayError
 

@@ -29,11 +29,11 @@ import socket
 import struct
 
 import pytest
-from conftest import load_fastpath, load_pump_class, ones_sum
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pumprig import WAIT, Rig, assert_quiet, drops, recv_exactly, wait_for
 
+from conftest import load_fastpath, load_pump_class, ones_sum
 from tunrelay import framing
 from tunrelay.daemon.config import RelayConfig, loads, to_toml
 from tunrelay.errors import ConfigError, PumpArgumentError

@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import load_fastpath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pumprig import BUFFER, Rig, assert_quiet, drops, errors, recv_exactly, recv_n, wait_for
 
+from conftest import load_fastpath
 from tunrelay.framing import validate
 
 MTU = 1500
@@ -669,7 +669,7 @@ def test_egress_uso_udp(rig, version):
     header, packet = uso(version, pattern(20000), mss, ident=77)
     pump, got = egress_udp(rig, [(header, packet)])
     check_segments(header, packet, got)
-    for i, datagram in enumerate(got):
+    for datagram in got:
         wire = check_packet(datagram)
         assert be16(datagram, wire.l4 + 4) == 8 + len(wire.payload)
     egress = wait_packets(pump, "egress", len(got))

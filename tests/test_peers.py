@@ -10,16 +10,14 @@ which is WireGuard's transport data message.
 
 from __future__ import annotations
 
-import os
-import socket
 import hashlib
+import socket
 import struct
 import threading
 import time
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from pumprig import WAIT, Rig, assert_quiet, drops, wait_for
 
 fp = pytest.importorskip("tunrelay._fastpath")
@@ -392,7 +390,7 @@ def test_no_session_asks_for_renewal_at_most_once_a_second(rig):
     renewals = 0
     for seq in range(20):
         tun.send(v4("10.8.1.1", "10.8.2.1", seq=seq))
-        wait_for(lambda: table.counts()["staged_queued"] == seq + 2, "staged")
+        wait_for(lambda: table.counts()["staged_queued"] == seq + 2, "staged")  # noqa: B023 (called within the iteration)
         renewals += sum(e.kind == "renew" for e in table.take())
     # Taken after every packet, yet no new "renew" within the second (one,
     # should the machine have taken a second over these 20 packets).
@@ -524,9 +522,9 @@ def test_one_replay_window_whatever_queue_a_datagram_lands_on(rig):
     pump_b._feed(datagram, sender=other.getsockname())
     assert drops(pump_b).get("replay", 0) == 1
     assert_quiet(tun_b)
-    for tun, pump in queues:
+    for _tun, pump in queues:
         pump.start()
-    for tun, pump in queues:
+    for tun, _pump in queues:
         tun.send(v4("10.8.1.1", "10.8.2.1"))
     counters = sorted(unseal(KEY_AB, other.recv(65535))[1] for _ in queues)
     assert counters == [0, 1]
@@ -592,7 +590,7 @@ def test_offloads_segment_and_coalesce_per_peer_under_sessions(rig):
     device becomes the reference's segments, each sealed for the peer of the
     destination (one GSO run per peer); sealed segments from a peer are
     opened, checked and coalesced back into one write."""
-    import test_offload as ref   # the offload reference: builders, segmenter, checker
+    import test_offload as ref  # the offload reference: builders, segmenter, checker
 
     table = PeerTable()
     tun, tun_pump = rig.tun()
@@ -696,7 +694,7 @@ def test_staged_packets_take_at_most_half_the_control_ring(rig):
     assert (counts["staged_queued"], counts["staged_dropped"]) == (4, 3)
     assert table.info(pid)["egress"]["drops"] == 3
     # Handshakes still get in: 4 slots are left for them.
-    for n in range(4):
+    for _ in range(4):
         other.sendto(bytes([1]) + bytes(147), sock.getsockname())
     wait_for(lambda: table.counts()["control_waiting"] == 8, "the handshakes queued")
     kinds = [e.kind for e in table.take()]

@@ -7,7 +7,6 @@ persistent device that root set up beforehand for that user.
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests._root import require_root

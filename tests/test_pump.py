@@ -21,11 +21,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import (PUMP_KINDS, ethernet_frame, ip_packet, ipv4_packet, ipv6_packet,
-                      load_pump_class)
-from pumprig import (TIMEOUT, WAIT, Rig, assert_quiet, counted, drops, errors,
-                     recv_exactly, recv_n, wait_for)
+from pumprig import (
+    TIMEOUT,
+    WAIT,
+    Rig,
+    assert_quiet,
+    counted,
+    drops,
+    errors,
+    recv_exactly,
+    recv_n,
+    wait_for,
+)
 
+from conftest import (
+    PUMP_KINDS,
+    ethernet_frame,
+    ip_packet,
+    ipv4_packet,
+    ipv6_packet,
+    load_pump_class,
+)
 from tunrelay.framing import len16_encode
 
 MTU = 1400
@@ -668,7 +684,7 @@ def test_restart_after_stop(rig):
         assert peer.recv(1 << 17) == out
         peer.sendto(back, address)
         assert tun.recv(1 << 17) == back
-        wait_for(lambda: pump.stats()["egress"]["packets"] == round_ + 1, "egress counted")
+        wait_for(lambda: pump.stats()["egress"]["packets"] == round_ + 1, "egress counted")  # noqa: B023 (called within the iteration)
         assert timed_stop(pump).reason == "stopped"
     stats = pump.stats()
     assert stats["egress"]["packets"] == stats["ingress"]["packets"] == 3

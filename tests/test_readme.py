@@ -6,9 +6,8 @@ import inspect
 import pathlib
 import re
 
-from conftest import load_fastpath
-
 import tunrelay
+from conftest import load_fastpath
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

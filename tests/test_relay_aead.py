@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import load_fastpath
 
+from conftest import load_fastpath
 from tunrelay import aead
 from tunrelay.daemon.config import loads
 from tunrelay.daemon.relay import Relay

@@ -23,8 +23,8 @@ import tokenize
 import tomllib
 
 import pytest
-from conftest import load_fastpath
 
+from conftest import load_fastpath
 from tunrelay import framing
 from tunrelay.pypump import PyPump
 

@@ -23,8 +23,8 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from conftest import load_fastpath
 
+from conftest import load_fastpath
 from tunrelay.wireguard import noise
 from tunrelay.wireguard.device import WireGuardDevice
 from tunrelay.wireguard.ratelimit import SourceBuckets

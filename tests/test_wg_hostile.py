@@ -28,9 +28,9 @@ import sys
 import time
 
 import pytest
-from conftest import load_fastpath
 from test_wg_device import A_NETS, B_NETS, FAST, WAIT, End, connect, packet, until
 
+from conftest import load_fastpath
 from tunrelay.wireguard import cookie, noise
 from tunrelay.wireguard.device import CONTROL_SLOTS
 

@@ -45,11 +45,34 @@ import time
 import pytest
 
 from tests._root import require_root
-from tests.wgrig import (INNER, PORT, Keypair, TunrelayPeer, TunrelayWg, WgBed, WireguardGo,
-                         all_logs, endpoint, expected_digest, genpsk, missing_tools,
-                         no_kernel_wireguard_path, ping, ping_once, same_host, split_endpoint,
-                         start_flood, transfer, tunrelay_wg_argv, tunrelay_wg_command,
-                         tunrelay_wg_env, wait_until, wg_quick_file, wireguard_go_version, write_secret)
+from tests.wgrig import (
+    INNER,
+    PORT,
+    Keypair,
+    TunrelayPeer,
+    TunrelayWg,
+    WgBed,
+    WireguardGo,
+    all_logs,
+    endpoint,
+    expected_digest,
+    genpsk,
+    missing_tools,
+    no_kernel_wireguard_path,
+    ping,
+    ping_once,
+    same_host,
+    split_endpoint,
+    start_flood,
+    transfer,
+    tunrelay_wg_argv,
+    tunrelay_wg_command,
+    tunrelay_wg_env,
+    wait_until,
+    wg_quick_file,
+    wireguard_go_version,
+    write_secret,
+)
 
 pytestmark = pytest.mark.root
 

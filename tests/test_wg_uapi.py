@@ -425,7 +425,7 @@ async def serving(device, directory: str, ifname: str = "wgt0", **kw):
         await server.close()
 
 
-def ask(server, request: bytes) -> "asyncio.Future[bytes]":
+def ask(server, request: bytes) -> asyncio.Future[bytes]:
     """exchange() from a thread, so that the server keeps running."""
     return asyncio.to_thread(exchange, server.path, request)
 

@@ -17,17 +17,25 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from ._runner import Outcome, Reason
-from .errors import (ConfigError, DeviceError, PumpArgumentError, PumpError,
-                     PumpStateError, TransportError, TunrelayError)
+from .errors import (
+    ConfigError,
+    DeviceError,
+    PumpArgumentError,
+    PumpError,
+    PumpStateError,
+    TransportError,
+    TunrelayError,
+)
 from .pumps import PumpLike
 from .pypump import PyPump
-
 
 if TYPE_CHECKING:
     # What a type checker sees (Pump from _fastpath.pyi); at run time they
     # load on first use, below.
     from ._fastpath import Event, PeerTable, Pump
-    from .daemon.config import Config, load as load_config, loads as loads_config
+    from .daemon.config import Config
+    from .daemon.config import load as load_config
+    from .daemon.config import loads as loads_config
     from .daemon.device import open_tun
     from .daemon.relay import Relay
 else:

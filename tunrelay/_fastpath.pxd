@@ -42,7 +42,7 @@ cdef struct TunRing:
     size_t iov_cap
     virtio_net_hdr *hdrs      # offload: each queued write's own header
     uint32_t *packets         # per queued write: packets, bytes (for the counters),
-    uint32_t *bytes           #   its first iovec and how many
+    uint32_t *bytes           # ... its first iovec and how many
     uint32_t *first
     uint32_t *niov
 
@@ -153,7 +153,6 @@ cdef struct AllowedIps:
     Trie v6
 
 
-
 # ---------------------------------------------------------------- peers (_peers.pxi)
 
 cdef struct PeerSlot
@@ -211,7 +210,7 @@ cdef struct PeerSlot:
     uint32_t id
     int roaming               # the endpoint follows the peer's newest datagram
     pthread_mutex_t lock      # endpoint writes, session rotation
-    unsigned int endpoint_seq # sequence lock (tr_seq_*) for the endpoint
+    unsigned int endpoint_seq  # sequence lock (tr_seq_*) for the endpoint
     int endpoint_known
     sockaddr_storage endpoint
     socklen_t endpoint_len
@@ -426,8 +425,9 @@ cdef struct PumpState:
     bint offload          # the TUN fd carries a virtio_net_hdr (IFF_VNET_HDR)
     bint gso              # UDP_SEGMENT sends (the kernel has UDP GSO, and gso=True)
     bint gro              # UDP_GRO receives: a slot may hold many datagrams
-    bint quickack         # TCP: TCP_QUICKACK re-armed after every read (a Nagle peer's
-                          # held segment waits for our ACK, never for a delayed one)
+    # TCP: TCP_QUICKACK re-armed after every read (a Nagle peer's held segment
+    # waits for our ACK, never for a delayed one)
+    bint quickack
     size_t cmsg_space     # CMSG_SPACE of one int-sized option
     bint duplex           # one thread drives both directions (duplex_loop)
     double spin_s         # busy polling: poll without sleeping up to this long after work (0: never)
@@ -490,7 +490,7 @@ cdef class Pump:
     cdef readonly object keyring
     cdef readonly PeerTable peers
     cdef readonly str io          # the TUN I/O engine running: "uring" or "syscalls"
-    cdef readonly str io_fallback # io "auto" on syscalls: why io_uring could not be set up
+    cdef readonly str io_fallback  # io "auto" on syscalls: why io_uring could not be set up
 
     cdef int _inspect_socket(self, object peer) except -1
     cdef void _size_slots(self)

@@ -6,8 +6,8 @@ parameters, and the constructors match the ``__cinit__`` of the .pyx.
 """
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from contextlib import AbstractContextManager
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Literal, NamedTuple, Self
 
 from tunrelay._runner import Outcome

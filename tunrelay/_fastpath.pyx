@@ -347,7 +347,6 @@ cdef class Pump:
         a.on = True
 
     def __dealloc__(self):
-        cdef int i
         if self.st == NULL:
             return
         EVP_CIPHER_CTX_free(self.st.eg.aead.ctx)   # NULL is fine
@@ -412,8 +411,9 @@ cdef class Pump:
             raise PumpArgumentError("peers need a datagram (UDP) socket: one TCP connection "
                                     "reaches one peer")
         if stream and framing not in ("len16", "aead"):
-            raise PumpArgumentError(f"a stream socket needs framing 'len16' or 'aead', got {framing!r}: "
-                             "only length-prefixed records mark packet boundaries in a byte stream")
+            raise PumpArgumentError(f"a stream socket needs framing 'len16' or 'aead', "
+                                    f"got {framing!r}: only length-prefixed records mark "
+                                    "packet boundaries in a byte stream")
         aead = framing == "aead"
         if aead != bool(self.st.aead.on):
             raise PumpArgumentError("framing 'aead' is chosen when the pump is made (with its key)")
@@ -430,9 +430,10 @@ cdef class Pump:
                             + (AEAD_OVERHEAD if aead else 0)
                             + (SESSION_OVERHEAD if self.st.session else 0))
         if self.st.len16 and self.st.max_frame + self.st.overhead - LEN16_HEADER > LEN16_LIMIT:
-            raise PumpArgumentError(f"mtu {self.mtu}: a len16 record holds at most {LEN16_LIMIT} bytes, "
-                             f"and a packet of this device with its framing needs "
-                             f"{self.st.max_frame + self.st.overhead - LEN16_HEADER}")
+            raise PumpArgumentError(f"mtu {self.mtu}: a len16 record holds at most "
+                                    f"{LEN16_LIMIT} bytes, and a packet of this device "
+                                    f"with its framing needs "
+                                    f"{self.st.max_frame + self.st.overhead - LEN16_HEADER}")
         self.st.ing.stream_have = 0
         self.st.eg.tail_len = 0   # a new connection: the old one's half record is not owed to it
         self._inspect_socket(peer)
@@ -871,7 +872,7 @@ cdef class PrefixTable:
         cdef const uint8_t[::1] view = memoryview(addresses).cast("B")
         cdef size_t width = 4 if version == 4 else 16
         cdef size_t count = len(addresses) // width, i
-        cdef unsigned long r
+        cdef unsigned long _round
         cdef const Trie *trie = &self.t.v4 if version == 4 else &self.t.v6
         cdef uint64_t sink = 0
         cdef timespec start, end
@@ -879,7 +880,7 @@ cdef class PrefixTable:
             raise PumpArgumentError("no addresses")
         with nogil:
             clock_gettime(CLOCK_MONOTONIC, &start)
-            for r in range(rounds):
+            for _round in range(rounds):
                 for i in range(count):
                     sink += trie_lookup(trie, &view[i * width])
             clock_gettime(CLOCK_MONOTONIC, &end)

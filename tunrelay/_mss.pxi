@@ -39,7 +39,7 @@ cdef inline uint32_t swap16(uint32_t v) noexcept nogil:
 
 
 cdef int clamp_syn_mss(uint8_t *p, size_t length, unsigned int v4, unsigned int v6, bint tap,
-                   const virtio_net_hdr *h) noexcept nogil:
+                       const virtio_net_hdr *h) noexcept nogil:
     """Lower the MSS option of a TCP SYN (or SYN-ACK) in place to v4 (IPv4)
     or v6 (IPv6) where it is larger (0: that family is left alone), and
     update the TCP checksum.  1 if the packet changed, else 0.

@@ -290,7 +290,7 @@ cdef inline bint peer_endpoint(PeerSlot *p, sockaddr_storage *out) noexcept nogi
 
 
 cdef void peer_move(PeerSlot *p, const sockaddr_storage *sender,
-                        socklen_t sender_len) noexcept nogil:
+                    socklen_t sender_len) noexcept nogil:
     pthread_mutex_lock(&p.lock)
     tr_seq_write_begin(&p.endpoint_seq)
     memset(&p.endpoint, 0, sizeof(sockaddr_storage))

@@ -19,10 +19,26 @@ from . import counters
 from ._runner import CLOSED, FATAL, PROTOCOL_ERROR, STOPPED, LoopRunner, Outcome, Reason
 from .aead import CIPHERS, ROLES, Cipher, Role
 from .errors import PumpArgumentError, PumpStateError
-from .framing import (DEFAULT_MTU, FRAMINGS, LEN16_HEADER, MAX_BATCH, MAX_MTU, MIN_MTU,
-                      MODES, Framing, Len16Parser, Mode, MssClamp, clamp_mss, len16_encode,
-                      max_frame, mss_clamps, validate)
-from .framing import IO_ENGINES, IoEngine
+from .framing import (
+    DEFAULT_MTU,
+    FRAMINGS,
+    IO_ENGINES,
+    LEN16_HEADER,
+    MAX_BATCH,
+    MAX_MTU,
+    MIN_MTU,
+    MODES,
+    Framing,
+    IoEngine,
+    Len16Parser,
+    Mode,
+    MssClamp,
+    clamp_mss,
+    len16_encode,
+    max_frame,
+    mss_clamps,
+    validate,
+)
 from .pumps import Address, FileDescriptorLike, PumpStats
 
 _DEVICE_GONE = (errno.EBADFD, errno.EBADF)

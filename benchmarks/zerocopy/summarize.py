@@ -22,7 +22,6 @@ def parse(path):
 
 
 def metrics(s, r):
-    gb_s = int(s["bytes"]) / 1e9
     return {
         "send GB/s": float(s["gbps"]),
         "recv GB/s": float(r["gbps"]),
@@ -51,7 +50,7 @@ def main(path):
     sizes = sorted({k[0] for k in by})
     names = list(next(iter(by.values()))["copy"].keys())
     for ln in sizes:
-        rounds = sorted(rd for (l, rd) in by if l == ln and len(by[(l, rd)]) == 2)
+        rounds = sorted(rd for (size, rd) in by if size == ln and len(by[(size, rd)]) == 2)
         print(f"\n### msg {ln} B, {len(rounds)} rounds: median (min-max)\n")
         print("| metric | copy | zerocopy | zerocopy/copy per round |")
         print("|---|---|---|---|")

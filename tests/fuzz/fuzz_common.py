@@ -1638,7 +1638,7 @@ def decode_peer_datagram(src: Source, framing: str, limit: int) -> DatagramPlan:
 @dataclass(eq=False)
 class SessionModel:
     serial: int
-    peer: "PeerModel"
+    peer: PeerModel
     local_index: int
     key: bytes
     window: ReplayWindow = field(default_factory=ReplayWindow)
@@ -2059,7 +2059,7 @@ def _v4(src: str, size: int = 40) -> bytes:
                         socket.inet_aton(src), INNER_DST[4].packed) + PATTERN)[:size]
 
 
-def bug_v4_endpoint_on_v6_socket(rig: "PeerRig"):
+def bug_v4_endpoint_on_v6_socket(rig: PeerRig):
     """A peer added with endpoint ("10.0.0.2", 51820), not roaming, on a
     pump whose UDP socket is AF_INET6 (dual stack): a raw datagram from
     10.0.0.2:51820 (the kernel reports ::ffff:10.0.0.2) carrying a packet
@@ -2081,7 +2081,7 @@ def bug_v4_endpoint_on_v6_socket(rig: "PeerRig"):
     return [packet], got
 
 
-def bug_stale_endpoint_index(rig: "PeerRig"):
+def bug_stale_endpoint_index(rig: PeerRig):
     """Framing raw, peers a (10.9.1.0/24) and b (10.9.2.0/24), both roaming,
     endpoints 10.0.0.2 and 10.0.0.3.  a roams: a valid packet from
     10.9.1.1 arrives from 192.0.2.7:4500 (delivered, a's endpoint moves
@@ -2112,7 +2112,7 @@ def bug_stale_endpoint_index(rig: "PeerRig"):
     return expected, got
 
 
-def bug_stale_endpoint_after_17_roams(rig: "PeerRig"):
+def bug_stale_endpoint_after_17_roams(rig: PeerRig):
     """What was left of stale_endpoint_index after its first fix (bb42b25: a
     ring of the 16 peers that roamed last).  Framing raw, 17 roaming peers
     p0..p16 (p_i: 10.9.i.0/24, endpoint 10.0.0.(i+2)), each moves once (a
@@ -2150,7 +2150,7 @@ def bug_stale_endpoint_after_17_roams(rig: "PeerRig"):
     return expected, got
 
 
-def bug_promotion_loses_current(rig: "PeerRig"):
+def bug_promotion_loses_current(rig: PeerRig):
     """Framing session: sessions 1..7 installed one by one as next
     (initiator=False), each confirmed by a datagram under it, take() not
     called.  promote() parks each pushed-out previous for take() to
@@ -2202,7 +2202,7 @@ def _heap_bytes() -> int:
             return int(statm.read().split()[1]) * 4096
 
 
-def bug_table_freed_with_its_pump_leaks(rig: "PeerRig"):
+def bug_table_freed_with_its_pump_leaks(rig: PeerRig):
     """1000 tables of 3 peers with 3 sessions each, each dropped together
     with a pump using it (framing session), then gc.collect().  Expected:
     their memory is given back.  Got: about 9 KB per table stays
@@ -2221,6 +2221,7 @@ def bug_table_freed_with_its_pump_leaks(rig: "PeerRig"):
     Fixed in bb42b25 (peers and retirements on C lists); kept as a
     regression test."""
     import gc
+
     from tunrelay._fastpath import PeerTable, Pump
 
     def pair():
@@ -2270,6 +2271,7 @@ class PeerRig:
 
     def __init__(self, strict: bool | None = None) -> None:
         import os
+
         from tunrelay._fastpath import PeerTable, Pump
         self.PeerTable, self.Pump = PeerTable, Pump
         self.standin = StandIn()
@@ -2561,7 +2563,8 @@ def run_peers(rig: PeerRig, src: Source) -> None:
     index = -1
     try:
         run = PeerRun(rig, case)
-        for index, step in enumerate(case.steps):
+        # index names the failing step in the report below
+        for index, step in enumerate(case.steps):  # noqa: B007
             run.step(step)
         check_take(run.table, run.model)
         rig.retire(run.table)

@@ -10,7 +10,8 @@ with lying length fields, len16 headers, aead datagrams sealed under many
 sessions and start times, replayed, tampered with, reflected, forged,
 cut).  The aead pump is role "b"; the harness seals as its peer, role "a".
 Each message goes through ``Pump._feed``: ``ingress_message`` and, with
-offloads, the coalescer, exactly as a message received from the peer.  Per message, raised as an exception when violated:
+offloads, the coalescer, exactly as a message received from the peer.  Per
+message, raised as an exception when violated:
 
 * what reaches the TUN stand-in is exactly what the Python reference
   (``framing.validate`` after the framing's own checks, and for aead a
@@ -36,8 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 with atheris.instrument_imports(include=["tunrelay", "fuzz_common"]):
-    import tunrelay.framing  # noqa: F401  (instrumented: the reference)
     import fuzz_common
+
+    import tunrelay.framing  # noqa: F401  (instrumented: the reference)
 
 RIG = None
 

@@ -58,8 +58,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 with atheris.instrument_imports(include=["tunrelay", "fuzz_common"]):
-    import tunrelay.framing  # noqa: F401  (instrumented: the reference)
     import fuzz_common
+
+    import tunrelay.framing  # noqa: F401  (instrumented: the reference)
 
 RIG = None
 

@@ -37,7 +37,6 @@ corpus.
 
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 

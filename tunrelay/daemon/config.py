@@ -24,15 +24,27 @@ import re
 import socket
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..aead import CIPHERS, ROLES
 from ..aead import DEFAULT_MTU as AEAD_DEFAULT_MTU
 from ..aead import OVERHEAD as AEAD_OVERHEAD
 from ..errors import ConfigError
-from ..framing import (DEFAULT_MTU, FRAMINGS, IO_ENGINES, LEN16_LIMIT, MAX_BATCH,
-                       MAX_BUSY_POLL_US, MAX_MSS, MAX_MTU, MIN_MSS, MIN_MTU, max_frame)
+from ..framing import (
+    DEFAULT_MTU,
+    FRAMINGS,
+    IO_ENGINES,
+    LEN16_LIMIT,
+    MAX_BATCH,
+    MAX_BUSY_POLL_US,
+    MAX_MSS,
+    MAX_MTU,
+    MIN_MSS,
+    MIN_MTU,
+    max_frame,
+)
 from ..framing import MODES as DEVICE_MODES
 
 DEFAULT_PORT = 55555  # simpletun's port, so the two interoperate unconfigured

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 #: Seconds between two WARNINGs of one kind.
 LOG_INTERVAL_S = 10.0

@@ -695,7 +695,7 @@ class Relay:
                      " (persistent: left in place)" if self.cfg.device.persist else " and removed")
         self._state = "stopped"
 
-    def __enter__(self) -> "Relay":
+    def __enter__(self) -> Relay:
         return self
 
     def __exit__(self, *exc) -> None:

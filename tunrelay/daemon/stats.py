@@ -16,7 +16,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..counters import DIRECTIONS
 from ..errors import TunrelayError
@@ -279,7 +279,7 @@ def query(path: str, timeout: float = _CLIENT_TIMEOUT_S, request: str = "stats")
             if not chunk:
                 break
             chunks.append(chunk)
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise TunrelayError(f"the relay on {path} did not answer within {timeout} s") from exc
     except OSError as exc:  # reset or broken pipe: the relay went away mid-answer
         raise TunrelayError(f"the relay on {path} closed the connection: {exc.strerror}") from exc

@@ -16,6 +16,7 @@ sender's address with ``==``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -25,9 +26,9 @@ import select
 import socket
 import struct
 import threading
-import ctypes
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..aead import HELLO_RECORD_LEN
 from ..errors import TransportError

@@ -24,7 +24,8 @@ import shutil
 import signal
 import subprocess
 import time
-from typing import Any, Self, Sequence
+from collections.abc import Sequence
+from typing import Any, Self
 
 from ..errors import TunrelayError
 

@@ -90,9 +90,9 @@ class RelayPair:
             tables["security"] = [f'role = "{name}"']
         for table, lines in overrides.items():
             keys = {line.split("=")[0].strip() for line in lines}
-            tables[table] = [l for l in tables.get(table, []) if l.split("=")[0].strip() not in keys]
+            tables[table] = [line for line in tables.get(table, []) if line.split("=")[0].strip() not in keys]
             tables[table] += lines
-        return "".join(f"[{t}]\n" + "".join(l + "\n" for l in lines) + "\n"
+        return "".join(f"[{t}]\n" + "".join(line + "\n" for line in lines) + "\n"
                        for t, lines in tables.items())
 
     def start(self, *names: str, wait: bool = True) -> None:
@@ -150,7 +150,7 @@ class RelayPair:
             except TunrelayError:
                 pass
 
-    def __enter__(self) -> "RelayPair":
+    def __enter__(self) -> RelayPair:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,11 +12,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .device import KEEP, PeerStatus, WireGuardDevice
-    from .noise import (
-        generate_private_key, key_from_hex, key_to_base64, key_to_hex, parse_key,
-        private_to_public)
-    from .timers import Timers
+    # Re-exported for type checkers (the redundant aliases say so).
+    from .device import KEEP as KEEP
+    from .device import PeerStatus as PeerStatus
+    from .device import WireGuardDevice as WireGuardDevice
+    from .noise import generate_private_key as generate_private_key
+    from .noise import key_from_hex as key_from_hex
+    from .noise import key_to_base64 as key_to_base64
+    from .noise import key_to_hex as key_to_hex
+    from .noise import parse_key as parse_key
+    from .noise import private_to_public as private_to_public
+    from .timers import Timers as Timers
 
 _LAZY = {
     "WireGuardDevice": "device", "PeerStatus": "device", "KEEP": "device",

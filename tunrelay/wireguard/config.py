@@ -26,15 +26,26 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from typing import Callable
 
-from ..daemon.config import IPV6_MIN_MTU, KEY_LEN, MAX_FWMARK, MAX_KEEPALIVE, MAX_MTU, MIN_MTU
+from ..daemon.config import (
+    IPV6_MIN_MTU,
+    KEY_LEN,
+    MAX_FWMARK,
+    MAX_KEEPALIVE,
+    MAX_MTU,
+    MIN_MTU,
+    Config,
+    Endpoint,
+    decode_key,
+    key_expected,
+    parse_endpoint,
+    read_key_file,
+)
 from ..daemon.config import WG_DEFAULT_MTU as DEFAULT_MTU
 from ..daemon.config import WG_DEFAULT_PORT as DEFAULT_PORT
-from ..daemon.config import (Config, Endpoint, decode_key, key_expected, parse_endpoint,
-                             read_key_file)
 from ..errors import ConfigError
 
 __all__ = ["PeerConfig", "WgConfig", "WgQuickFile", "load_wg_config", "read_wg_quick",

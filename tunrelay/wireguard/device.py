@@ -45,7 +45,6 @@ import errno
 import fcntl
 import ipaddress
 import logging
-import os
 import random
 import secrets
 import socket
@@ -172,7 +171,7 @@ class WireGuardDevice:
                  timers: Timers | None = None, offload: bool | str = "auto",
                  duplex: bool = False, busy_poll_us: int = 0,
                  mss_clamp: MssClamp = None) -> None:
-        from .._fastpath import PeerTable   # the compiled core, loaded only for a device
+        from .._fastpath import PeerTable  # the compiled core, loaded only for a device
         self._tun_fds = list(tun_fds)
         if not self._tun_fds:
             raise ValueError("a WireGuardDevice needs at least one TUN fd")

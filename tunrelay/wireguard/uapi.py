@@ -47,8 +47,9 @@ import re
 import socket
 import stat
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "SOCKET_DIR", "UapiError", "UapiDevice", "UapiServer", "open_uapi_socket",
@@ -131,7 +132,7 @@ class UapiDevice(Protocol):
     def set_peer(self, public_key: bytes, *, preshared_key: Any = ..., endpoint: Any = ...,
                  persistent_keepalive: Any = ..., allowed_ips: Any = ...,
                  add_allowed_ips: Any = ...) -> None: ...
-    def batch(self) -> ContextManager[None]: ...
+    def batch(self) -> AbstractContextManager[None]: ...
     def peer_status(self, public_key: bytes) -> _Status: ...
 
 
