@@ -38,8 +38,6 @@ DUPLEX_SPIN_US = 50
 #: engine "auto" picks.
 COMPILED_KINDS = {"c": {"io": "syscalls"}, "c-uring": {"io": "uring"},
                   "c-duplex": {"duplex": True, "busy_poll_us": DUPLEX_SPIN_US}}
-#: The compiled pump's TUN I/O engine per kind, where the kind fixes it.
-IO_OF_KIND = {"c": "syscalls", "c-uring": "uring"}
 
 _compiled_classes: dict = {}
 

@@ -1306,7 +1306,7 @@ def _read_relay(table: _Table) -> RelayConfig:
     return RelayConfig(
         batch=_integer(table, "batch", 1, MAX_BATCH, RelayConfig.batch),
         engine=_choice(table, "engine", ENGINES, RelayConfig.engine),
-        offload=_offload(table),
+        offload=_auto_or_boolean(table, "offload"),
         duplex=_auto_or_boolean(table, "duplex"),
         busy_poll_us=(_integer(table, "busy_poll_us", 0, MAX_BUSY_POLL_US, 0)
                       if "busy_poll_us" in table.data else None),
@@ -1332,13 +1332,6 @@ def _auto_or_boolean(table: _Table, key: str) -> str | bool:
     if value == "auto" or isinstance(value, bool):
         return value
     raise table.error(key, f'expected true, false or "auto", got {_found(value)}')
-
-
-def _offload(table: _Table) -> str | bool:
-    value = table.data.get("offload", RelayConfig.offload)
-    if value == "auto" or isinstance(value, bool):
-        return value
-    raise table.error("offload", f'expected true, false or "auto", got {_found(value)}')
 
 
 def _read_stats(table: _Table) -> StatsConfig:
